@@ -1,0 +1,62 @@
+# Two commands do all set-up on a fresh machine: `make repro` and `make test`.
+# Both are idempotent: the virtualenv is rebuilt only when requirements.txt changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+KERAS_FASHION_MNIST_DIR := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
+
+export DVC_NO_ANALYTICS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+# stages call `python -m pipeline.<stage>`: make that the virtualenv's python
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install data repro test test-all lint format variants clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# requirements.txt is a full lock (every transitive pin), so no resolution happens here
+	$(BIN)/pip install --quiet --no-deps -r requirements.txt
+	$(BIN)/pip check
+	touch $(STAMP)
+
+# The default data: Debian's dataset-fashion-mnist where apt is available and the files are
+# missing; elsewhere (macOS, no root) the prepare stage downloads through keras.datasets.
+data:
+	@if [ -f $(FASHION_MNIST_DEB_DIR)/t10k-labels-idx1-ubyte.gz ] || [ -f $(KERAS_FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST: not installed; the prepare stage will download it through keras.datasets"; \
+	fi
+
+repro: install data
+	$(BIN)/dvc repro
+
+test: install data
+	$(BIN)/python -m pytest
+
+test-all: install data
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+
+format: install
+	$(BIN)/ruff format pipeline tests
+	$(BIN)/ruff check --fix pipeline tests
+
+# the README's variant table
+variants: install
+	$(BIN)/python -m pipeline.describe
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

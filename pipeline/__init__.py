@@ -1,0 +1,1 @@
+"""Compare freezing strategies for VGG16 transfer learning: prepare -> tune -> train -> report."""

@@ -1,0 +1,77 @@
+"""Print the freezing strategies of params.yaml with their parameter counts, as a Markdown table.
+
+`python -m pipeline.describe [--params params.yaml]`. Reads only params (no data, no weights:
+counts do not depend on weight values); the README's variant table is this command's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli import run_stage
+from pipeline.params import Params, load_params
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
+
+
+def variant_rows(params: Params, num_classes: int) -> list[dict]:
+    """One row per variant: name, weights, trainable conv layers and parameter counts."""
+    from pipeline.model import build_model, count_parameters  # deferred: imports TensorFlow
+
+    rows = []
+    for name, variant in params.variants.items():
+        trainable_layers = resolve_trainable(variant.trainable)
+        model = build_model(
+            image_size=params.data.image_size,
+            num_classes=num_classes,
+            trainable_layers=trainable_layers,
+            base_weights=None,
+            pooling=params.model.pooling,
+            head_units=params.model.head_units,
+            dropout=params.model.dropout,
+        )
+        rows.append(
+            {
+                "variant": name,
+                "weights": params.variant_weights(name),
+                "trains": _describe(trainable_layers),
+                **count_parameters(model),
+            }
+        )
+    return rows
+
+
+def _describe(trainable_layers: frozenset[str]) -> str:
+    if not trainable_layers:
+        return "head only"
+    if trainable_layers == frozenset(CONV_LAYERS):
+        return "everything"
+    parts = []
+    for block, layers in BLOCKS.items():
+        chosen = [layer for layer in layers if layer in trainable_layers]
+        parts.append(block if len(chosen) == len(layers) else ", ".join(chosen))
+    return " + ".join(p for p in parts if p) + " + head"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument(
+        "--num-classes", type=int, default=10, help="classes in the data (default: %(default)s, Fashion-MNIST)"
+    )
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    rows = variant_rows(params, args.num_classes)
+    size = params.data.image_size
+    print(
+        f"Parameter counts at {size}x{size}, {args.num_classes} classes, head: {params.model.pooling}"
+        f" -> Dense({params.model.head_units}) -> Dense({args.num_classes})\n"
+    )
+    print("| variant | weights | trains | trainable | non-trainable | total |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        counts = f"{r['trainable']:,} | {r['non_trainable']:,} | {r['total']:,}"
+        print(f"| {r['variant']} | {r['weights']} | {r['trains']} | {counts} |")
+
+
+if __name__ == "__main__":
+    run_stage(main)

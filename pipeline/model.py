@@ -1,0 +1,131 @@
+"""The model factory: VGG16 preprocessing -> VGG16 conv base -> classification head.
+
+The conv base is `keras.applications.VGG16(include_top=False)`'s architecture with its layer
+names (3x3 same-padded ReLU convs, 2x2 max pools; a test proves the outputs identical), laid
+out flat in one functional model: `model.get_layer("block5_conv3").output` is a node of this
+model, the network can be cut into a frozen prefix and a trainable suffix, and there is no
+nested model whose `trainable` flag could silently override its children's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, FILTERS, block_of
+
+HEAD_LAYERS = ("head_dense", "predictions")  # the head layers that own weights
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class VGG16Preprocess(keras.layers.Layer):
+    """RGB 0-255 -> BGR minus the ImageNet channel means (`vgg16.preprocess_input`), in-model.
+
+    In the model, so every variant (scratch included) and every caller sees the same input
+    convention, and it runs exactly once. It has no weights.
+    """
+
+    def call(self, images):
+        return keras.applications.vgg16.preprocess_input(images)
+
+
+def build_model(
+    *,
+    image_size: int,
+    num_classes: int,
+    trainable_layers: frozenset[str],
+    base_weights: dict[str, list[np.ndarray]] | None,
+    pooling: str = "flatten",
+    head_units: int = 0,
+    dropout: float = 0.0,
+) -> keras.Model:
+    """Build (not compile) the classifier.
+
+    Takes the square input size, the class count, the conv layers that train (see
+    `pipeline.vgg16.resolve_trainable`), conv weights by layer name (None: random init),
+    the head's pooling ("flatten" | "gap"), hidden units (0: no hidden layer, the classic
+    tutorial head) and dropout. Seed with `keras.utils.set_random_seed` first for a
+    reproducible head. Returns a functional model taking uint8-range RGB images.
+    """
+    images = keras.Input((image_size, image_size, 3), name="image")
+    x = VGG16Preprocess(name="preprocess")(images)
+    for block, conv_layers in BLOCKS.items():
+        for name in conv_layers:
+            x = keras.layers.Conv2D(FILTERS[block], 3, padding="same", activation="relu", name=name)(x)
+        x = keras.layers.MaxPooling2D(2, strides=2, name=f"{block}_pool")(x)
+    x = (
+        keras.layers.Flatten(name="flatten")(x)
+        if pooling == "flatten"
+        else keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    )
+    if head_units:
+        x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(images, outputs, name="vgg16_classifier")
+
+    if base_weights is not None:
+        for name in CONV_LAYERS:
+            model.get_layer(name).set_weights(base_weights[name])
+    for name in CONV_LAYERS:
+        model.get_layer(name).trainable = name in trainable_layers
+    return model
+
+
+def compile_model(model: keras.Model, learning_rate: float, trainable_layers: frozenset[str]) -> None:
+    """Compile with Adam + sparse categorical cross-entropy, then check that exactly
+    `trainable_layers` plus the head train (RuntimeError otherwise).
+
+    Recompile after any change to `trainable`: Keras reads the flags at compile time.
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    check_trainable(model, trainable_layers)
+
+
+def trainable_layer_names(model: keras.Model) -> frozenset[str]:
+    """Names of the layers owning at least one trainable weight (from `trainable_weights`)."""
+    return frozenset(variable.path.split("/")[0] for variable in model.trainable_weights)
+
+
+def check_trainable(model: keras.Model, trainable_layers: frozenset[str]) -> None:
+    """Raise RuntimeError unless exactly the spec's conv layers plus the head train."""
+    head = {layer.name for layer in model.layers if layer.name in HEAD_LAYERS}
+    expected = frozenset(trainable_layers) | head
+    actual = trainable_layer_names(model)
+    if actual != expected:
+        raise RuntimeError(
+            f"trainable layers differ from the spec: unexpected {sorted(actual - expected)}, "
+            f"missing {sorted(expected - actual)}"
+        )
+
+
+def _size(variables) -> int:
+    return sum(math.prod(v.shape) for v in variables)
+
+
+def count_parameters(model: keras.Model) -> dict:
+    """Parameter counts from `trainable_weights` / `non_trainable_weights` (not `summary()`,
+    which adds optimizer variables once the optimizer is built).
+
+    Returns {"total", "trainable", "non_trainable", "per_block": {block1..block5, head:
+    {"trainable", "non_trainable"}}}.
+    """
+    per_block = {name: {"trainable": 0, "non_trainable": 0} for name in [*BLOCKS, "head"]}
+    for kind, variables in (("trainable", model.trainable_weights), ("non_trainable", model.non_trainable_weights)):
+        for variable in variables:
+            block = block_of(variable.path.split("/")[0]) or "head"
+            per_block[block][kind] += math.prod(variable.shape)
+    trainable = _size(model.trainable_weights)
+    non_trainable = _size(model.non_trainable_weights)
+    return {
+        "total": trainable + non_trainable,
+        "trainable": trainable,
+        "non_trainable": non_trainable,
+        "per_block": per_block,
+    }

@@ -1,0 +1,214 @@
+"""Parse `params.yaml` once, at the edge, into frozen dataclasses.
+
+Every key is checked: unknown keys (with the closest valid one suggested), wrong types and
+impossible values raise `ConfigError` naming the full key, the value and what is allowed.
+Stages call `load_params()` and hand plain values to the core functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.vgg16 import MIN_IMAGE_SIZE, resolve_trainable
+
+NAMED_WEIGHTS = ("hed", "imagenet", "none")
+POOLINGS = ("flatten", "gap")
+DATA_SOURCES = ("fashion_mnist", "directory")
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, f"{value!r} is not allowed; {allowed}")
+
+
+def _check_weights(key: str, value: str) -> None:
+    _check(
+        value in NAMED_WEIGHTS or value.endswith(".h5"),
+        key,
+        value,
+        f"use one of {', '.join(NAMED_WEIGHTS)} or a path to a VGG16-notop .weights.h5/.h5 file",
+    )
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    image_size: int
+    train_per_class: int
+    val_per_class: int
+    test_per_class: int
+    skip_unreadable: bool = False
+    fashion_mnist_dir: str | None = None
+    directory: str | None = None
+
+    def __post_init__(self):
+        _check(self.source in DATA_SOURCES, "source", self.source, f"use one of {DATA_SOURCES}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ConfigError("image_size", f"{self.image_size} is below VGG16's minimum of {MIN_IMAGE_SIZE}")
+        for name in ("train_per_class", "val_per_class", "test_per_class"):
+            value = getattr(self, name)
+            _check(value >= 1, name, value, "it must be at least 1")
+        if self.source == "directory" and not self.directory:
+            raise ConfigError(
+                "directory", "is required when data.source is 'directory' (a folder with one sub-folder per class)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    weights: str
+    pooling: str
+    head_units: int
+    dropout: float
+
+    def __post_init__(self):
+        _check_weights("weights", self.weights)
+        _check(self.pooling in POOLINGS, "pooling", self.pooling, f"use one of {POOLINGS}")
+        _check(self.head_units >= 0, "head_units", self.head_units, "it must be >= 0 (0 = no hidden layer)")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "it must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seeds: tuple[int, ...]
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "epochs", self.epochs, "it must be at least 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be at least 1")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "it must be > 0")
+        _check(len(self.seeds) >= 1, "seeds", list(self.seeds), "give at least one seed")
+        duplicates = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        _check(not duplicates, "seeds", list(self.seeds), f"seeds must be unique (repeated: {duplicates})")
+
+
+@dataclass(frozen=True)
+class VariantParams:
+    """A freezing strategy: which base layers train, and optionally its own weight source."""
+
+    trainable: str | tuple[str, ...]
+    weights: str | None = None
+
+    def __post_init__(self):
+        resolve_trainable(self.trainable)  # raises ConfigError("trainable", ...) on bad names
+        if self.weights is not None:
+            _check_weights("weights", self.weights)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    variants: dict[str, VariantParams]
+
+    def __post_init__(self):
+        if not self.variants:
+            raise ConfigError("variants", "is empty; define at least one strategy, e.g. frozen: {trainable: none}")
+
+    def variant_weights(self, variant: str) -> str:
+        """The weight source of `variant`: its own override, else `model.weights`."""
+        return self.variants[variant].weights or self.model.weights
+
+    def variant(self, name: str) -> VariantParams:
+        if name not in self.variants:
+            raise ConfigError("variants", f"has no strategy {name!r}; defined: {', '.join(self.variants)}")
+        return self.variants[name]
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Raises ConfigError (a ValueError) on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "params file not found; run from the repository root or pass --params")
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    return parse_params(raw)
+
+
+def parse_params(raw: object) -> Params:
+    """Validate an already-loaded mapping (what `yaml.safe_load` gives) into `Params`."""
+    return _build(Params, raw, "")
+
+
+# --- generic dataclass builder -------------------------------------------------------------
+
+
+def _build(cls, raw: object, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "params", f"expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {prefix + close[0]!r}? " if close else ""
+            raise ConfigError(f"{prefix}{key}", f"unknown key; {hint}valid keys: {', '.join(fields)}")
+    values = {}
+    for name, field in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            has_default = field.default is not dataclasses.MISSING
+            if not has_default:
+                raise ConfigError(key, "is missing")
+            continue
+        values[name] = _convert(hints[name], raw[name], key)
+    try:
+        return cls(**values)
+    except ConfigError as error:  # __post_init__ names keys relative to its own section
+        raise ConfigError(f"{prefix}{error.key}", error.problem) from None
+
+
+def _convert(hint, value, key: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, key)
+            except ConfigError as error:
+                errors.append(error.problem)
+        raise ConfigError(key, " or ".join(dict.fromkeys(errors)))
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return tuple(_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, f"{key}.{k}.") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint, value, key: str):
+    is_bool = isinstance(value, bool)  # bool is an int in Python: reject `epochs: true`
+    if hint is bool and is_bool:
+        return value
+    if hint is int and isinstance(value, int) and not is_bool:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not is_bool:
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; accept what float() reads.
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(key, f"expected {hint.__name__}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,147 @@
+"""Stage `prepare`: raw images -> stratified, seeded train/val/test arrays.
+
+Reads `seed` and `data.*` from params.yaml and the raw source (Fashion-MNIST IDX files, or a
+folder with one sub-folder per class). Writes, atomically, into `--out` (data/prepared):
+  train.npz, val.npz, test.npz   images uint8 (N, size, size, 3) RGB 0-255, labels int64 (N,)
+  classes.json                   class names, index = label
+  summary.json                   source, counts per class and split, sha256 of every array,
+                                 skipped / ignored / upscaled files
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import data
+from pipeline.atomic import atomic_dir
+from pipeline.cli import run_stage
+from pipeline.params import DataParams, load_params
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Prepared:
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (images, labels)
+    class_names: list[str]
+    summary: dict
+
+
+def prepare(params: DataParams, seed: int) -> Prepared:
+    """Build the three splits from the configured source. Raises DataError on bad data."""
+    rng = np.random.default_rng(seed)
+    if params.source == "fashion_mnist":
+        return _prepare_fashion_mnist(params, rng)
+    return _prepare_directory(params, rng)
+
+
+def _prepare_fashion_mnist(params: DataParams, rng: np.random.Generator) -> Prepared:
+    folder = data.find_fashion_mnist(params.fashion_mnist_dir)
+    class_names = list(data.FASHION_MNIST_CLASSES)
+    pool_images, pool_labels = data.read_fashion_mnist(folder, "train")
+    official_test_images, official_test_labels = data.read_fashion_mnist(folder, "test")
+    # train and val come from the official training set; test only from the official test set
+    picks = data.sample_per_class(
+        pool_labels, {"train": params.train_per_class, "val": params.val_per_class}, class_names, rng, "official train"
+    )
+    test_picks = data.sample_per_class(
+        official_test_labels, {"test": params.test_per_class}, class_names, rng, "official test"
+    )
+    splits = {split: (pool_images[picks[split]], pool_labels[picks[split]]) for split in ("train", "val")}
+    splits["test"] = (official_test_images[test_picks["test"]], official_test_labels[test_picks["test"]])
+    splits = {s: (data.resize_gray(images, params.image_size), labels) for s, (images, labels) in splits.items()}
+    source_files = {name: _sha256_file(folder / name) for pair in data.FASHION_MNIST_FILES.values() for name in pair}
+    total = sum(len(labels) for _, labels in splits.values())
+    extra = {"source_files_sha256": source_files, "upscaled": total if params.image_size > 28 else 0}
+    return Prepared(splits, class_names, _summary(params, splits, class_names, extra))
+
+
+def _prepare_directory(params: DataParams, rng: np.random.Generator) -> Prepared:
+    folder = data.scan_image_folder(Path(params.directory), params.skip_unreadable)
+    files = [path for class_files in folder.files for path in class_files]
+    labels = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(folder.files)])
+    counts = {"test": params.test_per_class, "val": params.val_per_class, "train": params.train_per_class}
+    picks = data.sample_per_class(labels, counts, folder.class_names, rng, "image folder")
+    splits, upscaled = {}, 0
+    for split in SPLITS:
+        images, n_upscaled = data.load_images([files[i] for i in picks[split]], params.image_size)
+        splits[split] = (images, labels[picks[split]])
+        upscaled += n_upscaled
+    extra = {
+        "unreadable_skipped": folder.unreadable,
+        "non_image_files_ignored": len(folder.ignored_non_images),
+        "upscaled": upscaled,
+    }
+    return Prepared(splits, folder.class_names, _summary(params, splits, folder.class_names, extra))
+
+
+def _summary(params: DataParams, splits, class_names: list[str], extra: dict) -> dict:
+    counts = {
+        split: {name: int(np.sum(labels == i)) for i, name in enumerate(class_names)}
+        for split, (_, labels) in splits.items()
+    }
+    sha = {
+        split: {"images": _sha256_array(images), "labels": _sha256_array(labels)}
+        for split, (images, labels) in splits.items()
+    }
+    combined = hashlib.sha256("".join(sha[s]["images"] + sha[s]["labels"] for s in SPLITS).encode()).hexdigest()
+    return {
+        "source": params.source,
+        "image_size": params.image_size,
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "counts": counts,
+        "totals": {split: len(labels) for split, (_, labels) in splits.items()},
+        "sha256": sha,
+        "data_sha256": combined,
+        **extra,
+    }
+
+
+def _sha256_array(array: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_prepared(prepared: Prepared, out_dir: Path) -> None:
+    """Write all outputs into `out_dir` at once: either all of them appear, or none change."""
+    with atomic_dir(out_dir) as tmp:
+        for split, (images, labels) in prepared.splits.items():
+            np.savez(tmp / f"{split}.npz", images=images, labels=labels)
+        (tmp / "classes.json").write_text(json.dumps(prepared.class_names, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(prepared.summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    prepared = prepare(params.data, params.seed)
+    write_prepared(prepared, Path(args.out))
+    totals = prepared.summary["totals"]
+    print(
+        f"prepared {params.data.source}: {len(prepared.class_names)} classes, "
+        f"{totals['train']} train / {totals['val']} val / {totals['test']} test images "
+        f"at {params.data.image_size}x{params.data.image_size} -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

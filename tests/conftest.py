@@ -1,0 +1,95 @@
+"""Shared fixtures: shrink the real params.yaml and generate tiny datasets on disk."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def merge(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in, recursively (dict values merge, others replace)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+def default_raw_params() -> dict:
+    """The repository's params.yaml as a plain mapping."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def write_params(tmp_path, default_raw_params):
+    """write_params(override) -> path of a params file: the real defaults with `override` merged."""
+
+    def write(override: dict | None = None, name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(merge(default_raw_params, override or {})))
+        return path
+
+    return write
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the IDX format (gzipped), as Fashion-MNIST ships it."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_mnist_dir(tmp_path) -> Path:
+    """A Fashion-MNIST-format folder: 10 classes, 12 train and 6 test images each, 28x28.
+
+    Each image's pixels encode (split, index) so tests can trace where an image came from.
+    """
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, per_class, prefix in (("train", 12, "train"), ("test", 6, "t10k")):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class))
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        images[:, 0, 0] = 0 if split == "train" else 255  # split marker, survives as a corner value
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three classes of 8 images each in mixed formats and colour modes, plus one corrupt file
+    and one non-image file in class 'cat'."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    formats = [("png", "RGB"), ("jpg", "L"), ("bmp", "RGB"), ("gif", "P"), ("png", "RGBA"), ("png", "L")]
+    for class_name in ("cat", "dog", "fox"):
+        (root / class_name).mkdir(parents=True)
+        for i in range(8):
+            suffix, mode = formats[i % len(formats)]
+            size = (20, 24) if i == 0 else (40, 36)  # one image smaller than 32 px: upscaled
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            image = Image.fromarray(pixels, "RGB")
+            image = image.convert("P") if mode == "P" else image.convert(mode)
+            image.save(root / class_name / f"{class_name}_{i}.{suffix}")
+    good = (root / "cat" / "cat_0.png").read_bytes()
+    (root / "cat" / "broken.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root

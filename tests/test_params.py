@@ -1,0 +1,91 @@
+"""params.yaml validation: the defaults load, and every bad value names its key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.params import load_params, parse_params
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
+from tests.conftest import REPO, merge
+
+
+def test_repository_params_load_into_frozen_dataclasses():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.image_size >= 32
+    assert set(params.variants) >= {"scratch", "frozen", "last_layers", "partial", "full"}
+    assert params.variant_weights("scratch") == "none"
+    assert params.variant_weights("frozen") == params.model.weights
+    assert isinstance(params.train.seeds, tuple)
+    with pytest.raises(AttributeError):
+        params.train.epochs = 3  # frozen
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ({"data": {"image_sise": 32}}, "data.image_sise", "did you mean 'data.image_size'"),
+        ({"trian": {}}, "trian", "did you mean 'train'"),
+        ({"data": {"image_size": 16}}, "data.image_size", "below VGG16's minimum of 32"),
+        ({"data": {"image_size": "big"}}, "data.image_size", "expected int"),
+        ({"data": {"image_size": 32.5}}, "data.image_size", "expected int"),
+        ({"data": {"skip_unreadable": 1}}, "data.skip_unreadable", "expected bool"),
+        ({"data": {"source": "cifar"}}, "data.source", "fashion_mnist"),
+        ({"data": {"source": "directory", "directory": None}}, "data.directory", "is required"),
+        ({"data": {"train_per_class": 0}}, "data.train_per_class", "at least 1"),
+        ({"train": {"epochs": 0}}, "train.epochs", "at least 1"),
+        ({"train": {"epochs": True}}, "train.epochs", "expected int"),
+        ({"train": {"learning_rate": -1.0}}, "train.learning_rate", "> 0"),
+        ({"train": {"seeds": [1, 1, 2]}}, "train.seeds", "repeated: [1]"),
+        ({"train": {"seeds": []}}, "train.seeds", "at least one seed"),
+        ({"model": {"head_units": -8}}, "model.head_units", ">= 0"),
+        ({"model": {"pooling": "max"}}, "model.pooling", "flatten"),
+        ({"model": {"weights": "resnet"}}, "model.weights", "hed, imagenet, none"),
+        ({"model": {"dropout": 1.0}}, "model.dropout", "[0, 1)"),
+        (
+            {"variants": {"partial": {"trainable": ["block6"]}}},
+            "variants.partial.trainable",
+            "'block6' is not a VGG16 block or layer; valid: block1",
+        ),
+        ({"variants": {"partial": {"trainable": "some"}}}, "variants.partial.trainable", "'all', 'none'"),
+        ({"variants": {"partial": {"trainable": "all", "lr": 1}}}, "variants.partial.lr", "unknown key"),
+        ({"variants": {"frozen": {"weights": "vgg.bin", "trainable": "none"}}}, "variants.frozen.weights", ".h5"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(default_raw_params, override, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        parse_params(merge(default_raw_params, override))
+    assert caught.value.key == key
+    assert fragment in str(caught.value)
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_empty_variants_rejected(default_raw_params):
+    raw = dict(default_raw_params, variants={})
+    with pytest.raises(ConfigError, match=r"^variants: is empty"):
+        parse_params(raw)
+
+
+def test_missing_key_is_named(default_raw_params):
+    raw = merge(default_raw_params, {})
+    del raw["train"]["epochs"]
+    with pytest.raises(ConfigError, match=r"^train\.epochs: is missing"):
+        parse_params(raw)
+
+
+def test_yaml_1_1_exponent_string_is_read_as_float(default_raw_params):
+    # PyYAML reads `1e-4` (no dot) as the string "1e-4"; the loader accepts it as a float
+    params = parse_params(merge(default_raw_params, {"train": {"learning_rate": "1e-4"}}))
+    assert params.train.learning_rate == pytest.approx(1e-4)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_trainable_spec_resolves_blocks_and_layers():
+    assert resolve_trainable("none") == frozenset()
+    assert resolve_trainable("all") == frozenset(CONV_LAYERS)
+    assert len(CONV_LAYERS) == 13
+    assert resolve_trainable(["block5"]) == frozenset(BLOCKS["block5"])
+    assert resolve_trainable(["block4_conv3", "block5"]) == {"block4_conv3", *BLOCKS["block5"]}
