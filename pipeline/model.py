@@ -40,17 +40,24 @@ def build_model(
     pooling: str = "flatten",
     head_units: int = 0,
     dropout: float = 0.0,
+    augmentation: bool = False,
 ) -> keras.Model:
     """Build (not compile) the classifier.
 
     Takes the square input size, the class count, the conv layers that train (see
     `pipeline.vgg16.resolve_trainable`), conv weights by layer name (None: random init),
     the head's pooling ("flatten" | "gap"), hidden units (0: no hidden layer, the classic
-    tutorial head) and dropout. Seed with `keras.utils.set_random_seed` first for a
+    tutorial head) and dropout, and whether to add random flip/rotation/zoom layers (active
+    in training only) in front of the preprocessing. Seed with `keras.utils.set_random_seed` first for a
     reproducible head. Returns a functional model taking uint8-range RGB images.
     """
     images = keras.Input((image_size, image_size, 3), name="image")
-    x = VGG16Preprocess(name="preprocess")(images)
+    x = images
+    if augmentation:
+        x = keras.layers.RandomFlip("horizontal", name="augment_flip")(x)
+        x = keras.layers.RandomRotation(0.05, fill_mode="nearest", name="augment_rotate")(x)
+        x = keras.layers.RandomZoom(0.1, fill_mode="nearest", name="augment_zoom")(x)
+    x = VGG16Preprocess(name="preprocess")(x)
     for block, conv_layers in BLOCKS.items():
         for name in conv_layers:
             x = keras.layers.Conv2D(FILTERS[block], 3, padding="same", activation="relu", name=name)(x)

@@ -83,6 +83,8 @@ class TrainParams:
     batch_size: int
     learning_rate: float
     seeds: tuple[int, ...]
+    cache_features: bool = True
+    augmentation: bool = False
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", self.epochs, "it must be at least 1")
@@ -107,12 +109,39 @@ class VariantParams:
 
 
 @dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str
+    experiment: str
+    registered_model: str
+
+    def __post_init__(self):
+        _check(
+            "://" in self.tracking_uri,
+            "tracking_uri",
+            self.tracking_uri,
+            "use a URI such as sqlite:///mlflow.db, http://127.0.0.1:5000 or postgresql://...",
+        )
+        _check(bool(self.experiment.strip()), "experiment", self.experiment, "give a non-empty name")
+        _check(bool(self.registered_model.strip()), "registered_model", self.registered_model, "give a non-empty name")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    target_accuracy: float
+
+    def __post_init__(self):
+        _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy", self.target_accuracy, "it must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataParams
     model: ModelParams
     train: TrainParams
     variants: dict[str, VariantParams]
+    mlflow: MlflowParams
+    report: ReportParams
 
     def __post_init__(self):
         if not self.variants:

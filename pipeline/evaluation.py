@@ -1,0 +1,27 @@
+"""Test-set metrics from predicted class probabilities (scikit-learn)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
+
+def evaluate(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class recall and the confusion matrix (rows: true, cols: predicted)."""
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    recall = recall_score(labels, predicted, labels=classes, average=None, zero_division=0)
+    return {
+        "test_accuracy": float(accuracy_score(labels, predicted)),
+        "test_macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+        "test_recall_per_class": {name: float(r) for name, r in zip(class_names, recall, strict=True)},
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
+    }
+
+
+def epochs_to_target(history: list[dict], target: float) -> tuple[int | None, float | None]:
+    """(first epoch whose val_accuracy >= target, cumulative seconds then), or (None, None)."""
+    for row in history:
+        if row["val_accuracy"] >= target:
+            return row["epoch"], row["cumulative_seconds"]
+    return None, None

@@ -1,0 +1,90 @@
+"""The cached-feature fast path: run the frozen prefix of the network once, train the rest.
+
+Without augmentation, the layers below the first trainable conv layer compute the same output
+every epoch. `split_model` cuts the (linear) model there into a `prefix` (input -> last frozen
+layer) and a `suffix` (that layer's output -> softmax) sharing the very same layer objects, so
+training the suffix trains the full model. `FeatureCache` stores prefix outputs as float32 .npy
+files keyed by (prepared data, weights, cut point): seeds and tune trials reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.atomic import atomic_path
+from pipeline.vgg16 import CONV_LAYERS
+
+
+@dataclass
+class SplitModel:
+    prefix: keras.Model  # frozen: images -> features at `cut`
+    suffix: keras.Model  # features -> class probabilities (the trainable part)
+    cut: str  # name of the last prefix layer
+
+
+def cut_layer(model: keras.Model, trainable_layers: frozenset[str]) -> str | None:
+    """The last layer before the first trainable conv layer; None when nothing can be cached
+    (block1_conv1 trains, so every layer's input changes)."""
+    first_trainable = next((name for name in CONV_LAYERS if name in trainable_layers), None)
+    names = [layer.name for layer in model.layers]
+    if first_trainable is None:  # head only: cut after the conv base
+        return "block5_pool"
+    index = names.index(first_trainable)
+    return None if names[index - 1] in ("image", "preprocess") else names[index - 1]
+
+
+def split_model(model: keras.Model, cut: str) -> SplitModel:
+    """Cut a linear functional model after layer `cut`; both halves share `model`'s layers."""
+    prefix = keras.Model(model.input, model.get_layer(cut).output, name="frozen_prefix")
+    layers = model.layers
+    start = [layer.name for layer in layers].index(cut) + 1
+    features = keras.Input(prefix.output.shape[1:], name="features")
+    x = features
+    for layer in layers[start:]:
+        x = layer(x)
+    suffix = keras.Model(features, x, name="trainable_suffix")
+    return SplitModel(prefix, suffix, cut)
+
+
+def cache_key(data_sha256: str, weights_sha256: str | None, cut: str, image_size: int) -> str:
+    """Features depend on the data, the weights and the cut point, nothing else (no randomness:
+    a prefix is frozen and has no dropout)."""
+    if weights_sha256 is None:
+        raise ValueError("random-init weights change with every seed; their features cannot be shared")
+    text = json.dumps([data_sha256, weights_sha256, cut, image_size, keras.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Prefix outputs on disk: `<root>/<key>/<split>.npy`, written atomically, read memory-mapped."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def get_or_compute(self, key: str, split: str, prefix: keras.Model, images: np.ndarray, batch_size: int):
+        """Returns (features, seconds spent computing; 0.0 on a cache hit)."""
+        path = self.root / key / f"{split}.npy"
+        if path.is_file():
+            return np.load(path, mmap_mode="r"), 0.0
+        start = time.perf_counter()
+        features = predict(prefix, images, batch_size)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temp name
+                np.save(f, features)
+        return np.load(path, mmap_mode="r"), time.perf_counter() - start
+
+
+def predict(model: keras.Model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """`model` applied in batches, as float32 NumPy (no Keras progress output)."""
+    outputs = [
+        np.asarray(model(np.asarray(inputs[i : i + batch_size], dtype=np.float32), training=False))
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float32, copy=False)

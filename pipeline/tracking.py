@@ -1,0 +1,169 @@
+"""The one place that talks to MLflow.
+
+Stages call `connect()` once (it fails fast on an unreachable server), open runs with `run()`
+(a failure or Ctrl-C ends the run FAILED / KILLED, never RUNNING) and pass `EpochLogger` to the
+training function as a plain Keras callback. The files under results/ stay the source of
+truth; MLflow mirrors them for browsing and comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import time
+import platform
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import mlflow
+
+from pipeline.errors import PipelineError
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit per param value
+
+
+class TrackingError(PipelineError):
+    """The MLflow tracking server or store cannot be reached."""
+
+
+def resolve_tracking_uri(configured: str, root: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else `configured` (params.yaml `mlflow.tracking_uri`).
+
+    A relative SQLite path is made absolute against the DVC repository root: DVC passes it in
+    `DVC_ROOT`, pointing at the user's repository even under `dvc exp run --temp/--queue`,
+    whose temporary clone would otherwise swallow the database.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        base = Path(os.environ.get("DVC_ROOT") or root)
+        uri = prefix + str((base / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def connect(uri: str, experiment: str) -> str:
+    """Point MLflow at `uri` and `experiment` (created if missing); returns the experiment id.
+
+    Raises TrackingError naming the URI when the server does not answer within seconds.
+    """
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({error}). Start it (see README: "
+                "`mlflow server --host 127.0.0.1 ...`) or unset MLFLOW_TRACKING_URI / change mlflow.tracking_uri"
+            ) from error
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.set_experiment(experiment).experiment_id
+    except mlflow.exceptions.MlflowException as error:
+        raise TrackingError(f"MLflow store {uri} cannot be used: {error}") from error
+
+
+@contextlib.contextmanager
+def run(name: str, *, tags: dict, params: dict | None = None, nested: bool = False) -> Iterator[str]:
+    """An MLflow run named `name`; yields its id. Ends FINISHED, FAILED on an exception, or
+    KILLED on Ctrl-C / SIGTERM (the stages turn SIGTERM into KeyboardInterrupt)."""
+    active = mlflow.start_run(run_name=name, nested=nested)
+    try:
+        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        if params:
+            log_params(params)
+        yield active.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def log_params(params: dict) -> None:
+    """Log a nested mapping flattened to dotted keys (`train.epochs`), 100 per call."""
+    flat = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}
+    items = sorted(flat.items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    """Log the numeric leaves of a (nested) mapping; None values are skipped."""
+    numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+def log_artifacts(paths: list[Path], folder: str | None = None) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def environment_tags() -> dict:
+    """Git commit, library versions and machine, for every run."""
+    import tensorflow as tf
+
+    return {
+        "git_commit": _git_commit(),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics (and `epoch_seconds`) to the active MLflow run with `step=epoch`,
+    1-based; `first_epoch` shifts steps so that several fit() calls share one axis."""
+
+    def __init__(self, prefix: str = "", first_epoch: int = 1):
+        super().__init__()
+        self.prefix = prefix
+        self.first_epoch = first_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
+        metrics["epoch_seconds"] = time.perf_counter() - self._start
+        mlflow.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=epoch + self.first_epoch)

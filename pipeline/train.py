@@ -1,0 +1,246 @@
+"""Stage `train@<variant>`: train one freezing strategy for every seed, evaluate, log to MLflow.
+
+Reads params.yaml (`seed`, `model`, `train`, `variants.<variant>`, `mlflow`, `report`), the
+prepared data (`--prepared`), and the tuned hyperparameters (`--best-params`, optional: without
+it `model.head_units` and `train.learning_rate` apply). Writes, atomically, into `--out`
+(results/train/<variant>):
+  metrics.json                   per-seed and mean test metrics (a DVC metric)
+  model.keras                    the model of the seed with the best validation accuracy
+  seeds/<seed>/history.csv       per epoch: loss, accuracy, val_loss, val_accuracy, timings
+  seeds/<seed>/metrics.json      test metrics, best epoch, parameter counts, timings
+  seeds/<seed>/confusion_matrix.csv
+and one MLflow run per seed (`train/<variant>/seed-<seed>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.atomic import atomic_dir
+from pipeline.cli import run_stage
+from pipeline.data import load_split
+from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation import epochs_to_target, evaluate
+from pipeline.features import FeatureCache
+from pipeline.model import count_parameters
+from pipeline.params import Params, load_params
+from pipeline.training import HISTORY_COLUMNS, RunConfig, Splits, fit_variant
+from pipeline.vgg16 import resolve_trainable
+from pipeline.weights import load_base_weights
+
+
+def hyperparameters(params: Params, best_params_path: Path | None) -> dict:
+    """head_units and learning_rate from the tune stage's best_params.json, else params.yaml."""
+    if best_params_path is not None and best_params_path.is_file():
+        best = json.loads(best_params_path.read_text())
+        for key in ("head_units", "learning_rate"):
+            if key not in best:
+                raise ConfigError(str(best_params_path), f"has no {key!r}; rerun the tune stage")
+        return {"head_units": int(best["head_units"]), "learning_rate": float(best["learning_rate"]), "source": "tuned"}
+    return {"head_units": params.model.head_units, "learning_rate": params.train.learning_rate, "source": "params.yaml"}
+
+
+def run_config(params: Params, variant: str, hyper: dict, num_classes: int, seed: int) -> RunConfig:
+    return RunConfig(
+        image_size=params.data.image_size,
+        num_classes=num_classes,
+        trainable_layers=resolve_trainable(params.variant(variant).trainable),
+        pooling=params.model.pooling,
+        head_units=hyper["head_units"],
+        dropout=params.model.dropout,
+        learning_rate=hyper["learning_rate"],
+        epochs=params.train.epochs,
+        batch_size=params.train.batch_size,
+        seed=seed,
+        augmentation=params.train.augmentation,
+        cache_features=params.train.cache_features,
+    )
+
+
+def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> dict:
+    """The per-seed metrics.json: deterministic values at the top, wall-clock ones under `timing`."""
+    epoch_target, seconds_target = epochs_to_target(result.history, target)
+    epoch_seconds = [row["epoch_seconds"] for row in result.history]
+    return {
+        **{k: v for k, v in evaluation.items() if k != "confusion_matrix"},
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "target_accuracy": target,
+        "epochs_to_target": epoch_target,
+        "parameters": count_parameters(result.model),
+        "head_units": config.head_units,
+        "learning_rate": config.learning_rate,
+        "training_path": result.path,
+        "frozen_weights_unchanged": result.frozen_weights_unchanged,
+        "timing": {
+            "train_seconds": result.train_seconds,
+            "feature_seconds": result.feature_seconds,
+            "seconds_per_epoch": float(np.median(epoch_seconds)),
+            "first_epoch_seconds": epoch_seconds[0],
+            "seconds_to_target": seconds_target,
+        },
+    }
+
+
+def history_csv(history: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def confusion_csv(matrix: list[list[int]], class_names: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["true\\predicted", *class_names])
+    for name, row in zip(class_names, matrix, strict=True):
+        writer.writerow([name, *row])
+    return out.getvalue()
+
+
+def variant_summary(variant: str, per_seed: dict[int, dict]) -> dict:
+    """The variant's metrics.json: per-seed headline numbers, their mean, and the best seed."""
+    accuracies = [m["test_accuracy"] for m in per_seed.values()]
+    best_seed = max(per_seed, key=lambda s: (per_seed[s]["best_val_accuracy"], -s))
+    first = next(iter(per_seed.values()))
+    return {
+        "variant": variant,
+        "test_accuracy_mean": float(np.mean(accuracies)),
+        "test_accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+        "test_macro_f1_mean": float(np.mean([m["test_macro_f1"] for m in per_seed.values()])),
+        "best_val_accuracy_mean": float(np.mean([m["best_val_accuracy"] for m in per_seed.values()])),
+        "best_seed": best_seed,
+        "params_trainable": first["parameters"]["trainable"],
+        "params_total": first["parameters"]["total"],
+        "seeds": {
+            str(seed): {k: m[k] for k in ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch")}
+            for seed, m in per_seed.items()
+        },
+    }
+
+
+def _model_summary(model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    return "\n".join(lines) + "\n"
+
+
+def _save_model(model, path: Path) -> None:
+    """Save without optimizer state (half the size; the saved model is for inference)."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", required=True, help="a key of params.yaml `variants`")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", default="data/prepared", help="the prepare stage's output folder")
+    parser.add_argument("--best-params", type=Path, help="tune stage's best_params.json (optional)")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/train/<variant>)")
+    parser.add_argument(
+        "--feature-cache", default=".cache/features", help="cached prefix features (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    variant = args.variant
+    params.variant(variant)  # unknown variant -> ConfigError listing the defined ones
+    out = args.out or Path("results/train") / variant
+    hyper = hyperparameters(params, args.best_params)
+    prepared = Path(args.prepared)
+    summary_path = prepared / "summary.json"
+    if not summary_path.is_file():
+        raise DataError(f"{summary_path} not found; run the prepare stage first (`dvc repro prepare`)")
+    summary = json.loads(summary_path.read_text())
+    class_names = summary["class_names"]
+    splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"), load_split(prepared, "test"))
+    weights_source = params.variant_weights(variant)
+    weights = load_base_weights(weights_source)
+
+    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
+    tracking.connect(uri, params.mlflow.experiment)  # fail fast, before any training
+    environment = tracking.environment_tags()
+    cache = FeatureCache(args.feature_cache)
+    verbose = 1 if sys.stdout.isatty() else 2
+    per_seed: dict[int, dict] = {}
+    best_seed_val = -1.0
+
+    with atomic_dir(out) as tmp:
+        for seed in params.train.seeds:
+            config = run_config(params, variant, hyper, len(class_names), seed)
+            run_name = f"train/{variant}/seed-{seed}"
+            print(
+                f"[{run_name}] {hyper['source']} head_units={config.head_units} lr={config.learning_rate:.3g}",
+                flush=True,
+            )
+            tags = {
+                "stage": "train", "variant": variant, "seed": seed, "weights": weights_source,
+                "weights_sha256": weights.sha256, "data_sha256": summary["data_sha256"],
+                "hyperparameters": hyper["source"], "determinism": "on", **environment,
+            }  # fmt: skip
+            run_params = {
+                "variant": variant, "seed": seed, "weights": weights_source, "trainable": params.variant(variant).trainable,
+                "data": vars(params.data), "model": {**vars(params.model), "head_units": config.head_units},
+                "train": {**vars(params.train), "learning_rate": config.learning_rate},
+            }  # fmt: skip
+            with tracking.run(run_name, tags=tags, params=run_params):
+                result = fit_variant(
+                    config, weights, splits, summary["data_sha256"], cache, [tracking.EpochLogger()], verbose
+                )
+                evaluation = evaluate(splits.test[1], result.test_probabilities, class_names)
+                metrics = seed_metrics(result, evaluation, config, params.report.target_accuracy)
+                seed_dir = tmp / "seeds" / str(seed)
+                seed_dir.mkdir(parents=True)
+                (seed_dir / "history.csv").write_text(history_csv(result.history))
+                (seed_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                (seed_dir / "confusion_matrix.csv").write_text(
+                    confusion_csv(evaluation["confusion_matrix"], class_names)
+                )
+                _log_seed(result, metrics, evaluation, seed_dir, class_names, run_name)
+                if not result.frozen_weights_unchanged:
+                    raise RuntimeError(f"{run_name}: frozen weights changed during training (a bug; please report it)")
+            per_seed[seed] = metrics
+            print(
+                f"[{run_name}] test accuracy {metrics['test_accuracy']:.4f}, best val {result.best_val_accuracy:.4f} "
+                f"at epoch {result.best_epoch}, {result.path}, {result.train_seconds:.1f}s",
+                flush=True,
+            )
+            if result.best_val_accuracy > best_seed_val:
+                best_seed_val = result.best_val_accuracy
+                _save_model(result.model, tmp / "model.keras")
+        (tmp / "metrics.json").write_text(json.dumps(variant_summary(variant, per_seed), indent=2) + "\n")
+
+
+def _log_seed(result, metrics: dict, evaluation: dict, seed_dir: Path, class_names: list[str], title: str) -> None:
+    from pipeline.figures import confusion_matrix_figure, plt
+
+    tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("timing", "parameters")})
+    tracking.log_metrics({f"params_{k}": v for k, v in metrics["parameters"].items() if k != "per_block"})
+    tracking.log_metrics(
+        {f"params_trainable_{b}": c["trainable"] for b, c in metrics["parameters"]["per_block"].items()}
+    )
+    tracking.log_metrics(metrics["timing"])
+    tracking.log_metrics({"frozen_weights_unchanged": int(result.frozen_weights_unchanged)})
+    tracking.log_artifacts(sorted(seed_dir.iterdir()))
+    figure = confusion_matrix_figure(evaluation["confusion_matrix"], class_names, f"{title}: test confusion matrix")
+    tracking.log_figure(figure, "confusion_matrix.png")
+    plt.close(figure)
+    tracking.log_text(_model_summary(result.model), "model_summary.txt")
+
+
+if __name__ == "__main__":
+    run_stage(main)
