@@ -75,9 +75,9 @@ class FeatureCache:
             return np.load(path, mmap_mode="r"), 0.0
         start = time.perf_counter()
         features = predict(prefix, images, batch_size)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temp name
-                np.save(f, features)
+        # np.save on a path would append ".npy" to the temp name: write through a file object
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, features)
         return np.load(path, mmap_mode="r"), time.perf_counter() - start
 
 

@@ -6,8 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on CI or servers; must precede pyplot
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str], title: str) -> plt.Figure:

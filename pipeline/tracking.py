@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-import time
 import platform
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -113,6 +113,24 @@ def log_text(text: str, artifact_file: str) -> None:
 
 def log_figure(figure, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
+
+
+def log_keras_model(model: keras.Model, registered_name: str) -> dict:
+    """Log `model` (Keras flavour) to the active run and register it; returns uri and version.
+
+    Explicit pip requirements skip MLflow's requirement inference, which loads the model in a
+    subprocess (~15 s for VGG16).
+    """
+    import mlflow.keras
+    import tensorflow as tf
+
+    info = mlflow.keras.log_model(
+        model,
+        name="model",
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        registered_model_name=registered_name,
+    )
+    return {"model_uri": info.model_uri, "version": info.registered_model_version}
 
 
 def _is_number(value) -> bool:

@@ -187,17 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"[{run_name}] {hyper['source']} head_units={config.head_units} lr={config.learning_rate:.3g}",
                 flush=True,
             )
-            tags = {
-                "stage": "train", "variant": variant, "seed": seed, "weights": weights_source,
-                "weights_sha256": weights.sha256, "data_sha256": summary["data_sha256"],
-                "hyperparameters": hyper["source"], "determinism": "on", **environment,
-            }  # fmt: skip
-            run_params = {
-                "variant": variant, "seed": seed, "weights": weights_source, "trainable": params.variant(variant).trainable,
-                "data": vars(params.data), "model": {**vars(params.model), "head_units": config.head_units},
-                "train": {**vars(params.train), "learning_rate": config.learning_rate},
-            }  # fmt: skip
-            with tracking.run(run_name, tags=tags, params=run_params):
+            tags, run_params = _run_metadata(params, variant, config, weights, weights_source, summary, hyper)
+            with tracking.run(run_name, tags={**tags, **environment}, params=run_params):
                 result = fit_variant(
                     config, weights, splits, summary["data_sha256"], cache, [tracking.EpochLogger()], verbose
                 )
@@ -223,6 +214,25 @@ def main(argv: list[str] | None = None) -> None:
                 best_seed_val = result.best_val_accuracy
                 _save_model(result.model, tmp / "model.keras")
         (tmp / "metrics.json").write_text(json.dumps(variant_summary(variant, per_seed), indent=2) + "\n")
+
+
+def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weights_source, summary, hyper):
+    """MLflow tags and (flattened later) params of one (variant, seed) run."""
+    tags = {
+        "stage": "train", "variant": variant, "seed": config.seed, "weights": weights_source,
+        "weights_sha256": weights.sha256, "data_sha256": summary["data_sha256"],
+        "hyperparameters": hyper["source"], "determinism": "on",
+    }  # fmt: skip
+    run_params = {
+        "variant": variant,
+        "seed": config.seed,
+        "weights": weights_source,
+        "trainable": params.variant(variant).trainable,
+        "data": vars(params.data),
+        "model": {**vars(params.model), "head_units": config.head_units},
+        "train": {**vars(params.train), "learning_rate": config.learning_rate},
+    }
+    return tags, run_params
 
 
 def _log_seed(result, metrics: dict, evaluation: dict, seed_dir: Path, class_names: list[str], title: str) -> None:

@@ -40,7 +40,7 @@ def write_params(tmp_path, default_raw_params):
 
     def write(override: dict | None = None, name: str = "params.yaml") -> Path:
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(merge(default_raw_params, override or {})))
+        path.write_text(yaml.safe_dump(merge(default_raw_params, override or {}), sort_keys=False))
         return path
 
     return write

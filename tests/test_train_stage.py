@@ -1,0 +1,183 @@
+"""The train stage end to end: `python -m pipeline.train` on tiny prepared data, real MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.params import load_params
+from pipeline.prepare import prepare, write_prepared
+from tests.conftest import REPO
+
+TINY = {
+    "data": {"train_per_class": 2, "val_per_class": 1, "test_per_class": 2},
+    "train": {"epochs": 2, "seeds": [1, 2], "batch_size": 8},
+    "model": {"head_units": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    """Prepare tiny Fashion-MNIST-format data, then run train@last_layers once for the module."""
+    root = tmp_path_factory.mktemp("stage")
+    fixture = _fashion_mnist(root)
+    params_path = _params(root, {**TINY, "data": {**TINY["data"], "fashion_mnist_dir": str(fixture)}})
+    params = load_params(params_path)
+    write_prepared(prepare(params.data, params.seed), root / "prepared")
+    result = _train(root, params_path, "last_layers")
+    return root, params_path, result
+
+
+def _fashion_mnist(root):
+    from tests.conftest import write_idx
+
+    folder = root / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 5), ("t10k", 3)):
+        labels = np.repeat(np.arange(10), n)
+        write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        )
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def _params(root, override):
+    import yaml
+
+    from tests.conftest import merge
+
+    raw = merge(yaml.safe_load((REPO / "params.yaml").read_text()), override)
+    raw["variants"] = {"last_layers": {"trainable": ["block5_conv3"]}}  # one strategy keeps the test fast
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _train(root, params_path, variant, extra_env=None):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", **(extra_env or {})}
+    env.pop("DVC_ROOT", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--variant", variant, "--params", str(params_path),
+         "--prepared", str(root / "prepared"), "--out", str(root / "results" / variant),
+         "--feature-cache", str(root / "cache")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_stage_writes_per_seed_outputs(stage_run):
+    root, _, result = stage_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = root / "results" / "last_layers"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.keras", "seeds"]
+    assert sorted(p.name for p in (out / "seeds").iterdir()) == ["1", "2"]
+    for seed in ("1", "2"):
+        files = out / "seeds" / seed
+        assert sorted(p.name for p in files.iterdir()) == ["confusion_matrix.csv", "history.csv", "metrics.json"]
+        rows = list(csv.DictReader((files / "history.csv").open()))
+        assert [r["epoch"] for r in rows] == ["1", "2"]
+        assert list(rows[0]) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                                 "cumulative_seconds", "images_seen"]  # fmt: skip
+        matrix = list(csv.reader((files / "confusion_matrix.csv").open()))
+        assert len(matrix) == 11 and len(matrix[0]) == 11
+        assert sum(int(v) for row in matrix[1:] for v in row[1:]) == 20  # 2 test images x 10 classes
+        metrics = json.loads((files / "metrics.json").read_text())
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0
+        assert metrics["parameters"]["trainable"] == 2_359_808 + (512 * 8 + 8) + (8 * 10 + 10)
+        assert metrics["parameters"]["per_block"]["block5"] == {"trainable": 2_359_808, "non_trainable": 4_719_616}
+        assert metrics["frozen_weights_unchanged"] is True
+        assert metrics["training_path"] == "cached-features (cut after block5_conv2)"
+        assert set(metrics["test_recall_per_class"]) >= {"Trouser", "Ankle boot"}
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["seeds"]) == {"1", "2"}
+    mean = np.mean([summary["seeds"][s]["test_accuracy"] for s in ("1", "2")])
+    assert summary["test_accuracy_mean"] == pytest.approx(mean)
+
+
+def test_saved_model_loads_in_safe_mode_and_matches_best_seed(stage_run):
+    import keras
+
+    import pipeline.model  # noqa: F401  registers the VGG16Preprocess layer for loading
+    from pipeline.data import load_split
+
+    root, _, result = stage_run
+    assert result.returncode == 0
+    out = root / "results" / "last_layers"
+    model = keras.models.load_model(out / "model.keras", safe_mode=True)
+    images, labels = load_split(root / "prepared", "test")
+    accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert accuracy == pytest.approx(summary["seeds"][str(summary["best_seed"])]["test_accuracy"])
+
+
+def test_mlflow_has_one_finished_run_per_seed_with_curves_counts_and_artifacts(stage_run):
+    from mlflow.tracking import MlflowClient
+
+    root, _, result = stage_run
+    assert result.returncode == 0
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"train/last_layers/seed-1", "train/last_layers/seed-2"}
+    run = runs["train/last_layers/seed-2"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == "last_layers" and run.data.tags["seed"] == "2"
+    assert run.data.tags["weights_sha256"].startswith("4502df9d")
+    assert len(run.data.tags["data_sha256"]) == 64
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.head_units"] == "8"
+    assert run.data.metrics["params_trainable_block5"] == 2_359_808
+    assert run.data.metrics["params_non_trainable"] == 12_354_880
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert steps == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "history.csv",
+        "metrics.json",
+        "confusion_matrix.csv",
+        "confusion_matrix.png",
+        "model_summary.txt",
+    } <= artifacts
+
+
+def test_unknown_variant_exits_2_naming_the_defined_ones(stage_run):
+    root, params_path, _ = stage_run
+    result = _train(root, params_path, "half")
+    assert result.returncode == 2
+    assert "variants: has no strategy 'half'; defined: last_layers" in result.stderr
+    assert not (root / "results" / "half").exists()
+
+
+def test_register_logs_and_registers_the_best_strategys_model(stage_run):
+    import keras
+    import mlflow.keras
+
+    import pipeline.model  # noqa: F401  registers VGG16Preprocess
+    from pipeline.data import load_split
+
+    root, params_path, result = stage_run
+    assert result.returncode == 0
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    registered = subprocess.run(
+        [sys.executable, "-m", "pipeline.register", "--params", str(params_path),
+         "--train-dir", str(root / "results"), "--out", str(root / "registered.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    record = json.loads((root / "registered.json").read_text())
+    assert record["variant"] == "last_layers" and record["version"] == 1
+    assert record["registered_model"] == "vgg16-freezing-best"
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    try:
+        from_registry = mlflow.keras.load_model("models:/vgg16-freezing-best/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    from_dvc = keras.models.load_model(root / "results" / "last_layers" / "model.keras", safe_mode=True)
+    images, _ = load_split(root / "prepared", "test")
+    np.testing.assert_allclose(from_registry.predict(images, verbose=0), from_dvc.predict(images, verbose=0), atol=1e-6)

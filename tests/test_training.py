@@ -1,0 +1,144 @@
+"""The shared training function: the cached-feature path equals end-to-end training, frozen
+weights stay bit-identical, runs are reproducible, and the best epoch's weights are kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import features
+from pipeline.model import build_model
+from pipeline.training import TIMING_COLUMNS, NonFiniteLossError, RunConfig, Splits, fit_variant
+from pipeline.vgg16 import BLOCKS, resolve_trainable
+from pipeline.weights import load_base_weights
+
+
+@pytest.fixture(scope="module")
+def hed():
+    return load_base_weights("hed")
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    """3 classes with a learnable signal (class = dominant colour channel), 32x32."""
+    rng = np.random.default_rng(0)
+
+    def make(n_per_class):
+        labels = np.repeat(np.arange(3), n_per_class)
+        images = rng.integers(0, 90, size=(len(labels), 32, 32, 3))
+        images[np.arange(len(labels)), :, :, labels] += 150
+        return images.astype(np.uint8), labels.astype(np.int64)
+
+    return Splits(make(8), make(4), make(4))
+
+
+def _config(spec, **overrides):
+    values = dict(
+        image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
+        head_units=16, dropout=0.2, learning_rate=1e-4, epochs=2, batch_size=8, seed=3,
+    )  # fmt: skip
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def _without_timing(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in history]
+
+
+@pytest.mark.parametrize("spec", ["none", ["block5_conv3"], ["block5"], ["block4", "block5"]])
+def test_split_model_predicts_like_the_full_model(hed, tiny_splits, spec):
+    model = build_model(
+        image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=hed.arrays,
+        head_units=16, dropout=0.2,
+    )  # fmt: skip
+    cut = features.cut_layer(model, resolve_trainable(spec))
+    split = features.split_model(model, cut)
+    images = tiny_splits.train[0]
+    end_to_end = features.predict(model, images, 8)
+    cached = features.predict(split.suffix, features.predict(split.prefix, images, 8), 8)
+    np.testing.assert_allclose(cached, end_to_end, atol=1e-4)
+    # the halves share the full model's layer objects: training one trains the other
+    assert split.suffix.get_layer("predictions") is model.get_layer("predictions")
+
+
+def test_cut_points_follow_the_first_trainable_layer(hed):
+    def cut(spec):
+        model = build_model(image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=None)
+        return features.cut_layer(model, resolve_trainable(spec))
+
+    assert cut("none") == "block5_pool"
+    assert cut(["block5_conv3"]) == "block5_conv2"
+    assert cut(["block5"]) == "block4_pool"
+    assert cut("all") is None  # block1_conv1 trains: nothing to cache
+
+
+@pytest.mark.parametrize("spec", ["none", ["block5"]])
+def test_cached_training_gives_the_end_to_end_history(hed, tiny_splits, spec):
+    cached = fit_variant(_config(spec, cache_features=True), hed, tiny_splits, "data")
+    end_to_end = fit_variant(_config(spec, cache_features=False), hed, tiny_splits, "data")
+    assert cached.path.startswith("cached-features") and end_to_end.path == "end-to-end"
+    for a, b in zip(cached.history, end_to_end.history, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    np.testing.assert_allclose(cached.test_probabilities, end_to_end.test_probabilities, atol=1e-4)
+
+
+def test_frozen_weights_are_bit_identical_after_training(hed, tiny_splits):
+    result = fit_variant(_config(["block5_conv3"], cache_features=False, learning_rate=1e-3), hed, tiny_splits, "data")
+    assert result.frozen_weights_unchanged
+    for name in (*BLOCKS["block1"], "block5_conv2"):
+        for got, want in zip(result.model.get_layer(name).get_weights(), hed.arrays[name], strict=True):
+            np.testing.assert_array_equal(got, want)
+    trained_kernel = result.model.get_layer("block5_conv3").get_weights()[0]
+    assert not np.array_equal(trained_kernel, hed.arrays["block5_conv3"][0])
+
+
+def test_same_seed_reproduces_history_and_predictions(hed, tiny_splits):
+    first = fit_variant(_config(["block5"], cache_features=False), hed, tiny_splits, "data")
+    second = fit_variant(_config(["block5"], cache_features=False), hed, tiny_splits, "data")
+    assert _without_timing(first.history) == _without_timing(second.history)
+    np.testing.assert_array_equal(first.test_probabilities, second.test_probabilities)
+    other_seed = fit_variant(_config(["block5"], cache_features=False, seed=4), hed, tiny_splits, "data")
+    assert _without_timing(other_seed.history) != _without_timing(first.history)
+
+
+def test_returned_model_holds_the_best_validation_epoch(hed, tiny_splits):
+    result = fit_variant(_config("none", epochs=4, learning_rate=3e-3), hed, tiny_splits, "data")
+    best = max(result.history, key=lambda row: row["val_accuracy"])
+    assert result.best_epoch == best["epoch"] and result.best_val_accuracy == best["val_accuracy"]
+    x_val, y_val = tiny_splits.val
+    accuracy = float(np.mean(features.predict(result.model, x_val, 8).argmax(axis=1) == y_val))
+    assert accuracy == pytest.approx(result.best_val_accuracy)
+
+
+def test_history_rows_count_epochs_and_images(hed, tiny_splits):
+    result = fit_variant(_config("none", epochs=3), hed, tiny_splits, "data")
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert [row["images_seen"] for row in result.history] == [24, 48, 72]
+    cumulative = [row["cumulative_seconds"] for row in result.history]
+    assert cumulative == sorted(cumulative) and all(row["epoch_seconds"] > 0 for row in result.history)
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(hed, tiny_splits):
+    images, labels = tiny_splits.train
+    poisoned = images.astype(np.float32)
+    poisoned[0, 0, 0, 0] = np.nan  # one NaN pixel makes the loss NaN in the first epoch
+    splits = Splits((poisoned, labels), tiny_splits.val)
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 1; lower the learning rate"):
+        fit_variant(_config("none", epochs=3), hed, splits, "data")
+
+
+def test_feature_cache_is_reused_across_seeds(tmp_path, hed, tiny_splits):
+    cache = features.FeatureCache(tmp_path)
+    first = fit_variant(_config("none"), hed, tiny_splits, "data", feature_cache=cache)
+    second = fit_variant(_config("none", seed=9), hed, tiny_splits, "data", feature_cache=cache)
+    assert first.feature_seconds > 0 and second.feature_seconds == 0
+    (key_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in key_dir.iterdir()) == ["test.npy", "train.npy", "val.npy"]
+    assert np.load(key_dir / "train.npy").shape == (24, 1, 1, 512)
+
+
+def test_augmentation_bypasses_the_cache(hed, tiny_splits):
+    result = fit_variant(_config("none", augmentation=True, epochs=1), hed, tiny_splits, "data")
+    assert result.path == "end-to-end"
+    assert result.model.get_layer("augment_flip") is not None
