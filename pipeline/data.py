@@ -8,6 +8,7 @@ per class (`scan_image_folder` + `load_images`). Sampling is stratified and seed
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 from dataclasses import dataclass, field
@@ -235,3 +236,11 @@ def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path} not found; run the prepare stage first (`dvc repro prepare`)")
     with np.load(path) as arrays:
         return arrays["images"], arrays["labels"]
+
+
+def load_summary(prepared_dir: Path) -> dict:
+    """The prepare stage's summary.json (class names, counts, data_sha256)."""
+    path = Path(prepared_dir) / "summary.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the prepare stage first (`dvc repro prepare`)")
+    return json.loads(path.read_text())

@@ -109,6 +109,40 @@ class VariantParams:
 
 
 @dataclass(frozen=True)
+class TuneParams:
+    """The tuning budget and search space, the same for every strategy."""
+
+    n_trials: int
+    epochs: int
+    head_units: tuple[int, ...]
+    learning_rate: tuple[float, ...]  # [low, high], searched log-uniformly
+    storage: str  # "journal" (a file per variant under results/tune) or an RDB URL
+    n_workers: int
+    sampler_startup_trials: int
+    pruner_startup_trials: int
+    pruner_warmup_epochs: int
+
+    def __post_init__(self):
+        for name in ("n_trials", "epochs", "n_workers"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "it must be at least 1")
+        for name in ("sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "it must be >= 0")
+        units = list(self.head_units)
+        _check(len(units) >= 1, "head_units", units, "give at least one choice, e.g. [0, 64, 256]")
+        _check(all(u >= 0 for u in units), "head_units", units, "choices must be >= 0 (0 = no hidden layer)")
+        _check(len(set(units)) == len(units), "head_units", units, "choices must be unique")
+        low_high = list(self.learning_rate)
+        _check(len(low_high) == 2, "learning_rate", low_high, "give a range [low, high], e.g. [1.0e-5, 1.0e-2]")
+        _check(0 < low_high[0] < low_high[1], "learning_rate", low_high, "need 0 < low < high")
+        _check(
+            self.storage == "journal" or "://" in self.storage,
+            "storage",
+            self.storage,
+            "use 'journal' (a local file, several processes) or a database URL such as postgresql://user@host/db",
+        )
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     tracking_uri: str
     experiment: str
@@ -140,6 +174,7 @@ class Params:
     model: ModelParams
     train: TrainParams
     variants: dict[str, VariantParams]
+    tune: TuneParams
     mlflow: MlflowParams
     report: ReportParams
 

@@ -68,12 +68,17 @@ def connect(uri: str, experiment: str) -> str:
 
 
 @contextlib.contextmanager
-def run(name: str, *, tags: dict, params: dict | None = None, nested: bool = False) -> Iterator[str]:
+def run(name: str, *, tags: dict, params: dict | None = None, parent_run_id: str | None = None) -> Iterator[str]:
     """An MLflow run named `name`; yields its id. Ends FINISHED, FAILED on an exception, or
-    KILLED on Ctrl-C / SIGTERM (the stages turn SIGTERM into KeyboardInterrupt)."""
-    active = mlflow.start_run(run_name=name, nested=nested)
+    KILLED on Ctrl-C / SIGTERM (the stages turn SIGTERM into KeyboardInterrupt).
+
+    `parent_run_id` nests it under another run, also one opened by another process (tune
+    workers nest their trials under the study's run this way).
+    """
+    nested = mlflow.active_run() is not None  # in-process trials run inside the study's run
+    active = mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent_run_id)
     try:
-        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        set_tags(tags)
         if params:
             log_params(params)
         yield active.info.run_id
@@ -85,6 +90,10 @@ def run(name: str, *, tags: dict, params: dict | None = None, nested: bool = Fal
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
 
 
 def log_params(params: dict) -> None:

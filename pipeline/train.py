@@ -26,8 +26,8 @@ import numpy as np
 from pipeline import tracking
 from pipeline.atomic import atomic_dir
 from pipeline.cli import run_stage
-from pipeline.data import load_split
-from pipeline.errors import ConfigError, DataError
+from pipeline.data import load_split, load_summary
+from pipeline.errors import ConfigError
 from pipeline.evaluation import epochs_to_target, evaluate
 from pipeline.features import FeatureCache
 from pipeline.model import count_parameters
@@ -38,8 +38,13 @@ from pipeline.weights import load_base_weights
 
 
 def hyperparameters(params: Params, best_params_path: Path | None) -> dict:
-    """head_units and learning_rate from the tune stage's best_params.json, else params.yaml."""
-    if best_params_path is not None and best_params_path.is_file():
+    """head_units and learning_rate from the tune stage's best_params.json when given, else
+    `model.head_units` and `train.learning_rate`."""
+    if best_params_path is not None:
+        if not best_params_path.is_file():
+            raise ConfigError(
+                "--best-params", f"{best_params_path} not found; run `dvc repro tune@<variant>` or omit the option"
+            )
         best = json.loads(best_params_path.read_text())
         for key in ("head_units", "learning_rate"):
             if key not in best:
@@ -162,10 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("results/train") / variant
     hyper = hyperparameters(params, args.best_params)
     prepared = Path(args.prepared)
-    summary_path = prepared / "summary.json"
-    if not summary_path.is_file():
-        raise DataError(f"{summary_path} not found; run the prepare stage first (`dvc repro prepare`)")
-    summary = json.loads(summary_path.read_text())
+    summary = load_summary(prepared)
     class_names = summary["class_names"]
     splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"), load_split(prepared, "test"))
     weights_source = params.variant_weights(variant)

@@ -93,3 +93,44 @@ def image_folder(tmp_path) -> Path:
     (root / "cat" / "broken.png").write_bytes(good[: len(good) // 2])  # truncated PNG
     (root / "cat" / "notes.txt").write_text("not an image")
     return root
+
+
+TINY_OVERRIDE = {
+    "data": {"train_per_class": 2, "val_per_class": 1, "test_per_class": 2},
+    "train": {"epochs": 2, "seeds": [1, 2], "batch_size": 8},
+    "model": {"head_units": 8},
+    "tune": {"n_trials": 3, "epochs": 2, "head_units": [0, 8], "sampler_startup_trials": 2,
+             "pruner_startup_trials": 1, "pruner_warmup_epochs": 0},
+}  # fmt: skip
+
+
+def make_tiny_project(root: Path, variants: dict, override: dict | None = None) -> tuple[Path, Path]:
+    """Tiny Fashion-MNIST-format data (10 classes, 28x28), a shrunk copy of the real params
+    with only `variants`, and the prepared splits. Returns (params path, prepared folder)."""
+    from pipeline.params import load_params
+    from pipeline.prepare import prepare, write_prepared
+
+    folder = root / "fmnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 5), ("t10k", 3)):
+        labels = np.repeat(np.arange(10), n)
+        write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        )
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    raw = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDE)
+    raw = merge(raw, {"data": {"fashion_mnist_dir": str(folder)}, **(override or {})})
+    raw["variants"] = variants
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(params_path)
+    write_prepared(prepare(params.data, params.seed), root / "prepared")
+    return params_path, root / "prepared"
+
+
+def stage_env(root: Path) -> dict:
+    """The environment for a stage subprocess: its own SQLite MLflow store under `root`."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    env.pop("DVC_ROOT", None)
+    return env

@@ -4,71 +4,29 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from pipeline.params import load_params
-from pipeline.prepare import prepare, write_prepared
-from tests.conftest import REPO
-
-TINY = {
-    "data": {"train_per_class": 2, "val_per_class": 1, "test_per_class": 2},
-    "train": {"epochs": 2, "seeds": [1, 2], "batch_size": 8},
-    "model": {"head_units": 8},
-}
+from tests.conftest import REPO, make_tiny_project, stage_env
 
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
-    """Prepare tiny Fashion-MNIST-format data, then run train@last_layers once for the module."""
+    """Tiny prepared data, then train@last_layers once for the whole module."""
     root = tmp_path_factory.mktemp("stage")
-    fixture = _fashion_mnist(root)
-    params_path = _params(root, {**TINY, "data": {**TINY["data"], "fashion_mnist_dir": str(fixture)}})
-    params = load_params(params_path)
-    write_prepared(prepare(params.data, params.seed), root / "prepared")
-    result = _train(root, params_path, "last_layers")
-    return root, params_path, result
+    params_path, _ = make_tiny_project(root, {"last_layers": {"trainable": ["block5_conv3"]}})
+    return root, params_path, _train(root, params_path, "last_layers")
 
 
-def _fashion_mnist(root):
-    from tests.conftest import write_idx
-
-    folder = root / "fmnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 5), ("t10k", 3)):
-        labels = np.repeat(np.arange(10), n)
-        write_idx(
-            folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
-        )
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return folder
-
-
-def _params(root, override):
-    import yaml
-
-    from tests.conftest import merge
-
-    raw = merge(yaml.safe_load((REPO / "params.yaml").read_text()), override)
-    raw["variants"] = {"last_layers": {"trainable": ["block5_conv3"]}}  # one strategy keeps the test fast
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def _train(root, params_path, variant, extra_env=None):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", **(extra_env or {})}
-    env.pop("DVC_ROOT", None)
+def _train(root, params_path, variant):
     return subprocess.run(
         [sys.executable, "-m", "pipeline.train", "--variant", variant, "--params", str(params_path),
          "--prepared", str(root / "prepared"), "--out", str(root / "results" / variant),
          "--feature-cache", str(root / "cache")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -163,11 +121,10 @@ def test_register_logs_and_registers_the_best_strategys_model(stage_run):
 
     root, params_path, result = stage_run
     assert result.returncode == 0
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
     registered = subprocess.run(
         [sys.executable, "-m", "pipeline.register", "--params", str(params_path),
          "--train-dir", str(root / "results"), "--out", str(root / "registered.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert registered.returncode == 0, registered.stderr[-3000:]
     record = json.loads((root / "registered.json").read_text())

@@ -1,0 +1,226 @@
+"""Stage `tune@<variant>`: Optuna searches head_units and learning_rate for one strategy.
+
+Reads params.yaml (`seed`, `model`, `train.batch_size`, `variants.<variant>`, `tune`,
+`mlflow`) and the prepared data. Every strategy gets the same budget: `tune.n_trials` trials
+of `tune.epochs` epochs, maximising the best validation accuracy, trained by the same
+function as the train stage. Writes into `--out` (results/tune/<variant>):
+  best_params.json   head_units, learning_rate, best value, trial number, budget, pruning stats
+  trials.csv         one row per trial: params, state, value, epochs run, seconds
+  figures/           optimization history, parameter importances, head_units x learning_rate
+  study.journal      the Optuna study (persistent: an interrupted study resumes, only the
+                     missing trials run); with `tune.storage` a database URL it lives there.
+MLflow: a parent run `tune/<variant>` and one nested run per trial.
+
+`--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
+runs K trials; `tune.n_workers: N` starts N local workers itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import optuna
+
+from pipeline import study as studies
+from pipeline import tracking
+from pipeline.cli import run_stage
+from pipeline.data import load_split, load_summary
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureCache
+from pipeline.params import Params, load_params
+from pipeline.training import NonFiniteLossError, RunConfig, Splits, fit_variant
+from pipeline.tune_outputs import write_outputs
+from pipeline.vgg16 import resolve_trainable
+from pipeline.weights import load_base_weights
+
+
+def study_identity(params: Params, variant: str, weights_sha256: str | None, data_sha256: str) -> dict:
+    """Everything a trial's result depends on, except the number of trials."""
+    return {
+        "variant": vars(params.variant(variant)),
+        "weights_sha256": weights_sha256,
+        "data_sha256": data_sha256,
+        "model": {k: v for k, v in vars(params.model).items() if k != "head_units"},
+        "batch_size": params.train.batch_size,
+        "augmentation": params.train.augmentation,
+        "seed": params.seed,
+        "search": {k: getattr(params.tune, k) for k in ("epochs", "head_units", "learning_rate")},
+    }
+
+
+class Objective:
+    """One trial: suggest, train with `fit_variant`, log a nested MLflow run, return the value."""
+
+    def __init__(self, params: Params, variant: str, context: dict, parent_run_id: str, verbose: int):
+        self.params, self.variant, self.context = params, variant, context
+        self.parent_run_id, self.verbose = parent_run_id, verbose
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tune = self.params.tune
+        head_units = trial.suggest_categorical("head_units", list(tune.head_units))
+        learning_rate = trial.suggest_float("learning_rate", *tune.learning_rate, log=True)
+        config = RunConfig(
+            image_size=self.params.data.image_size,
+            num_classes=len(self.context["class_names"]),
+            trainable_layers=resolve_trainable(self.params.variant(self.variant).trainable),
+            pooling=self.params.model.pooling,
+            head_units=head_units,
+            dropout=self.params.model.dropout,
+            learning_rate=learning_rate,
+            epochs=tune.epochs,
+            batch_size=self.params.train.batch_size,
+            seed=self.params.seed,
+            augmentation=self.params.train.augmentation,
+            cache_features=self.params.train.cache_features,
+        )
+        trial.set_user_attr("worker_pid", os.getpid())
+        pruning = studies.PruningCallback(trial)
+        name = f"tune/{self.variant}/trial-{trial.number}"
+        tags = {"stage": "tune", "variant": self.variant, "trial": trial.number, "study": trial.study.study_name}
+        pruned = None
+        keras.backend.clear_session()  # trials build models in a loop: free the previous graph
+        with tracking.run(name, tags=tags, params=trial.params, parent_run_id=self.parent_run_id):
+            try:
+                result = fit_variant(
+                    config, self.context["weights"], self.context["splits"], self.context["data_sha256"],
+                    self.context["cache"], [pruning, tracking.EpochLogger()], self.verbose,
+                )  # fmt: skip
+            except optuna.TrialPruned as error:
+                pruned = error
+            except NonFiniteLossError:
+                trial.set_user_attr(studies.FAILED_ON_ITS_OWN, "non-finite loss")
+                trial.set_user_attr("epochs_run", pruning.epochs_run)
+                tracking.set_tags({"state": "FAIL"})
+                raise
+            trial.set_user_attr("epochs_run", pruning.epochs_run)
+            tracking.set_tags({"state": "PRUNED" if pruned else "COMPLETE"})
+            if pruned is None:
+                tracking.log_metrics({"value": result.best_val_accuracy, "best_epoch": result.best_epoch})
+        if pruned is not None:
+            raise pruned
+        return result.best_val_accuracy
+
+
+def _print_trial(variant: str, start: float):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        epochs = trial.user_attrs.get("epochs_run", "?")
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        outcome = f"value {trial.value:.4f}" if complete else trial.state.name.lower()
+        print(f"[tune/{variant}] trial {trial.number}: {params} -> {outcome} ({epochs} epochs, "
+              f"{time.perf_counter() - start:.0f}s elapsed)", flush=True)  # fmt: skip
+
+    return callback
+
+
+def _context(params: Params, variant: str, prepared: Path, feature_cache: str) -> dict:
+    summary = load_summary(prepared)
+    weights = load_base_weights(params.variant_weights(variant))
+    splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"))
+    return {
+        "summary": summary, "class_names": summary["class_names"], "data_sha256": summary["data_sha256"],
+        "weights": weights, "splits": splits, "cache": FeatureCache(feature_cache),
+    }  # fmt: skip
+
+
+def _open_study(params: Params, variant: str, out: Path, context: dict) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
+    storage = studies.open_storage(params.tune.storage, out / "study.journal")
+    identity = study_identity(params, variant, context["weights"].sha256, context["data_sha256"])
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=params.tune.pruner_startup_trials, n_warmup_steps=params.tune.pruner_warmup_epochs
+    )
+    return studies.load_or_create(
+        storage, studies.study_name(variant, identity), seed=params.seed,
+        startup_trials=params.tune.sampler_startup_trials, pruner=pruner,
+    )  # fmt: skip
+
+
+def run_trials(study, params: Params, variant: str, context: dict, n_trials: int, parent_run_id: str) -> None:
+    verbose = 0
+    objective = Objective(params, variant, context, parent_run_id, verbose)
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        catch=(NonFiniteLossError,),
+        callbacks=[_print_trial(variant, time.perf_counter())],
+        show_progress_bar=sys.stderr.isatty(),
+    )
+
+
+def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
+    """Start one `--worker` process per quota and wait; Ctrl-C/SIGTERM stops them all."""
+    command = [sys.executable, "-m", "pipeline.tune", "--variant", args.variant, "--params", args.params,
+               "--prepared", str(args.prepared), "--out", str(args.out), "--feature-cache", args.feature_cache,
+               "--worker", "--parent-run-id", parent_run_id]  # fmt: skip
+    workers = [subprocess.Popen([*command, "--n-trials", str(q)]) for q in quotas]
+    try:
+        codes = [w.wait() for w in workers]
+    except KeyboardInterrupt:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait()
+        raise
+    if any(codes):
+        raise PipelineError(f"tune workers exited with {codes}; rerun `dvc repro` to finish the missing trials")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, help="default: results/tune/<variant>")
+    parser.add_argument("--feature-cache", default=".cache/features")
+    parser.add_argument("--worker", action="store_true", help="join the study and run --n-trials trials")
+    parser.add_argument("--n-trials", type=int, help="with --worker: trials this worker runs")
+    parser.add_argument("--parent-run-id", help="with --worker: the MLflow run of the study")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    params.variant(args.variant)
+    args.out = args.out or Path("results/tune") / args.variant
+    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
+    tracking.connect(uri, params.mlflow.experiment)
+    context = _context(params, args.variant, args.prepared, args.feature_cache)
+    study = _open_study(params, args.variant, args.out, context)
+
+    if args.worker:
+        if args.n_trials is None or args.n_trials < 1:
+            raise PipelineError("--worker needs --n-trials K (K >= 1): the number of trials this worker runs")
+        run_trials(study, params, args.variant, context, args.n_trials, args.parent_run_id)
+        return
+
+    stale = studies.fail_stale_running(study)
+    done = len(studies.finished_trials(study))
+    remaining = max(0, params.tune.n_trials - done)
+    print(f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
+          + (f" ({stale} interrupted trial(s) will be repeated)" if stale else ""), flush=True)  # fmt: skip
+    tags = {"stage": "tune", "variant": args.variant, "study": study.study_name, **tracking.environment_tags()}
+    with tracking.run(f"tune/{args.variant}", tags=tags, params={"tune": vars(params.tune)}) as parent_run_id:
+        quotas = studies.split_quota(remaining, params.tune.n_workers)
+        if len(quotas) == 1:
+            run_trials(study, params, args.variant, context, quotas[0], parent_run_id)
+        elif quotas:
+            _spawn_workers(args, quotas, parent_run_id)
+        best = write_outputs(study, args.out, params.tune, args.variant)
+        tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
+        tracking.log_metrics({"best_value": best["value"], **best["pruning"]})
+        outputs = [
+            args.out / "best_params.json",
+            args.out / "trials.csv",
+            *sorted((args.out / "figures").glob("*.png")),
+        ]
+        tracking.log_artifacts(outputs)
+    print(f"[tune/{args.variant}] best: head_units={best['head_units']} learning_rate={best['learning_rate']:.3g} "
+          f"-> val accuracy {best['value']:.4f} (trial {best['trial']})", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_stage(main)
