@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data repro test test-all lint format variants clean
+.PHONY: install data browser repro test test-all lint format variants dashboard clean
 
 install: $(STAMP)
 
@@ -37,13 +37,23 @@ data:
 		echo "Fashion-MNIST: not installed; the prepare stage will download it through keras.datasets"; \
 	fi
 
+# Debian's chromium for the report's rendering test (the test skips, saying why, without it)
+browser:
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "chromium: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium; \
+	else \
+		echo "chromium: not installed and apt-get unavailable; the report rendering test will be skipped"; \
+	fi
+
 repro: install data
 	$(BIN)/dvc repro
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest
 
-test-all: install data
+test-all: install data browser
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 lint: install
@@ -57,6 +67,10 @@ format: install
 # the README's variant table
 variants: install
 	$(BIN)/python -m pipeline.describe
+
+# optional extra: a web UI for the Optuna studies (`optuna-dashboard results/tune/<variant>/study.journal`)
+dashboard: install
+	$(BIN)/pip install --quiet --no-deps optuna-dashboard==0.21.0 bottle==0.13.4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

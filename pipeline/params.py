@@ -162,6 +162,7 @@ class MlflowParams:
 @dataclass(frozen=True)
 class ReportParams:
     target_accuracy: float
+    baseline: str  # the strategy every other one is compared against, seed by seed
 
     def __post_init__(self):
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy", self.target_accuracy, "it must be in (0, 1]")
@@ -181,6 +182,10 @@ class Params:
     def __post_init__(self):
         if not self.variants:
             raise ConfigError("variants", "is empty; define at least one strategy, e.g. frozen: {trainable: none}")
+        if self.report.baseline not in self.variants:
+            raise ConfigError(
+                "report.baseline", f"{self.report.baseline!r} is not a strategy; defined: {', '.join(self.variants)}"
+            )
 
     def variant_weights(self, variant: str) -> str:
         """The weight source of `variant`: its own override, else `model.weights`."""

@@ -1,0 +1,172 @@
+"""Stage `report`: the comparison a reviewer reads, as Markdown and self-contained HTML.
+
+Reads params.yaml, data/prepared/summary.json, results/tune/<variant>/{best_params.json,
+trials.csv} and results/train/<variant>/seeds/<seed>/{history.csv,metrics.json,
+confusion_matrix.csv}; never builds a network. Writes `--out` (reports/):
+  report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
+  figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
+  summary.json             mean test accuracy and CI per strategy (a DVC metric)
+and logs them as the artifacts of one MLflow run `report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import report_figures as figures
+from pipeline import tracking
+from pipeline.atomic import atomic_dir, write_json, write_text
+from pipeline.cli import run_stage
+from pipeline.data import load_summary
+from pipeline.errors import DataError
+from pipeline.figures import confusion_matrix_figure, plt
+from pipeline.params import Params, load_params
+from pipeline.report_document import build_document, to_html, to_markdown
+from pipeline.stats import t_interval
+
+
+def _number(text: str):
+    return None if text in ("", "None") else float(text)
+
+
+def read_variant(train_dir: Path, variant: str) -> dict:
+    """One strategy's per-seed results from the train stage's files."""
+    seeds_dir = train_dir / variant / "seeds"
+    if not seeds_dir.is_dir():
+        raise DataError(f"{seeds_dir} not found; run `dvc repro train@{variant}` first")
+    result = {"histories": {}, "test_accuracy": {}, "macro_f1": {}, "epochs_to_target": {}, "seconds_per_epoch": {}}
+    confusion = None
+    for seed_dir in sorted(seeds_dir.iterdir(), key=lambda p: int(p.name)):
+        seed = int(seed_dir.name)
+        metrics = json.loads((seed_dir / "metrics.json").read_text())
+        with (seed_dir / "history.csv").open() as f:
+            result["histories"][seed] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        result["test_accuracy"][seed] = metrics["test_accuracy"]
+        result["macro_f1"][seed] = metrics["test_macro_f1"]
+        result["epochs_to_target"][seed] = metrics["epochs_to_target"]
+        result["seconds_per_epoch"][seed] = metrics["timing"]["seconds_per_epoch"]
+        with (seed_dir / "confusion_matrix.csv").open() as f:
+            rows = list(csv.reader(f))
+        matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
+        confusion = matrix if confusion is None else confusion + matrix
+        result.update(
+            parameters=metrics["parameters"], head_units=metrics["head_units"],
+            learning_rate=metrics["learning_rate"], training_path=metrics["training_path"],
+            target_accuracy=metrics["target_accuracy"], epochs=metrics["epochs"],
+        )  # fmt: skip
+    if not result["histories"]:
+        raise DataError(f"{seeds_dir} holds no seed results; rerun `dvc repro train@{variant}`")
+    result["confusion"] = confusion.tolist()
+    return result
+
+
+def read_tuning(tune_dir: Path, variant: str) -> dict | None:
+    """The tune stage's record of one strategy, or None when it was not tuned."""
+    best_path = tune_dir / variant / "best_params.json"
+    if not best_path.is_file():
+        return None
+    with (tune_dir / variant / "trials.csv").open() as f:
+        trials = [{**row, "number": int(row["number"]), "value": _number(row["value"])} for row in csv.DictReader(f)]
+    return {"best": json.loads(best_path.read_text()), "trials": trials}
+
+
+def summary_metrics(results: dict) -> dict:
+    """summary.json: deterministic headline numbers per strategy (a DVC metric)."""
+    out = {}
+    for variant, result in results.items():
+        interval = t_interval(list(result["test_accuracy"].values()))
+        out[variant] = {
+            "test_accuracy_mean": interval.mean,
+            "test_accuracy_ci95_low": interval.low,
+            "test_accuracy_ci95_high": interval.high,
+            "test_macro_f1_mean": float(np.mean(list(result["macro_f1"].values()))),
+            "seeds": interval.n,
+            "params_trainable": result["parameters"]["trainable"],
+        }
+    return out
+
+
+def draw_figures(results: dict, tuning: dict, class_names: list[str], folder: Path) -> dict[str, str]:
+    """Write every figure as PNG into `folder`; returns {figure id: file name}."""
+    palette = figures.colours(list(results))
+    best = max(results, key=lambda v: np.mean(list(results[v]["test_accuracy"].values())))
+    drawings = {
+        "convergence_epochs": lambda: figures.convergence(results, palette, "epoch", "epoch"),
+        "convergence_seconds": lambda: figures.convergence(
+            results, palette, "cumulative_seconds", "training wall-clock time (s)"
+        ),
+        "train_vs_val": lambda: figures.train_vs_val(results, palette),
+        "test_accuracy": lambda: figures.test_accuracy(results, palette),
+        "accuracy_vs_trainable": lambda: figures.accuracy_vs_trainable(results, palette),
+        "parameters": lambda: figures.parameter_counts(results, palette),
+        "confusion_best": lambda: confusion_matrix_figure(
+            results[best]["confusion"], class_names, f"{best} (best mean test accuracy): test set, all seeds"
+        ),
+    }
+    tuned = {v: t for v, t in tuning.items() if t is not None}
+    if tuned:
+        drawings["tuning"] = lambda: figures.tuning_history(tuned, palette)
+    for variant, result in results.items():
+        drawings[f"confusion_{variant}"] = lambda v=variant, r=result: confusion_matrix_figure(
+            r["confusion"], class_names, f"{v}: test set, all seeds"
+        )
+    files = {}
+    for name, draw in drawings.items():
+        figure = draw()
+        figure.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        files[name] = f"{name}.png"
+    return files
+
+
+def _thumbnail(source: Path, target: Path, width: int = 720) -> None:
+    """A small PNG copy (for the README), written atomically."""
+    from PIL import Image
+
+    from pipeline.atomic import atomic_path
+
+    with Image.open(source) as image:
+        small = image.convert("RGB").resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
+        with atomic_path(target) as tmp:
+            small.save(tmp, format="PNG", optimize=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
+    parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--thumbnail", type=Path, help="also write a small copy of the convergence figure here")
+    args = parser.parse_args(argv)
+    params: Params = load_params(args.params)
+    data_summary = load_summary(args.prepared)
+    results = {v: read_variant(args.train_dir, v) for v in params.variants}
+    tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
+    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
+    tracking.connect(uri, params.mlflow.experiment)
+
+    # reports/ may hold other files (a benchmark): replace only this stage's outputs
+    with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):
+        with atomic_dir(args.out / "figures") as figure_dir:
+            files = draw_figures(results, tuning, data_summary["class_names"], figure_dir)
+            document = build_document(params, data_summary, results, tuning, files)
+            html = to_html(document, figure_dir)
+        write_text(args.out / "report.md", to_markdown(document, "figures"))
+        write_text(args.out / "report.html", html)
+        write_json(args.out / "summary.json", summary_metrics(results))
+        if args.thumbnail:
+            _thumbnail(args.out / "figures" / files["convergence_epochs"], args.thumbnail)
+        tracking.log_artifacts([args.out / name for name in ("report.md", "report.html", "summary.json")])
+        tracking.log_artifacts(sorted((args.out / "figures").glob("*.png")), folder="figures")
+    print(f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies)")
+
+
+if __name__ == "__main__":
+    run_stage(main)
