@@ -122,6 +122,7 @@ def make_tiny_project(root: Path, variants: dict, override: dict | None = None) 
     raw = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDE)
     raw = merge(raw, {"data": {"fashion_mnist_dir": str(folder)}, **(override or {})})
     raw["variants"] = variants
+    raw["report"]["baseline"] = next(iter(variants))
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(params_path)
