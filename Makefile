@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data browser repro test test-all lint format variants dashboard clean
+.PHONY: install data browser repro test test-slow test-all lint format variants dashboard clean
 
 install: $(STAMP)
 
@@ -52,6 +52,9 @@ repro: install data
 
 test: install data browser
 	$(BIN)/python -m pytest
+
+test-slow: install data browser
+	$(BIN)/python -m pytest -m slow
 
 test-all: install data browser
 	$(BIN)/python -m pytest -m "slow or not slow"

@@ -131,7 +131,9 @@ def _thumbnail(source: Path, target: Path, width: int = 720) -> None:
     from pipeline.atomic import atomic_path
 
     with Image.open(source) as image:
-        small = image.convert("RGB").resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
+        small = image.convert("RGB").resize(
+            (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS
+        )
         with atomic_path(target) as tmp:
             small.save(tmp, format="PNG", optimize=True)
 

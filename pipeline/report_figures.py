@@ -49,12 +49,19 @@ def convergence(results: dict, palette: dict, x_key: str, x_label: str) -> plt.F
     return figure
 
 
-def train_vs_val(results: dict, palette: dict) -> plt.Figure:
-    """Per strategy: training and validation accuracy per epoch (a gap means over-fitting)."""
-    n = len(results)
+def _panels(n: int):
+    """A grid of n small panels, 3 per row, sharing the y axis; spare cells hidden."""
     columns = min(n, 3)
     rows = -(-n // columns)
     figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, sharey=True)
+    for axes in list(grid.flat)[n:]:
+        axes.set_visible(False)
+    return figure, grid
+
+
+def train_vs_val(results: dict, palette: dict) -> plt.Figure:
+    """Per strategy: training and validation accuracy per epoch (a gap means over-fitting)."""
+    figure, grid = _panels(len(results))
     for axes, (variant, result) in zip(grid.flat, results.items(), strict=False):
         for key, style in (("accuracy", "--"), ("val_accuracy", "-")):
             x, mean, low, high = _curves(result["histories"], "epoch", key)
@@ -68,8 +75,6 @@ def train_vs_val(results: dict, palette: dict) -> plt.Figure:
         axes.legend(fontsize=8)
     for axes in grid[:, 0]:
         axes.set_ylabel("accuracy")
-    for axes in list(grid.flat)[n:]:
-        axes.set_visible(False)
     figure.suptitle("Training (dashed) vs validation (solid) accuracy, mean over seeds")
     figure.tight_layout()
     return figure
@@ -131,10 +136,7 @@ def parameter_counts(results: dict, palette: dict) -> plt.Figure:
 
 def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
     """Per strategy: each trial's value, the best so far, and the chosen hyperparameters."""
-    n = len(tuning)
-    columns = min(n, 3)
-    rows = -(-n // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, sharey=True)
+    figure, grid = _panels(len(tuning))
     for axes, (variant, tune) in zip(grid.flat, tuning.items(), strict=False):
         trials = tune["trials"]
         complete = [t for t in trials if t["state"] == "COMPLETE"]
@@ -154,8 +156,6 @@ def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
     for axes in grid[:, 0]:
         axes.set_ylabel("best validation accuracy")
     grid.flat[0].legend(fontsize=8)
-    for axes in list(grid.flat)[n:]:
-        axes.set_visible(False)
     figure.suptitle("Tuning history per strategy (line: best so far); title: chosen hyperparameters")
     figure.tight_layout()
     return figure

@@ -62,6 +62,11 @@ def connect(uri: str, experiment: str) -> str:
             ) from error
     mlflow.set_tracking_uri(uri)
     try:
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+            # artifacts beside the database, not under the working directory: a first run from a
+            # `dvc exp run --temp` clone would otherwise put them in a folder that is deleted
+            artifacts = Path(uri[len("sqlite:///") :]).parent / "mlruns"
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
         return mlflow.set_experiment(experiment).experiment_id
     except mlflow.exceptions.MlflowException as error:
         raise TrackingError(f"MLflow store {uri} cannot be used: {error}") from error

@@ -69,3 +69,8 @@ def test_interrupt_ends_the_run_killed(store):
     with pytest.raises(KeyboardInterrupt), tracking.run("r3", tags={}):
         raise KeyboardInterrupt
     assert _only_run(store, "r3").info.status == "KILLED"
+
+
+def test_sqlite_experiment_keeps_artifacts_beside_the_database(store, tmp_path):
+    experiment = mlflow.get_experiment_by_name("test-experiment")
+    assert experiment.artifact_location == (tmp_path / "mlruns").as_uri()
