@@ -1,8 +1,8 @@
 """Optuna plumbing for the tune stage: storage, study identity, budget accounting, pruning.
 
 A study is identified by everything its trials depend on (strategy, data, weights, search
-space, epochs, ...) except `n_trials`: changing a setting starts a fresh study in the same
-storage, while raising `n_trials` continues the existing one.
+space, epochs, the training code, ...) except `n_trials`: changing any of it starts a fresh
+study in the same storage, while raising `n_trials` continues the existing one.
 """
 
 from __future__ import annotations

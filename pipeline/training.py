@@ -62,7 +62,7 @@ class FitResult:
     history: list[dict]  # one row per epoch, HISTORY_COLUMNS
     best_epoch: int
     best_val_accuracy: float
-    path: str  # "cached-features (cut after <layer>)" or "end-to-end"
+    path: str  # "cached-features (cut after <layer>)", "end-to-end" or "end-to-end (<why not cached>)"
     feature_seconds: float  # time spent computing prefix features (0 on a cache hit)
     train_seconds: float
     frozen_weights_unchanged: bool
@@ -129,6 +129,8 @@ def fit_variant(
     else:
         trained = model
         path = "end-to-end"
+        if config.cache_features and config.augmentation and cut is not None:
+            path += " (augmentation on: feature cache bypassed)"
 
     compile_model(trained, config.learning_rate, config.trainable_layers)
     recorder = _EpochRecorder(len(y_train))

@@ -18,6 +18,7 @@ runs K trials; `tune.n_workers: N` starts N local workers itself.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -40,9 +41,20 @@ from pipeline.vgg16 import resolve_trainable
 from pipeline.weights import load_base_weights
 
 
+def _code_sha256() -> str:
+    """The source of the modules that decide a trial's value: a change there is a new study."""
+    import pipeline
+
+    digest = hashlib.sha256()
+    for module in ("training.py", "model.py", "features.py", "weights.py", "vgg16.py", "tune.py"):
+        digest.update((Path(pipeline.__file__).parent / module).read_bytes())
+    return digest.hexdigest()
+
+
 def study_identity(params: Params, variant: str, weights_sha256: str | None, data_sha256: str) -> dict:
-    """Everything a trial's result depends on, except the number of trials."""
+    """Everything a trial's result depends on (code included), except the number of trials."""
     return {
+        "code_sha256": _code_sha256(),
         "variant": vars(params.variant(variant)),
         "weights_sha256": weights_sha256,
         "data_sha256": data_sha256,

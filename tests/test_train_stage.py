@@ -138,3 +138,28 @@ def test_register_logs_and_registers_the_best_strategys_model(stage_run):
     from_dvc = keras.models.load_model(root / "results" / "last_layers" / "model.keras", safe_mode=True)
     images, _ = load_split(root / "prepared", "test")
     np.testing.assert_allclose(from_registry.predict(images, verbose=0), from_dvc.predict(images, verbose=0), atol=1e-6)
+
+
+def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_run, tmp_path):
+    from pipeline.training import TIMING_COLUMNS
+
+    root, params_path, result = stage_run
+    assert result.returncode == 0
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--variant", "last_layers", "--params", str(params_path),
+         "--prepared", str(root / "prepared"), "--out", str(tmp_path / "again"), "--feature-cache", str(tmp_path)],
+        cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    for seed in ("1", "2"):
+        first, second = root / "results" / "last_layers" / "seeds" / seed, tmp_path / "again" / "seeds" / seed
+        assert (first / "confusion_matrix.csv").read_bytes() == (second / "confusion_matrix.csv").read_bytes()
+        strip = lambda m: {k: v for k, v in json.loads(m.read_text()).items() if k != "timing"}  # noqa: E731
+        assert strip(first / "metrics.json") == strip(second / "metrics.json")
+        rows = [list(csv.DictReader((d / "history.csv").open())) for d in (first, second)]
+        assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows[0]] == [
+            {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows[1]
+        ]
+    assert (root / "results" / "last_layers" / "metrics.json").read_bytes() == (
+        tmp_path / "again" / "metrics.json"
+    ).read_bytes()
