@@ -141,4 +141,5 @@ def test_feature_cache_is_reused_across_seeds(tmp_path, hed, tiny_splits):
 def test_augmentation_bypasses_the_cache(hed, tiny_splits):
     result = fit_variant(_config("none", augmentation=True, epochs=1), hed, tiny_splits, "data")
     assert result.path == "end-to-end (augmentation on: feature cache bypassed)"
-    assert result.model.get_layer("augment_flip") is not None
+    names = [layer.name for layer in result.model.layers]
+    assert names[1:5] == ["augment_flip", "augment_rotate", "augment_zoom", "preprocess"]  # before preprocessing
