@@ -14,6 +14,31 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
+
+class OutputError(PipelineError):
+    """An output folder cannot be written."""
+
+
+def ensure_writable(folder: str | Path, option: str) -> None:
+    """Fail before any work when files cannot be created in `folder` (created if missing).
+
+    Probes by creating and removing a temporary folder, which also catches what permission
+    bits do not show: a read-only mount, ACLs, a full quota. `option` names the command-line
+    option that chooses another folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(dir=folder, prefix=".write-probe.")).rmdir()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(
+            f"cannot write into {folder} ({reason}); make it writable (e.g. `chmod -R u+w {folder}`) "
+            f"or choose another folder with {option}"
+        ) from error
+
 
 def _umask() -> int:
     mask = os.umask(0)

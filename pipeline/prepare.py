@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import data
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
 from pipeline.params import DataParams, load_params
 
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    ensure_writable(Path(args.out).parent, "--out")
     prepared = prepare(params.data, params.seed)
     write_prepared(prepared, Path(args.out))
     totals = prepared.summary["totals"]

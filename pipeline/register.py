@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.atomic import write_json
+from pipeline.atomic import ensure_writable, write_json
 from pipeline.cli import run_stage
 from pipeline.errors import DataError
 from pipeline.params import load_params
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/registered.json"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    ensure_writable(args.out.parent, "--out")
     summaries = read_summaries(args.train_dir, list(params.variants))
     variant = best_variant(summaries)
     summary = summaries[variant]

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import report_figures as figures
 from pipeline import tracking
-from pipeline.atomic import atomic_dir, write_json, write_text
+from pipeline.atomic import atomic_dir, ensure_writable, write_json, write_text
 from pipeline.cli import run_stage
 from pipeline.data import load_summary
 from pipeline.errors import DataError
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thumbnail", type=Path, help="also write a small copy of the convergence figure here")
     args = parser.parse_args(argv)
     params: Params = load_params(args.params)
+    ensure_writable(args.out, "--out")
+    if args.thumbnail:
+        ensure_writable(args.thumbnail.parent, "--thumbnail")
     data_summary = load_summary(args.prepared)
     results = {v: read_variant(args.train_dir, v) for v in params.variants}
     tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}

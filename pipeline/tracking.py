@@ -12,7 +12,9 @@ import contextlib
 import numbers
 import os
 import platform
+import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,8 @@ import mlflow
 from pipeline.errors import PipelineError
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit per param value
+MAX_TAG_LENGTH = 5000
+_URL_PASSWORD = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]+@")
 
 
 class TrackingError(PipelineError):
@@ -81,29 +85,69 @@ def run(name: str, *, tags: dict, params: dict | None = None, parent_run_id: str
     workers nest their trials under the study's run this way).
     """
     nested = mlflow.active_run() is not None  # in-process trials run inside the study's run
-    active = mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent_run_id)
+    active = mlflow.start_run(
+        run_name=name, nested=nested, parent_run_id=parent_run_id, tags={"mlflow.source.name": _source_name()}
+    )
     try:
+        _redact_automatic_tags(active.info.run_id)
         set_tags(tags)
         if params:
             log_params(params)
         yield active.info.run_id
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+    except KeyboardInterrupt as error:
+        _end_with_reason("KILLED", f"interrupted ({error or 'Ctrl-C'})")
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as error:
+        _end_with_reason("FAILED", f"{type(error).__name__}: {error}")
         raise
     else:
         mlflow.end_run("FINISHED")
 
 
+def _end_with_reason(status: str, reason: str) -> None:
+    """End the active run with `status` and a `failure_reason` tag; a tracking problem here
+    must not hide the error that ended the run."""
+    try:
+        mlflow.set_tag("failure_reason", redact(reason)[:MAX_TAG_LENGTH])
+    finally:
+        mlflow.end_run(status)
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords masked (`postgresql://user:***@host`) and the user's home
+    folder written as `~`, so that logged params and tags carry no secrets or personal paths."""
+    text = _URL_PASSWORD.sub(r"\g<prefix>:***@", text)
+    home = str(Path.home())
+    if len(home) > 1:
+        text = re.sub(re.escape(home) + r"(?![\w.-])", "~", text)
+    return text
+
+
+def _source_name() -> str:
+    """The entry point as MLflow's `mlflow.source.name` tag: relative to the working directory
+    (MLflow would record the absolute script path)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        return script.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return redact(str(script))
+
+
+def _redact_automatic_tags(run_id: str) -> None:
+    """MLflow adds tags of its own (user, git commit, source); mask any secret or home path."""
+    for key, value in mlflow.get_run(run_id).data.tags.items():
+        if redact(value) != value:
+            mlflow.set_tag(key, redact(value))
+
+
 def set_tags(tags: dict) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+    mlflow.set_tags({k: redact(str(v))[:MAX_TAG_LENGTH] for k, v in tags.items() if v is not None})
 
 
 def log_params(params: dict) -> None:
-    """Log a nested mapping flattened to dotted keys (`train.epochs`), 100 per call."""
-    flat = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}
+    """Log a nested mapping flattened to dotted keys (`train.epochs`), 100 per call; strings are
+    passed through `redact`."""
+    flat = {k: redact(str(v))[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}
     items = sorted(flat.items())
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i : i + 100]))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tracking
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import ConfigError
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     params.variant(variant)  # unknown variant -> ConfigError listing the defined ones
     out = args.out or Path("results/train") / variant
     hyper = hyperparameters(params, args.best_params)
+    ensure_writable(out.parent, "--out")  # before any training, not after it
+    if params.train.cache_features:
+        ensure_writable(args.feature_cache, "--feature-cache")
     prepared = Path(args.prepared)
     summary = load_summary(prepared)
     class_names = summary["class_names"]

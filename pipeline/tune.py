@@ -30,6 +30,7 @@ import optuna
 
 from pipeline import study as studies
 from pipeline import tracking
+from pipeline.atomic import ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import PipelineError
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     params.variant(args.variant)
     args.out = args.out or Path("results/tune") / args.variant
+    ensure_writable(args.out, "--out")
+    if params.train.cache_features:
+        ensure_writable(args.feature_cache, "--feature-cache")
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
     tracking.connect(uri, params.mlflow.experiment)
     context = _context(params, args.variant, args.prepared, args.feature_cache)
