@@ -309,7 +309,9 @@ def test_tracking_read_only_results_folder(tmp_path, tiny, stage):
         command = [*prefix, PYTHON, "-m", f"pipeline.{args[0]}", *map(str, args[1:])]
         proc = subprocess.run(command, cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600)
         target = results if stage == "prepare" else results / "train"
-        assert_rejected(proc, f"cannot write into {target} (", "make it writable", "or choose another folder with --out")
+        assert_rejected(
+            proc, f"cannot write into {target} (", "make it writable", "or choose another folder with --out"
+        )
         assert list(results.iterdir()) == []
     finally:
         results.chmod(0o755)

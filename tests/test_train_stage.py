@@ -26,7 +26,7 @@ def _train(root, params_path, variant):
         [sys.executable, "-m", "pipeline.train", "--variant", variant, "--params", str(params_path),
          "--prepared", str(root / "prepared"), "--out", str(root / "results" / variant),
          "--feature-cache", str(root / "cache")],
-        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=600,
+        cwd=REPO, env={**stage_env(root), "HOME": str(root)}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -163,3 +163,29 @@ def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_ru
     assert (root / "results" / "last_layers" / "metrics.json").read_bytes() == (
         tmp_path / "again" / "metrics.json"
     ).read_bytes()
+
+
+def test_logged_params_tags_and_artifacts_hold_no_home_path(stage_run, tmp_path):
+    """The stage ran with HOME = the project folder, which holds the data: MLflow must show `~`."""
+    from mlflow.tracking import MlflowClient
+
+    root, _, result = stage_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(stage_env(root)["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    runs = client.search_runs([experiment.experiment_id])  # the train runs and the register test's run
+    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("train/")) == [
+        "train/last_layers/seed-1", "train/last_layers/seed-2"
+    ]  # fmt: skip
+    for run in runs:
+        if run.info.run_name.startswith("train/"):
+            assert run.data.params["data.fashion_mnist_dir"] == "~/fmnist"
+            assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"
+        leaked = {k: v for k, v in {**run.data.params, **run.data.tags}.items() if str(root) in v}
+        assert not leaked
+        folder = tmp_path / run.info.run_id
+        folder.mkdir()
+        client.download_artifacts(run.info.run_id, "", str(folder))
+        texts = [p for p in folder.rglob("*") if p.suffix in (".json", ".csv", ".txt", ".yaml", "") and p.is_file()]
+        assert len(texts) >= (4 if run.info.run_name.startswith("train/") else 0)
+        assert not [p.name for p in texts if str(root) in p.read_text()]
