@@ -91,12 +91,14 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as error:
         raise DataError(f"{path}: cannot read IDX file ({error}); re-download or reinstall it") from error
     if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+        raise DataError(f"{path}: not an IDX file (bad magic number); re-download or reinstall Fashion-MNIST")
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise DataError(f"{path}: truncated IDX file ({data.size} values, header says {shape})")
+        raise DataError(
+            f"{path}: truncated IDX file ({data.size} values, header says {shape}); re-download or reinstall it"
+        )
     return data.reshape(shape)
 
 
@@ -106,7 +108,10 @@ def read_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray
     images = read_idx(folder / images_name)
     labels = read_idx(folder / labels_name).astype(np.int64)
     if images.ndim != 3 or len(images) != len(labels):
-        raise DataError(f"{folder}: {images_name} and {labels_name} do not match ({images.shape}, {labels.shape})")
+        raise DataError(
+            f"{folder}: {images_name} and {labels_name} do not match ({images.shape}, {labels.shape}); "
+            "both files must come from the same Fashion-MNIST release"
+        )
     return images, labels
 
 

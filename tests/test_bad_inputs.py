@@ -147,6 +147,28 @@ def test_data_missing_directory(tmp_path, write_params):
     assert_nothing_written(out)
 
 
+def test_data_fashion_mnist_dir_without_the_files(tmp_path, write_params):
+    (tmp_path / "empty").mkdir()
+    params = write_params({"data": {"fashion_mnist_dir": str(tmp_path / "empty")}})
+    proc = run_module("prepare", "--params", params, "--out", tmp_path / "prepared")
+    assert_rejected(proc, f"data.fashion_mnist_dir: {tmp_path / 'empty'} does not hold the Fashion-MNIST IDX files",
+                    "train-images-idx3-ubyte.gz", "set it to null")  # fmt: skip
+    assert_nothing_written(tmp_path / "prepared")
+
+
+def test_data_fashion_mnist_file_truncated(tmp_path, write_params, fashion_mnist_dir):
+    import gzip
+
+    path = fashion_mnist_dir / "t10k-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    params = write_params({"data": {"fashion_mnist_dir": str(fashion_mnist_dir), "train_per_class": 2,
+                                    "val_per_class": 1, "test_per_class": 2}})  # fmt: skip
+    proc = run_module("prepare", "--params", params, "--out", tmp_path / "prepared")
+    assert_rejected(proc, f"{path}: truncated IDX file", "re-download or reinstall it")
+    assert_nothing_written(tmp_path / "prepared")
+
+
 def test_data_empty_class_folder(tmp_path, write_params, image_folder):
     (image_folder / "owl").mkdir()
     proc, out = _prepare_folder(tmp_path, write_params, image_folder, skip_unreadable=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.training import TIMING_COLUMNS
 from tests.conftest import REPO, TINY_OVERRIDE, merge
 
 pytestmark = pytest.mark.slow
@@ -32,9 +35,12 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
 
 
-def test_dvc_repro_runs_every_stage_then_nothing(tmp_path):
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git copy of the repository on tiny data after one complete `dvc repro`."""
     from tests.conftest import make_tiny_project
 
+    tmp_path = tmp_path_factory.mktemp("dvc")
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_repository(repo)
@@ -53,6 +59,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     first = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    return repo, env, raw, first
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(project):
+    repo, env, raw, first = project
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
 
     variants = list(raw["variants"])
@@ -88,3 +99,74 @@ def test_dvc_repro_runs_every_stage_then_nothing(tmp_path):
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date." in second.stdout
+
+
+def _results(repo: Path) -> dict[str, object]:
+    """Every result file that must reproduce, with the wall-clock fields removed."""
+    out: dict[str, object] = {}
+    for path in sorted((repo / "results" / "train").rglob("metrics.json")):
+        data = json.loads(path.read_text())
+        data.pop("timing", None)
+        out[str(path.relative_to(repo))] = data
+    for path in sorted((repo / "results" / "train").rglob("history.csv")):
+        rows = list(csv.DictReader(path.open()))
+        out[str(path.relative_to(repo))] = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+    for path in sorted((repo / "results" / "tune").rglob("trials.csv")):
+        rows = list(csv.DictReader(path.open()))
+        out[str(path.relative_to(repo))] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    for path in sorted((repo / "results" / "tune").rglob("best_params.json")):
+        out[str(path.relative_to(repo))] = json.loads(path.read_text())
+    return out
+
+
+def test_dvc_repro_force_reproduces_every_result_bit_for_bit(project):
+    """Tuning from empty journals and training again give the same bytes (timing fields aside)."""
+    repo, env, _, first = project
+    assert first.returncode == 0
+    before = _results(repo)
+    assert len(before) > 20
+    for journal in (repo / "results" / "tune").glob("*/study.journal"):
+        journal.unlink()  # persisted outside DVC's cache: otherwise --force would reuse the trials
+    forced = subprocess.run(["dvc", "repro", "--force"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=1800)  # fmt: skip
+    assert forced.returncode == 0, (forced.stdout + forced.stderr)[-4000:]
+    assert forced.stdout.count("Running stage 'train@") == len(project[2]["variants"])
+    after = _results(repo)
+    assert after.keys() == before.keys()
+    assert [name for name in before if after[name] != before[name]] == []
+
+
+def test_ctrl_c_during_dvc_repro_then_repro_resumes_where_it_stopped(project):
+    repo, env, raw, first = project
+    assert first.returncode == 0
+    before = _results(repo)
+    process = subprocess.Popen(["dvc", "repro", "--force"], cwd=repo, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    started = []
+    for line in process.stdout:
+        if line.startswith("Running stage 'train@"):
+            started.append(line.split("'")[1])
+        elif len(started) == 2 and line.startswith("[train/"):  # the second train stage is training
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+            break
+    process.communicate(timeout=300)
+    assert process.returncode != 0
+    done, interrupted = started
+
+    resumed = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    ran = [line.split("'")[1] for line in resumed.stdout.splitlines() if line.startswith("Running stage '")]
+    assert done not in ran and "prepare" not in ran
+    assert not [stage for stage in ran if stage.startswith("tune@")]
+    assert interrupted in ran
+    assert _results(repo) == before
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert {r.info.run_name for r in runs if r.info.status == "KILLED"} <= {
+        f"train/{interrupted.split('@')[1]}/seed-{seed}" for seed in raw["train"]["seeds"]
+    }
