@@ -74,17 +74,26 @@ class FeatureCache:
         if path.is_file():
             return np.load(path, mmap_mode="r"), 0.0
         start = time.perf_counter()
-        features = predict(prefix, images, batch_size)
-        # np.save on a path would append ".npy" to the temp name: write through a file object
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, features)
+        # batch by batch into the file: the features of a large study never sit whole in memory
+        with atomic_path(path) as tmp:
+            out = None
+            for i in range(0, len(images), batch_size):
+                batch = _apply(prefix, images[i : i + batch_size])
+                if out is None:
+                    out = np.lib.format.open_memmap(
+                        tmp, mode="w+", dtype=np.float32, shape=(len(images), *batch.shape[1:])
+                    )
+                out[i : i + len(batch)] = batch
+            out.flush()
+            del out
         return np.load(path, mmap_mode="r"), time.perf_counter() - start
 
 
 def predict(model: keras.Model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     """`model` applied in batches, as float32 NumPy (no Keras progress output)."""
-    outputs = [
-        np.asarray(model(np.asarray(inputs[i : i + batch_size], dtype=np.float32), training=False))
-        for i in range(0, len(inputs), batch_size)
-    ]
+    outputs = [_apply(model, inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def _apply(model: keras.Model, batch: np.ndarray) -> np.ndarray:
+    return np.asarray(model(np.asarray(batch, dtype=np.float32), training=False), dtype=np.float32)

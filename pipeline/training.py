@@ -167,12 +167,41 @@ def fit_variant(
     )
 
 
+STREAM_BYTES = 512 * 2**20  # inputs larger than this (as float32) are read batch by batch
+
+
 def _batches(x, y, batch_size: int, seed: int, shuffle: bool) -> tf.data.Dataset:
-    # x may be a read-only memory map; tf.data copies it once into a tensor
-    dataset = tf.data.Dataset.from_tensor_slices((np.asarray(x, dtype=np.float32), y))
+    """Seeded, shuffled batches of (x as float32, y).
+
+    Small inputs are copied once into a tensor. Larger ones (224x224 studies, memory-mapped
+    feature caches) are streamed: the dataset shuffles *indices* and each batch reads its rows
+    from `x` (for a memory map, from disk through the page cache), so host memory does not grow
+    with the data. Both give the very same batches: the shuffle's random draws depend only on its
+    seed and size, not on the elements (a test checks it).
+    """
+    if len(y) * np.prod(x.shape[1:]) * 4 <= STREAM_BYTES:
+        dataset = tf.data.Dataset.from_tensor_slices((np.asarray(x, dtype=np.float32), y))
+        if shuffle:
+            dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    labels = np.asarray(y)
+
+    def rows(indices: np.ndarray):
+        order = np.argsort(indices)  # read the memory map front to back, then restore the order
+        values = np.empty((len(indices), *x.shape[1:]), dtype=np.float32)
+        values[order] = x[indices[order]]
+        return values, labels[indices]
+
+    dataset = tf.data.Dataset.range(len(labels))
     if shuffle:
-        dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(
+        lambda indices: tf.numpy_function(rows, [indices], (tf.float32, tf.as_dtype(labels.dtype)), stateful=False)
+    )
+    shapes = (tf.TensorShape([None, *x.shape[1:]]), tf.TensorShape([None]))
+    dataset = dataset.map(lambda xb, yb: (tf.ensure_shape(xb, shapes[0]), tf.ensure_shape(yb, shapes[1])))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _frozen_snapshot(model: keras.Model) -> dict[str, np.ndarray]:

@@ -143,3 +143,59 @@ def test_augmentation_bypasses_the_cache(hed, tiny_splits):
     assert result.path == "end-to-end (augmentation on: feature cache bypassed)"
     names = [layer.name for layer in result.model.layers]
     assert names[1:5] == ["augment_flip", "augment_rotate", "augment_zoom", "preprocess"]  # before preprocessing
+
+
+def _epochs_of_batches(x, y, seed: int, shuffle: bool, epochs: int = 2):
+    import keras
+
+    from pipeline.training import _batches
+
+    keras.utils.set_random_seed(seed)
+    dataset = _batches(x, y, 8, seed, shuffle)
+    return [[(xb.numpy(), yb.numpy()) for xb, yb in dataset] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_streamed_batches_equal_in_memory_batches(tmp_path, monkeypatch, shuffle):
+    """Large inputs are read batch by batch from their memory map; the batches (order included,
+    epoch after epoch) must be exactly those of the in-memory path, or results would change."""
+    import pipeline.training as training
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(45, 2, 2, 3)).astype(np.float32))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    y = rng.integers(0, 5, size=45)
+    in_memory = _epochs_of_batches(x, y, seed=7, shuffle=shuffle)
+    monkeypatch.setattr(training, "STREAM_BYTES", 0)
+    streamed = _epochs_of_batches(x, y, seed=7, shuffle=shuffle)
+    assert [len(epoch) for epoch in streamed] == [6, 6]  # 45 rows in batches of 8
+    for epoch_a, epoch_b in zip(in_memory, streamed, strict=True):
+        for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b, strict=True):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    if shuffle:  # reshuffled each epoch, and really shuffled
+        assert not np.array_equal(streamed[0][0][1], streamed[1][0][1])
+
+
+def test_cached_features_file_equals_the_prefix_output(tmp_path, hed, tiny_splits):
+    model = build_model(image_size=32, num_classes=3, trainable_layers=frozenset(), base_weights=hed.arrays)
+    prefix = features.split_model(model, "block4_pool").prefix
+    images = tiny_splits.train[0]
+    cache = features.FeatureCache(tmp_path)
+    cached, seconds = cache.get_or_compute("k", "train", prefix, images, 7)  # batches that do not divide N
+    assert isinstance(cached, np.memmap) and seconds > 0
+    np.testing.assert_array_equal(cached, features.predict(prefix, images, 7))
+    assert not [p.name for p in (tmp_path / "k").iterdir() if p.name != "train.npy"]
+
+
+def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatch, hed, tiny_splits):
+    import pipeline.training as training
+
+    def run():
+        cache = features.FeatureCache(tmp_path)
+        result = fit_variant(_config(["block5"], epochs=2), hed, tiny_splits, "data", feature_cache=cache)
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in result.history]
+
+    in_memory = run()
+    monkeypatch.setattr(training, "STREAM_BYTES", 0)
+    assert run() == in_memory
