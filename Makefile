@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data browser repro test test-slow test-all lint format variants dashboard clean
+.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-e2e dashboard clean
 
 install: $(STAMP)
 
@@ -66,6 +66,15 @@ lint: install
 format: install
 	$(BIN)/ruff format pipeline tests
 	$(BIN)/ruff check --fix pipeline tests
+
+# reports/benchmark.md: compute, strategies vs naive fit, tuning, a large-study estimate (~12 min)
+bench: install data
+	$(BIN)/dvc repro prepare
+	$(BIN)/python -m pipeline.bench
+
+# adds a clean `dvc repro` in a temporary copy, no-op repro and peak memory per stage (~20 min)
+bench-e2e: install data
+	$(BIN)/python -m pipeline.bench --end-to-end
 
 # the README's variant table
 variants: install

@@ -114,15 +114,16 @@ def fit_variant(
         trained = split.suffix
         key = feature_path.cache_key(data_sha256, base_weights.sha256, cut, config.image_size)
         inputs = {}
+        extraction_batch = feature_path.extraction_batch_size(config.image_size)
         for name, images in (("train", x_train), ("val", x_val), ("test", x_test)):
             if images is None:
                 continue
             if feature_cache is None:
                 start = time.perf_counter()
-                inputs[name] = feature_path.predict(split.prefix, images, config.batch_size)
+                inputs[name] = feature_path.predict(split.prefix, images, extraction_batch)
                 seconds = time.perf_counter() - start
             else:
-                inputs[name], seconds = feature_cache.get_or_compute(key, name, split.prefix, images, config.batch_size)
+                inputs[name], seconds = feature_cache.get_or_compute(key, name, split.prefix, images, extraction_batch)
             feature_seconds += seconds
         x_train, x_val, x_test = inputs["train"], inputs["val"], inputs.get("test")
         path = f"cached-features (cut after {cut})"

@@ -185,6 +185,9 @@ def test_cached_features_file_equals_the_prefix_output(tmp_path, hed, tiny_split
     cached, seconds = cache.get_or_compute("k", "train", prefix, images, 7)  # batches that do not divide N
     assert isinstance(cached, np.memmap) and seconds > 0
     np.testing.assert_array_equal(cached, features.predict(prefix, images, 7))
+    # the extraction batch size is a speed setting only: other batch sizes give the same bits
+    np.testing.assert_array_equal(cached, features.predict(prefix, images, features.extraction_batch_size(32)))
+    assert features.extraction_batch_size(32) == 128 and features.extraction_batch_size(224) == 20
     assert not [p.name for p in (tmp_path / "k").iterdir() if p.name != "train.npy"]
 
 

@@ -1,0 +1,66 @@
+"""The benchmark's arithmetic and a smoke run of `python -m pipeline.bench` on tiny data.
+
+Timings themselves are never asserted: only that the benchmark measures what it says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import bench
+from pipeline.model import build_model
+from pipeline.params import load_params
+from pipeline.training import Splits
+from tests.conftest import REPO, make_tiny_project, stage_env
+
+
+def test_vgg16_conv_flops_match_the_published_15_3_gmacs_at_224():
+    model = build_model(image_size=224, num_classes=10, trainable_layers=frozenset(), base_weights=None)
+    flops = bench.conv_flops(model)
+    assert len(flops) == 13
+    assert sum(flops.values()) / 2 == pytest.approx(15.35e9, rel=0.005)
+    assert flops["block1_conv2"] == 2 * 224 * 224 * 3 * 3 * 64 * 64
+
+
+def test_flop_bound_orders_the_strategies_by_what_caching_can_save():
+    import numpy as np
+
+    params = load_params(REPO / "params.yaml")
+    labels = np.zeros(params.data.train_per_class * 10, dtype=np.int64)
+    splits = Splits((None, labels), (None, labels[: params.data.val_per_class * 10]))
+    bound = bench.flop_bound(params, 10, splits)
+    assert bound["scratch"] == 1.0 and bound["full"] == 1.0  # nothing frozen in front: nothing to cache
+    assert bound["frozen"] > bound["last_layers"] > bound["partial"] > 1.0
+
+
+def test_stats_are_median_min_max_and_count():
+    assert bench.stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+
+
+@pytest.mark.slow
+def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
+    params, prepared = make_tiny_project(tmp_path, {"frozen": {"trainable": "none"}, "full": {"trainable": "all"}})
+    out = tmp_path / "reports"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--params", str(params), "--prepared", str(prepared),
+         "--out", str(out), "--repeats", "2", "--tune-trials", "2", "--tune-epochs", "1",
+         "--large-images", "100", "--large-size", "32", "--synthetic-images", "64"],
+        cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "benchmark.json").read_text())
+    assert [row["variant"] for row in result["strategies"]] == ["frozen", "full"]
+    frozen, full = result["strategies"]
+    assert frozen["path"].startswith("cached-features") and frozen["pipeline_run_warm"] is not None
+    assert full["path"] == "end-to-end" and full["pipeline_run_warm"] is None
+    assert frozen["pipeline_epoch"]["n"] == 1  # epochs 2..2 of the tiny 2-epoch budget
+    assert all(row["identical_to_first"] for row in result["forward"]["batches"])
+    assert {row["variant"] for row in result["tune"]} == {"frozen", "full"}
+    assert result["large_study"]["disk"]["full"] is None
+    assert result["large_study"]["disk"]["frozen"]["shape"] == [1, 1, 512]
+    document = (out / "benchmark.md").read_text()
+    for heading in ("## Compute", "## Strategies", "## Tuning", "## A 32x32 study of 100 images"):
+        assert heading in document
