@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import os
 import platform
@@ -290,7 +291,8 @@ def flop_bound(params: Params, num_classes: int, splits) -> dict[str, float]:
 
 def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int, epochs: int) -> list:
     """Trials per minute of the real tune objective (in-memory Optuna storage, MLflow runs in a
-    temporary store) with the median pruner and with none; features come from the warm cache."""
+    temporary store) without a pruner and with a median pruner that may stop a trial after its
+    first epoch once one trial has completed; features come from the warm cache."""
     import mlflow
     import optuna
 
@@ -308,13 +310,14 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int, 
             context = _context(bench_params, variant, prepared, str(cache_root / variant))
             row = {"variant": variant, "trials": n_trials, "epochs_per_trial": epochs}
             for label, pruner in (
-                ("pruned", optuna.pruners.MedianPruner(
-                    n_startup_trials=small.pruner_startup_trials, n_warmup_steps=small.pruner_warmup_epochs)),
                 ("unpruned", optuna.pruners.NopPruner()),
-            ):  # fmt: skip
+                ("pruned", optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)),
+            ):
+                # with at most `sampler_startup_trials` trials both studies draw the same random
+                # hyperparameters: they differ only in what pruning stops
                 study = studies.load_or_create(
                     optuna.storages.InMemoryStorage(), f"{variant}-{label}", seed=params.seed,
-                    startup_trials=small.sampler_startup_trials, pruner=pruner,
+                    startup_trials=max(small.sampler_startup_trials, n_trials), pruner=pruner,
                 )  # fmt: skip
                 with mlflow.start_run(run_name=f"bench/{variant}/{label}") as parent:
                     objective = Objective(bench_params, variant, context, parent.info.run_id, 0)
@@ -433,7 +436,15 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
         record = json.loads(line)
         if "--worker" not in record["argv"]:
             stages.append(record)
+    tuning = {}
+    for best_path in sorted((repo / "results" / "tune").glob("*/best_params.json")):
+        best = json.loads(best_path.read_text())
+        with open(best_path.parent / "trials.csv") as f:
+            seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
+        tuning[best["variant"]] = {**best["pruning"], "trial_seconds": seconds,
+                                   "trials_per_minute": 60 * best["pruning"]["trials"] / seconds}  # fmt: skip
     result = {
+        "tuning": tuning,
         "clean_seconds": clean_seconds, "noop_seconds": noop,
         "peak_rss_mb_all_stages": rusage.ru_maxrss / 1024, "stages": stages,
         "results": {str(p.relative_to(repo)): json.loads(p.read_text())
@@ -466,7 +477,7 @@ def render(bench: dict | None, e2e: dict | None) -> str:
         m = bench["machine"]
         lines += [
             f"Measured {bench['date']} at commit `{bench['commit']}` on {m['cpus']} CPU cores ({m['processor']}), "
-            f"TensorFlow {m['tensorflow']}, by `make bench` ({bench['seconds'] / 60:.1f} min). Timed figures: "
+            f"TensorFlow {bench.get('tensorflow')}, by `make bench` ({bench['seconds'] / 60:.1f} min). Timed figures: "
             "median [min, max] over the repetitions counted in the table; ratios compare medians of one run.",
         ]
     if bench and "matmul" in bench:
@@ -582,7 +593,53 @@ def render(bench: dict | None, e2e: dict | None) -> str:
         for record in e2e["stages"]:
             peak = max(record["max_rss_mb"], record["max_rss_children_mb"])
             lines.append(f"| {_stage_name(record['argv'])} | {record['seconds']:.0f} | {peak:.0f} |")
+        lines += [
+            "",
+            "Tuning inside that run (the default budget, with the configured pruner):",
+            "",
+            "| strategy | trials | pruned | epochs run | epochs saved | trials/min |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for variant, t in e2e["tuning"].items():
+            saved = f"{t['epochs_saved']} ({t['epochs_saved_share']:.0%})"
+            lines.append(f"| {variant} | {t['trials']} | {t['pruned_trials']} | {t['epochs_run']} | {saved} | "
+                         f"{t['trials_per_minute']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def run_sections(args) -> dict:
+    """The in-process sections named in `args.sections`, in this process."""
+    import tensorflow as tf
+
+    from pipeline.data import load_split, load_summary
+    from pipeline.training import Splits
+    from pipeline.weights import load_base_weights
+
+    params = load_params(args.params)
+    sections = set(args.sections.split(","))
+    summary = load_summary(args.prepared)
+    splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
+    num_classes = len(summary["class_names"])
+    weights = {v: load_base_weights(params.variant_weights(v)) for v in params.variants}
+    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="vgg16-bench-cache-"))
+    out: dict = {"tensorflow": tf.__version__}
+    if "compute" in sections:
+        out["matmul"] = matmul_flops(2048, args.repeats)
+        print(f"[bench] matmul {out['matmul']['gflops']:.1f} GFLOP/s", flush=True)
+        pretrained = next(w for w in weights.values() if w.arrays is not None)
+        out["forward"] = forward_throughput(params, pretrained, splits.train[0], out["matmul"], args.repeats)
+    if "strategies" in sections:
+        out["flop_bound"] = flop_bound(params, num_classes, splits)
+        out["strategies"] = strategy_timings(
+            params, weights.__getitem__, splits, summary["data_sha256"], num_classes, cache
+        )
+    if "tune" in sections:
+        out["tune"] = tune_rates(params, args.prepared, cache, args.tune_trials, args.tune_epochs)
+    if "large" in sections:
+        with tempfile.TemporaryDirectory(prefix="vgg16-bench-large-", dir=cache.parent) as work:
+            out["large_study"] = large_study(params, args.large_images, args.large_size, Path(work),
+                                             args.synthetic_images)  # fmt: skip
+    return out
 
 
 def _commit() -> str:
@@ -600,13 +657,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of the short measurements")
     parser.add_argument("--sections", default="compute,strategies,tune,large",
                         help="comma-separated subset of compute,strategies,tune,large (default: all)")  # fmt: skip
-    parser.add_argument("--tune-trials", type=int, default=4)
+    parser.add_argument("--tune-trials", type=int, default=3)
     parser.add_argument("--tune-epochs", type=int, default=2)
     parser.add_argument("--large-images", type=int, default=10_000, help="size of the estimated large study")
     parser.add_argument("--large-size", type=int, default=224)
     parser.add_argument("--synthetic-images", type=int, default=10_000)
     parser.add_argument("--end-to-end", action="store_true", help="only the end-to-end section (about 20 min)")
     parser.add_argument("--keep", type=Path, help="with --end-to-end: move the finished copy here")
+    parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # internal: one section's JSON
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # internal: shared feature cache
     args = parser.parse_args(argv)
     ensure_writable(args.out, "--out")
     machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
@@ -615,41 +674,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.end_to_end:
         result = {**header, **end_to_end(max(3, args.repeats), args.keep)}
         write_json(args.out / "benchmark_e2e.json", result)
+    elif args.section_out:
+        write_json(args.section_out, run_sections(args))
+        return
     else:
-        import tensorflow as tf
-
-        from pipeline.data import load_split, load_summary
-        from pipeline.training import Splits
-        from pipeline.weights import load_base_weights
-
-        params = load_params(args.params)
-        sections = set(args.sections.split(","))
+        # each section in its own process: Keras does not free trained models (keras-team/keras#17458),
+        # so one process would carry every earlier section's memory into the next one's figures
         start = time.perf_counter()
-        summary = load_summary(args.prepared)
-        splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
-        num_classes = len(summary["class_names"])
-        weights = {v: load_base_weights(params.variant_weights(v)) for v in params.variants}
-        bench: dict = {**header, "machine": {**machine, "tensorflow": tf.__version__}}
+        bench: dict = {**header, "machine": machine}
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as scratch:
-            scratch = Path(scratch)
-            if "compute" in sections:
-                bench["matmul"] = matmul_flops(2048, args.repeats)
-                print(f"[bench] matmul {bench['matmul']['gflops']:.1f} GFLOP/s", flush=True)
-                pretrained = next(w for w in weights.values() if w.arrays is not None)
-                bench["forward"] = forward_throughput(
-                    params, pretrained, splits.train[0], bench["matmul"], args.repeats
-                )
-            if "strategies" in sections:
-                bench["flop_bound"] = flop_bound(params, num_classes, splits)
-                bench["strategies"] = strategy_timings(
-                    params, weights.__getitem__, splits, summary["data_sha256"], num_classes, scratch / "cache"
-                )
-            if "tune" in sections:
-                bench["tune"] = tune_rates(params, args.prepared, scratch / "cache", args.tune_trials, args.tune_epochs)
-            if "large" in sections:
-                bench["large_study"] = large_study(
-                    params, args.large_images, args.large_size, scratch, args.synthetic_images
-                )
+            for section in args.sections.split(","):
+                part = Path(scratch) / f"{section}.json"
+                command = [sys.executable, "-m", "pipeline.bench", *(argv or sys.argv[1:]), "--sections", section,
+                           "--section-out", str(part), "--cache-dir", str(Path(scratch) / "cache")]  # fmt: skip
+                subprocess.run(command, check=True)
+                bench.update(json.loads(part.read_text()))
         bench["seconds"] = time.perf_counter() - start
         write_json(args.out / "benchmark.json", bench)
     bench_path, e2e_path = args.out / "benchmark.json", args.out / "benchmark_e2e.json"

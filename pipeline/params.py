@@ -118,12 +118,13 @@ class TuneParams:
     learning_rate: tuple[float, ...]  # [low, high], searched log-uniformly
     storage: str  # "journal" (a file per variant under results/tune) or an RDB URL
     n_workers: int
+    trials_per_process: int  # a long study restarts its process after this many trials (memory)
     sampler_startup_trials: int
     pruner_startup_trials: int
     pruner_warmup_epochs: int
 
     def __post_init__(self):
-        for name in ("n_trials", "epochs", "n_workers"):
+        for name in ("n_trials", "epochs", "n_workers", "trials_per_process"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "it must be at least 1")
         for name in ("sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "it must be >= 0")

@@ -221,8 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     tags = {"stage": "tune", "variant": args.variant, "study": study.study_name, **tracking.environment_tags()}
     with tracking.run(f"tune/{args.variant}", tags=tags, params={"tune": vars(params.tune)}) as parent_run_id:
         quotas = studies.split_quota(remaining, params.tune.n_workers)
-        if len(quotas) == 1:
+        per_process = params.tune.trials_per_process
+        if len(quotas) == 1 and quotas[0] <= per_process:
             run_trials(study, params, args.variant, context, quotas[0], parent_run_id)
+        elif len(quotas) == 1:
+            # Keras keeps most of every trained model's memory (keras-team/keras#17458, ~200 MB per
+            # VGG16): a long study runs in fresh worker processes, one after another
+            for chunk in studies.split_quota(quotas[0], -(-quotas[0] // per_process)):
+                _spawn_workers(args, [chunk], parent_run_id)
         elif quotas:
             _spawn_workers(args, quotas, parent_run_id)
         best = write_outputs(study, args.out, params.tune, args.variant)

@@ -162,3 +162,16 @@ def test_two_worker_processes_share_one_journal_without_losing_or_duplicating_tr
     assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 2
     rows = list(csv.DictReader((tmp_path / "tune" / "frozen" / "trials.csv").open()))
     assert len(rows) == 4
+
+
+def test_a_long_study_runs_in_successive_processes_without_losing_trials(tmp_path):
+    """trials_per_process bounds the memory Keras keeps per trained model: 3 trials, 2 per process."""
+    params_path, _ = make_tiny_project(tmp_path, FROZEN, {"tune": {"n_trials": 3, "trials_per_process": 2}})
+    result = subprocess.run(_tune_command(tmp_path, params_path), cwd=REPO, env=stage_env(tmp_path),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(tmp_path)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    pids = [t.user_attrs["worker_pid"] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert pids[0] == pids[1] != pids[2]  # 2 trials in the first process, 1 in the second
+    assert json.loads((tmp_path / "tune" / "frozen" / "best_params.json").read_text())["pruning"]["trials"] == 3
