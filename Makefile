@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-e2e dashboard clean
+.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-e2e bench-numerics dashboard clean
 
 install: $(STAMP)
 
@@ -75,6 +75,11 @@ bench: install data
 # adds a clean `dvc repro` in a temporary copy, no-op repro and peak memory per stage (~20 min)
 bench-e2e: install data
 	$(BIN)/python -m pipeline.bench --end-to-end
+
+# XLA and bfloat16 mixed precision against float32 (~5 min)
+bench-numerics: install data
+	$(BIN)/dvc repro prepare
+	$(BIN)/python -m pipeline.bench --numerics
 
 # the README's variant table
 variants: install

@@ -3,9 +3,10 @@
   python -m pipeline.bench                # compute, strategies, tuning, streaming (about 12 min)
   python -m pipeline.bench --end-to-end   # clean `dvc repro` in a temporary copy, no-op repro,
                                           # wall time and peak memory per stage (about 20 min)
+  python -m pipeline.bench --numerics     # XLA and bfloat16 against float32 (about 5 min)
 
-Writes reports/benchmark.json (in-process sections) or reports/benchmark_e2e.json (end to end),
-then renders reports/benchmark.md from whichever of the two exist. Every timed figure is a
+Writes reports/benchmark.json, benchmark_e2e.json or benchmark_numerics.json, then renders
+reports/benchmark.md from whichever exist (each part says when and at which commit it ran). Every timed figure is a
 median with min and max over its repetitions (the count is in the table). Timings are never
 tests; this script is where they live.
 """
@@ -153,13 +154,10 @@ def forward_throughput(params: Params, weights, images: np.ndarray, matmul: dict
 
 def _config(params: Params, variant: str, num_classes: int, seed: int, epochs: int):
     from pipeline.training import RunConfig
-    from pipeline.vgg16 import resolve_trainable
 
-    return RunConfig(
-        image_size=params.data.image_size, num_classes=num_classes,
-        trainable_layers=resolve_trainable(params.variant(variant).trainable), pooling=params.model.pooling,
-        head_units=params.model.head_units, dropout=params.model.dropout, learning_rate=params.train.learning_rate,
-        epochs=epochs, batch_size=params.train.batch_size, seed=seed, augmentation=False, cache_features=True,
+    return RunConfig.from_params(
+        params, variant, head_units=params.model.head_units, learning_rate=params.train.learning_rate,
+        num_classes=num_classes, seed=seed, epochs=epochs,
     )  # fmt: skip
 
 
@@ -394,6 +392,40 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------ options that change numerics
+
+
+def numerics_options(params: Params, weights_for, splits, data_sha: str, num_classes: int, epochs: int) -> list:
+    """Seconds per epoch and validation accuracy of `fit_variant` with XLA or bfloat16 mixed
+    precision against the default float32 run, for the end-to-end `full` strategy (where the
+    options matter most) and the cached `partial` one; same seed, same data."""
+    import dataclasses
+
+    import keras
+
+    from pipeline.training import fit_variant
+
+    rows = []
+    for variant in [v for v in ("full", "partial") if v in params.variants]:
+        base = _config(params, variant, num_classes, seed=1, epochs=epochs)
+        reference = None
+        for label, config in (
+            ("float32", base),
+            ("jit_compile", dataclasses.replace(base, jit_compile=True)),
+            ("mixed_bfloat16", dataclasses.replace(base, mixed_precision=True)),
+        ):
+            keras.backend.clear_session()
+            result = fit_variant(config, weights_for(variant), splits, data_sha, None)
+            val = [row["val_accuracy"] for row in result.history]
+            reference = reference or val
+            change = max(abs(a - b) for a, b in zip(val, reference, strict=True))
+            epoch = stats([row["epoch_seconds"] for row in result.history][1:])
+            rows.append({"variant": variant, "option": label, "epoch": epoch, "val_accuracy": val,
+                         "max_val_accuracy_change": change})  # fmt: skip
+            print(f"[bench] {variant} {label}: {rows[-1]['epoch']['median']:.2f} s/epoch", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -471,7 +503,7 @@ def _stage_name(argv: list[str]) -> str:
     return stage
 
 
-def render(bench: dict | None, e2e: dict | None) -> str:
+def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None) -> str:
     lines = ["# Benchmark", ""]
     if bench:
         m = bench["machine"]
@@ -663,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large-size", type=int, default=224)
     parser.add_argument("--synthetic-images", type=int, default=10_000)
     parser.add_argument("--end-to-end", action="store_true", help="only the end-to-end section (about 20 min)")
+    parser.add_argument("--numerics", action="store_true", help="only the XLA / mixed-precision section (~5 min)")
     parser.add_argument("--keep", type=Path, help="with --end-to-end: move the finished copy here")
     parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # internal: one section's JSON
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # internal: shared feature cache
@@ -674,6 +707,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.end_to_end:
         result = {**header, **end_to_end(max(3, args.repeats), args.keep)}
         write_json(args.out / "benchmark_e2e.json", result)
+    elif args.numerics:
+        from pipeline.data import load_split, load_summary
+        from pipeline.training import Splits
+        from pipeline.weights import load_base_weights
+
+        params = load_params(args.params)
+        summary = load_summary(args.prepared)
+        splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
+        rows = numerics_options(
+            params, lambda v: load_base_weights(params.variant_weights(v)), splits, summary["data_sha256"],
+            len(summary["class_names"]), epochs=3,
+        )  # fmt: skip
+        write_json(args.out / "benchmark_numerics.json", {**header, "rows": rows})
     elif args.section_out:
         write_json(args.section_out, run_sections(args))
         return
@@ -691,11 +737,8 @@ def main(argv: list[str] | None = None) -> None:
                 bench.update(json.loads(part.read_text()))
         bench["seconds"] = time.perf_counter() - start
         write_json(args.out / "benchmark.json", bench)
-    bench_path, e2e_path = args.out / "benchmark.json", args.out / "benchmark_e2e.json"
-    document = render(
-        json.loads(bench_path.read_text()) if bench_path.is_file() else None,
-        json.loads(e2e_path.read_text()) if e2e_path.is_file() else None,
-    )
+    parts = [args.out / f"benchmark{suffix}.json" for suffix in ("", "_e2e", "_numerics")]
+    document = render(*(json.loads(path.read_text()) if path.is_file() else None for path in parts))
     write_text(args.out / "benchmark.md", document)
     print(f"[bench] wrote {args.out / 'benchmark.md'}")
 

@@ -53,12 +53,15 @@ def split_model(model: keras.Model, cut: str) -> SplitModel:
     return SplitModel(prefix, suffix, cut)
 
 
-def cache_key(data_sha256: str, weights_sha256: str | None, cut: str, image_size: int) -> str:
+def cache_key(
+    data_sha256: str, weights_sha256: str | None, cut: str, image_size: int, precision: str = "float32"
+) -> str:
     """Features depend on the data, the weights and the cut point, nothing else (no randomness:
     a prefix is frozen and has no dropout)."""
     if weights_sha256 is None:
         raise ValueError("random-init weights change with every seed; their features cannot be shared")
-    text = json.dumps([data_sha256, weights_sha256, cut, image_size, keras.__version__])
+    parts = [data_sha256, weights_sha256, cut, image_size, keras.__version__]
+    text = json.dumps(parts if precision == "float32" else [*parts, precision])  # float32 keys stay as they were
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

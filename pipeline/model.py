@@ -70,7 +70,8 @@ def build_model(
     if head_units:
         x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    # float32 softmax also under a mixed-precision policy (bfloat16 probabilities are too coarse)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32")(x)
     model = keras.Model(images, outputs, name="vgg16_classifier")
 
     if base_weights is not None:
@@ -81,7 +82,9 @@ def build_model(
     return model
 
 
-def compile_model(model: keras.Model, learning_rate: float, trainable_layers: frozenset[str]) -> None:
+def compile_model(
+    model: keras.Model, learning_rate: float, trainable_layers: frozenset[str], jit_compile: bool = False
+) -> None:
     """Compile with Adam + sparse categorical cross-entropy, then check that exactly
     `trainable_layers` plus the head train (RuntimeError otherwise).
 
@@ -91,6 +94,7 @@ def compile_model(model: keras.Model, learning_rate: float, trainable_layers: fr
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
     check_trainable(model, trainable_layers)
 

@@ -85,6 +85,8 @@ class TrainParams:
     seeds: tuple[int, ...]
     cache_features: bool = True
     augmentation: bool = False
+    jit_compile: bool = False  # XLA: changes numerics, no faster on this CPU (reports/benchmark.md)
+    mixed_precision: bool = False  # bfloat16 compute: changes numerics, slower without AMX/bf16 CPUs
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", self.epochs, "it must be at least 1")

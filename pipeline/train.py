@@ -33,7 +33,6 @@ from pipeline.features import FeatureCache
 from pipeline.model import count_parameters
 from pipeline.params import Params, load_params
 from pipeline.training import HISTORY_COLUMNS, RunConfig, Splits, fit_variant
-from pipeline.vgg16 import resolve_trainable
 from pipeline.weights import load_base_weights
 
 
@@ -51,23 +50,6 @@ def hyperparameters(params: Params, best_params_path: Path | None) -> dict:
                 raise ConfigError(str(best_params_path), f"has no {key!r}; rerun the tune stage")
         return {"head_units": int(best["head_units"]), "learning_rate": float(best["learning_rate"]), "source": "tuned"}
     return {"head_units": params.model.head_units, "learning_rate": params.train.learning_rate, "source": "params.yaml"}
-
-
-def run_config(params: Params, variant: str, hyper: dict, num_classes: int, seed: int) -> RunConfig:
-    return RunConfig(
-        image_size=params.data.image_size,
-        num_classes=num_classes,
-        trainable_layers=resolve_trainable(params.variant(variant).trainable),
-        pooling=params.model.pooling,
-        head_units=hyper["head_units"],
-        dropout=params.model.dropout,
-        learning_rate=hyper["learning_rate"],
-        epochs=params.train.epochs,
-        batch_size=params.train.batch_size,
-        seed=seed,
-        augmentation=params.train.augmentation,
-        cache_features=params.train.cache_features,
-    )
 
 
 def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> dict:
@@ -186,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
 
     with atomic_dir(out) as tmp:
         for seed in params.train.seeds:
-            config = run_config(params, variant, hyper, len(class_names), seed)
+            config = RunConfig.from_params(
+                params, variant, head_units=hyper["head_units"], learning_rate=hyper["learning_rate"],
+                num_classes=len(class_names), seed=seed, epochs=params.train.epochs,
+            )  # fmt: skip
             run_name = f"train/{variant}/seed-{seed}"
             print(
                 f"[{run_name}] {hyper['source']} head_units={config.head_units} lr={config.learning_rate:.3g}",

@@ -47,6 +47,28 @@ class RunConfig:
     seed: int
     augmentation: bool = False
     cache_features: bool = True
+    jit_compile: bool = False
+    mixed_precision: bool = False
+
+    @classmethod
+    def from_params(cls, params, variant: str, *, head_units: int, learning_rate: float, num_classes: int,
+                    seed: int, epochs: int) -> RunConfig:  # fmt: skip
+        """The run of `variant` under `params` (a pipeline.params.Params) with the given
+        hyperparameters: the one place where the tune and train stages turn settings into a run."""
+        from pipeline.vgg16 import resolve_trainable
+
+        return cls(
+            image_size=params.data.image_size, num_classes=num_classes,
+            trainable_layers=resolve_trainable(params.variant(variant).trainable), pooling=params.model.pooling,
+            head_units=head_units, dropout=params.model.dropout, learning_rate=learning_rate, epochs=epochs,
+            batch_size=params.train.batch_size, seed=seed, augmentation=params.train.augmentation,
+            cache_features=params.train.cache_features, jit_compile=params.train.jit_compile,
+            mixed_precision=params.train.mixed_precision,
+        )  # fmt: skip
+
+    @property
+    def precision(self) -> str:
+        return "mixed_bfloat16" if self.mixed_precision else "float32"
 
 
 @dataclass
@@ -90,6 +112,15 @@ def fit_variant(
     weights and a frozen prefix allow it; results match the end-to-end path (a test checks it).
     Raises NonFiniteLossError when the loss becomes NaN/inf.
     """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        return _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verbose) -> FitResult:
     seed_everything(config.seed)
     model = build_model(
         image_size=config.image_size,
@@ -112,7 +143,7 @@ def fit_variant(
     if use_cache:
         split = feature_path.split_model(model, cut)
         trained = split.suffix
-        key = feature_path.cache_key(data_sha256, base_weights.sha256, cut, config.image_size)
+        key = feature_path.cache_key(data_sha256, base_weights.sha256, cut, config.image_size, config.precision)
         inputs = {}
         extraction_batch = feature_path.extraction_batch_size(config.image_size)
         for name, images in (("train", x_train), ("val", x_val), ("test", x_test)):
@@ -133,7 +164,7 @@ def fit_variant(
         if config.cache_features and config.augmentation and cut is not None:
             path += " (augmentation on: feature cache bypassed)"
 
-    compile_model(trained, config.learning_rate, config.trainable_layers)
+    compile_model(trained, config.learning_rate, config.trainable_layers, jit_compile=config.jit_compile)
     recorder = _EpochRecorder(len(y_train))
     keep_best = _KeepBest()
     start = time.perf_counter()

@@ -38,7 +38,6 @@ from pipeline.features import FeatureCache
 from pipeline.params import Params, load_params
 from pipeline.training import NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.tune_outputs import write_outputs
-from pipeline.vgg16 import resolve_trainable
 from pipeline.weights import load_base_weights
 
 
@@ -62,6 +61,7 @@ def study_identity(params: Params, variant: str, weights_sha256: str | None, dat
         "model": {k: v for k, v in vars(params.model).items() if k != "head_units"},
         "batch_size": params.train.batch_size,
         "augmentation": params.train.augmentation,
+        "numerics": {"jit_compile": params.train.jit_compile, "mixed_precision": params.train.mixed_precision},
         "seed": params.seed,
         "search": {k: getattr(params.tune, k) for k in ("epochs", "head_units", "learning_rate")},
     }
@@ -78,20 +78,10 @@ class Objective:
         tune = self.params.tune
         head_units = trial.suggest_categorical("head_units", list(tune.head_units))
         learning_rate = trial.suggest_float("learning_rate", *tune.learning_rate, log=True)
-        config = RunConfig(
-            image_size=self.params.data.image_size,
-            num_classes=len(self.context["class_names"]),
-            trainable_layers=resolve_trainable(self.params.variant(self.variant).trainable),
-            pooling=self.params.model.pooling,
-            head_units=head_units,
-            dropout=self.params.model.dropout,
-            learning_rate=learning_rate,
-            epochs=tune.epochs,
-            batch_size=self.params.train.batch_size,
-            seed=self.params.seed,
-            augmentation=self.params.train.augmentation,
-            cache_features=self.params.train.cache_features,
-        )
+        config = RunConfig.from_params(
+            self.params, self.variant, head_units=head_units, learning_rate=learning_rate,
+            num_classes=len(self.context["class_names"]), seed=self.params.seed, epochs=tune.epochs,
+        )  # fmt: skip
         trial.set_user_attr("worker_pid", os.getpid())
         pruning = studies.PruningCallback(trial)
         name = f"tune/{self.variant}/trial-{trial.number}"

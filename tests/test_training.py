@@ -202,3 +202,18 @@ def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatc
     in_memory = run()
     monkeypatch.setattr(training, "STREAM_BYTES", 0)
     assert run() == in_memory
+
+
+def test_mixed_precision_option_computes_in_bfloat16_and_restores_the_policy(tmp_path, hed, tiny_splits):
+    import keras
+
+    cache = features.FeatureCache(tmp_path)
+    result = fit_variant(_config(["block5"], epochs=1, mixed_precision=True), hed, tiny_splits, "data", cache)
+    assert result.model.get_layer("block5_conv1").compute_dtype == "bfloat16"
+    assert result.model.get_layer("block5_conv1").kernel.dtype == "float32"  # weights stay float32
+    assert result.test_probabilities is None or result.test_probabilities.dtype == np.float32
+    assert result.model.get_layer("predictions").compute_dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    # its features are cached apart from the float32 ones
+    fit_variant(_config(["block5"], epochs=1), hed, tiny_splits, "data", cache)
+    assert len(list(tmp_path.iterdir())) == 2
