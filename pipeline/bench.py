@@ -380,7 +380,9 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
         head.fit(dataset, epochs=1, verbose=0)
         epoch_seconds = time.perf_counter() - start
     path.unlink()
+    per_image = per_image_seconds(params, image_size)
     return {
+        "per_image": per_image, "study": FULL_STUDY, "study_cost": study_cost(per_image, FULL_STUDY),
         "images": images_total, "image_size": image_size, "disk": disk, "disk_free_gb": free_gb,
         "synthetic": {
             "train_images": train_images, "shape": list(shape), "file_gb": train_images * int(np.prod(shape)) * 4 / 1e9,
@@ -390,6 +392,72 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
             "rss_file_before_mb": memory.before["RssFile"], "rss_file_peak_mb": memory.peak["RssFile"],
         },
     }  # fmt: skip
+
+
+# A study worth running on a GPU, costed on this machine from measured per-image seconds
+FULL_STUDY = {"train_per_class": 700, "val_per_class": 150, "test_per_class": 150, "classes": 10, "epochs": 20,
+              "seeds": 5, "tune_trials": 20, "tune_epochs": 5}  # fmt: skip
+
+
+def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: int = 2) -> dict:
+    """Measured seconds per image at `image_size`: a training step and a forward pass of the part
+    of the model each strategy runs (the whole model end to end, or the suffix after the cut on
+    features of the right shape), batches of `batch`, median of `repeats` after a warm-up."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.features import cut_layer, split_model
+    from pipeline.model import build_model, compile_model
+    from pipeline.vgg16 import resolve_trainable
+
+    out = {}
+    for variant in params.variants:
+        trainable = resolve_trainable(params.variant(variant).trainable)
+        keras.backend.clear_session()
+        model = build_model(
+            image_size=image_size, num_classes=10, trainable_layers=trainable, base_weights=None,
+            pooling=params.model.pooling, head_units=params.model.head_units, dropout=params.model.dropout,
+        )  # fmt: skip
+        cut = cut_layer(model, trainable)
+        cached = cut is not None and params.variant_weights(variant) != "none"
+        part = split_model(model, cut).suffix if cached else model
+        compile_model(part, 1e-4, trainable)
+        x = tf.random.stateless_uniform((batch, *part.input.shape[1:]), seed=(1, 2), maxval=255.0)
+        y = tf.zeros((batch,), dtype=tf.int64)
+        part.train_on_batch(x, y)  # trace
+        part.predict_on_batch(x)
+        train, _ = timed(lambda part=part, x=x, y=y: part.train_on_batch(x, y), repeats)
+        forward, _ = timed(lambda part=part, x=x: part.predict_on_batch(x), repeats)
+        out[variant] = {"cached": cached, "train": train["median"] / batch, "forward": forward["median"] / batch}
+        print(f"[bench] {image_size}px {variant}: {out[variant]['train']:.3f} s/image training", flush=True)
+    if any(v["cached"] for v in out.values()):
+        keras.backend.clear_session()
+        model = build_model(image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None)
+        prefix = split_model(model, "block5_pool").prefix
+        x = tf.random.stateless_uniform((batch, image_size, image_size, 3), seed=(1, 2), maxval=255.0)
+        prefix(x, training=False)
+        extract, _ = timed(lambda: prefix(x, training=False).numpy(), repeats)
+        out["_extraction"] = extract["median"] / batch
+    return out
+
+
+def study_cost(per_image: dict, study: dict) -> dict[str, dict]:
+    """Hours per strategy for `study` from per-image seconds: tuning (trials x tune epochs) and
+    training (seeds x epochs) passes over train + val, a test prediction per run, and, for the
+    cached strategies, one feature extraction of every image."""
+    n_train, n_val, n_test = (study[k] * study["classes"] for k in ("train_per_class", "val_per_class",
+                                                                      "test_per_class"))  # fmt: skip
+    runs = study["tune_trials"] + study["seeds"]
+    epochs = study["tune_trials"] * study["tune_epochs"] + study["seeds"] * study["epochs"]
+    out = {}
+    for variant, cost in per_image.items():
+        if variant.startswith("_"):
+            continue
+        epoch = n_train * cost["train"] + n_val * cost["forward"]
+        extraction = (n_train + n_val + n_test) * per_image["_extraction"] if cost["cached"] else 0.0
+        total = extraction + epochs * epoch + runs * n_test * cost["forward"]
+        out[variant] = {"epoch_hours": epoch / 3600, "extraction_hours": extraction / 3600, "hours": total / 3600}
+    return out
 
 
 # ------------------------------------------------------------------ options that change numerics
@@ -596,17 +664,39 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None) -
         ]
         for variant, d in ls["disk"].items():
             lines.append(f"| {variant} | {d['cut']} | {tuple(d['shape'])} | {d['gb']:.1f} |" if d
-                             else f"| {variant} | — (trains end to end) | — | 0 |")  # fmt: skip
+                         else f"| {variant} | — (trains end to end) | — | 0 |")  # fmt: skip
         lines += [
             "",
             f"Synthetic run: frozen-strategy features of {syn['train_images']:,} images "
             f"({tuple(syn['shape'])}, {syn['file_gb']:.2f} GB) written to a memory-mapped file in "
-            f"{syn['write_seconds']:.1f} s, then one epoch of head training streamed from it in "
-            f"{syn['epoch_seconds']:.1f} s. Heap (anonymous) memory {syn['rss_anon_before_mb']:.0f} MB before, "
-            f"peak {syn['rss_anon_peak_mb']:.0f} MB during; file-backed pages peaked at "
-            f"{syn['rss_file_peak_mb']:.0f} MB (page cache, reclaimable). Copying the features into memory "
-            f"would have added {syn['file_gb'] * 1024:.0f} MB of heap.",
+            f"{syn['write_seconds']:.1f} s, then one epoch of head training "
+            f"{'streamed from it' if syn['streamed'] else 'from an in-memory copy'} in {syn['epoch_seconds']:.1f} s. "
+            f"Heap (anonymous) memory: {syn['rss_anon_before_mb']:.0f} MB before, peak {syn['rss_anon_peak_mb']:.0f} "
+            f"MB during. File-backed resident pages (libraries, then the memory map through the page cache, "
+            f"reclaimable): {syn['rss_file_before_mb']:.0f} MB before, peak {syn['rss_file_peak_mb']:.0f} MB. "
+            f"Copying the features into memory would have added {syn['file_gb'] * 1e9 / 2**20:.0f} MB of heap.",
         ]
+        if "study_cost" in ls:
+            st = ls["study"]
+            lines += [
+                "",
+                f"What a full study costs here: {st['classes']} classes x ({st['train_per_class']} train + "
+                f"{st['val_per_class']} val + {st['test_per_class']} test) images at {ls['image_size']}x"
+                f"{ls['image_size']}, {st['seeds']} seeds x {st['epochs']} epochs, tuning {st['tune_trials']} trials "
+                f"x {st['tune_epochs']} epochs per strategy (no pruning), from seconds per image measured at "
+                f"{ls['image_size']}x{ls['image_size']} (batches of 8, random weights; one training step or forward "
+                "pass of what the strategy runs):",
+                "",
+                "| strategy | s/image training | s/image forward | one epoch, h | feature extraction, h "
+                "| whole budget, h |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for variant, cost in ls["study_cost"].items():
+                per = ls["per_image"][variant]
+                lines.append(f"| {variant} | {per['train']:.3f} | {per['forward']:.3f} | {cost['epoch_hours']:.2f} "
+                             f"| {cost['extraction_hours']:.2f} | {cost['hours']:.0f} |")  # fmt: skip
+            total = sum(c["hours"] for c in ls["study_cost"].values())
+            lines += ["", f"All strategies: about {total:.0f} hours ({total / 24:.1f} days) on this 2-core machine."]
     if e2e:
         lines += [
             "",
