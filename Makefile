@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-e2e bench-numerics dashboard clean
+.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-tune bench-e2e bench-numerics dashboard clean
 
 install: $(STAMP)
 
@@ -67,7 +67,8 @@ format: install
 	$(BIN)/ruff format pipeline tests
 	$(BIN)/ruff check --fix pipeline tests
 
-# reports/benchmark.md: compute, strategies vs naive fit, tuning, a large-study estimate (~12 min)
+# reports/benchmark.md: compute, strategies vs naive fit, a large-study estimate (~10 min); the
+# bench-* targets below add their parts to the same document
 bench: install data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python -m pipeline.bench
@@ -75,6 +76,11 @@ bench: install data
 # adds a clean `dvc repro` in a temporary copy, no-op repro and peak memory per stage (~20 min)
 bench-e2e: install data
 	$(BIN)/python -m pipeline.bench --end-to-end
+
+# tune trials/min per strategy with and without pruning (~7 min)
+bench-tune: install data
+	$(BIN)/dvc repro prepare
+	$(BIN)/python -m pipeline.bench --tune
 
 # XLA and bfloat16 mixed precision against float32 (~5 min)
 bench-numerics: install data

@@ -44,13 +44,14 @@ def test_stats_are_median_min_max_and_count():
 def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
     params, prepared = make_tiny_project(tmp_path, {"frozen": {"trainable": "none"}, "full": {"trainable": "all"}})
     out = tmp_path / "reports"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--params", str(params), "--prepared", str(prepared),
-         "--out", str(out), "--repeats", "2", "--tune-trials", "2", "--tune-epochs", "1",
-         "--large-images", "100", "--large-size", "32", "--synthetic-images", "64"],
-        cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    common = ["--params", str(params), "--prepared", str(prepared), "--out", str(out), "--repeats", "2"]
+    for extra in (
+        ["--large-images", "100", "--large-size", "32", "--synthetic-images", "64"],
+        ["--tune", "--tune-trials", "2", "--tune-epochs", "1"],
+    ):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.bench", *common, *extra], cwd=REPO,
+                              env=stage_env(tmp_path), capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "benchmark.json").read_text())
     assert [row["variant"] for row in result["strategies"]] == ["frozen", "full"]
     frozen, full = result["strategies"]
@@ -58,9 +59,12 @@ def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
     assert full["path"] == "end-to-end" and full["pipeline_run_warm"] is None
     assert frozen["pipeline_epoch"]["n"] == 1  # epochs 2..2 of the tiny 2-epoch budget
     assert all(row["identical_to_first"] for row in result["forward"]["batches"])
-    assert {row["variant"] for row in result["tune"]} == {"frozen", "full"}
     assert result["large_study"]["disk"]["full"] is None
     assert result["large_study"]["disk"]["frozen"]["shape"] == [1, 1, 512]
+    assert set(result["large_study"]["study_cost"]) == {"frozen", "full"}
+    tune = json.loads((out / "benchmark_tune.json").read_text())
+    assert {row["variant"] for row in tune["rows"]} == {"frozen", "full"}
+    assert all(row["unpruned"]["epochs_run"] == 2 for row in tune["rows"])  # 2 trials x 1 epoch, none stopped
     document = (out / "benchmark.md").read_text()
     for heading in ("## Compute", "## Strategies", "## Tuning", "## A 32x32 study of 100 images"):
         assert heading in document
