@@ -757,6 +757,23 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
             saved = f"{t['epochs_saved']} ({t['epochs_saved_share']:.0%})"
             lines.append(f"| {variant} | {t['trials']} | {t['pruned_trials']} | {t['epochs_run']} | {saved} | "
                          f"{t['trials_per_minute']:.1f} |")  # fmt: skip
+    if numerics:
+        lines += [
+            "",
+            "## Options that change numerics (off by default)",
+            "",
+            f"Measured {numerics['date']} at commit `{numerics['commit']}` by `make bench-numerics`: `fit_variant` "
+            "with `train.jit_compile: true` (XLA) or `train.mixed_precision: true` (bfloat16 compute) against "
+            "the default float32, same seed and data, 3 epochs; seconds per epoch over epochs 2-3.",
+            "",
+            "| strategy | option | s/epoch | vs float32 | largest change in val accuracy |",
+            "|---|---|---|---:|---:|",
+        ]
+        reference: dict[str, float] = {}
+        for row in numerics["rows"]:
+            base = reference.setdefault(row["variant"], row["epoch"]["median"])
+            lines.append(f"| {row['variant']} | {row['option']} | {_fmt(row['epoch'])} | "
+                         f"{row['epoch']['median'] / base:.2f}x | {row['max_val_accuracy_change']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

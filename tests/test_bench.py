@@ -68,3 +68,19 @@ def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
     document = (out / "benchmark.md").read_text()
     for heading in ("## Compute", "## Strategies", "## Tuning", "## A 32x32 study of 100 images"):
         assert heading in document
+
+
+def test_report_renders_every_part_it_is_given():
+    row = {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}
+    numerics = {"date": "d", "commit": "c", "rows": [
+        {"variant": "full", "option": "float32", "epoch": row, "max_val_accuracy_change": 0.0},
+        {"variant": "full", "option": "mixed_bfloat16", "epoch": {**row, "median": 4.6},
+         "max_val_accuracy_change": 0.1},
+    ]}  # fmt: skip
+    tune = {"date": "d", "commit": "c", "rows": [{"variant": "frozen", "trials": 3, "epochs_per_trial": 2,
+            "pruned": {"trials_per_minute": 20.0, "epochs_run": 4}, "unpruned": {"trials_per_minute": 10.0,
+            "epochs_run": 6}}]}  # fmt: skip
+    document = bench.render(None, None, numerics, tune)
+    assert "| full | mixed_bfloat16 | 4.60 [1.00, 3.00] | 2.30x | 0.100 |" in document
+    assert "| frozen | 20.0 | 4 | 10.0 | 6 | 2.00x |" in document
+    assert "## Strategies" not in document  # parts that were not measured are left out, not faked

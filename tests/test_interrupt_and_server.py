@@ -18,6 +18,8 @@ from tests.conftest import REPO, make_tiny_project, stage_env
 
 FULL = {"full": {"trainable": "all"}}
 
+pytestmark = pytest.mark.slow  # about 75 s together; CI runs them with `make test-slow`
+
 
 def _train_command(root: Path, params: Path, variant: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", "--variant", variant, "--params", str(params),

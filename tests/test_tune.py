@@ -164,6 +164,7 @@ def test_two_worker_processes_share_one_journal_without_losing_or_duplicating_tr
     assert len(rows) == 4
 
 
+@pytest.mark.slow
 def test_a_long_study_runs_in_successive_processes_without_losing_trials(tmp_path):
     """trials_per_process bounds the memory Keras keeps per trained model: 3 trials, 2 per process."""
     params_path, _ = make_tiny_project(tmp_path, FROZEN, {"tune": {"n_trials": 3, "trials_per_process": 2}})
