@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,9 +38,10 @@ def error_message(proc: subprocess.CompletedProcess) -> str:
     """The `error: ...` paragraph of a rejected run, after checking status and form."""
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    start = proc.stderr.find("error: ")
-    assert start >= 0, proc.stderr[-2000:]
-    message = proc.stderr[start:].rstrip("\n")
+    # the stage's line starts with `error: ` (TensorFlow's own log lines may contain the word too)
+    found = re.search(r"(?m)^error: ", proc.stderr)
+    assert found, proc.stderr[-2000:]
+    message = proc.stderr[found.start() :].rstrip("\n")
     assert "\n\n" not in message, f"more than one paragraph:\n{message}"
     return message
 
