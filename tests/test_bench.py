@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline import bench
+from pipeline import bench_measure, bench_report
 from pipeline.model import build_model
 from pipeline.params import load_params
 from pipeline.training import Splits
@@ -19,7 +19,7 @@ from tests.conftest import REPO, make_tiny_project, stage_env
 
 def test_vgg16_conv_flops_match_the_published_15_3_gmacs_at_224():
     model = build_model(image_size=224, num_classes=10, trainable_layers=frozenset(), base_weights=None)
-    flops = bench.conv_flops(model)
+    flops = bench_measure.conv_flops(model)
     assert len(flops) == 13
     assert sum(flops.values()) / 2 == pytest.approx(15.35e9, rel=0.005)
     assert flops["block1_conv2"] == 2 * 224 * 224 * 3 * 3 * 64 * 64
@@ -31,13 +31,13 @@ def test_flop_bound_orders_the_strategies_by_what_caching_can_save():
     params = load_params(REPO / "params.yaml")
     labels = np.zeros(params.data.train_per_class * 10, dtype=np.int64)
     splits = Splits((None, labels), (None, labels[: params.data.val_per_class * 10]))
-    bound = bench.flop_bound(params, 10, splits)
+    bound = bench_measure.flop_bound(params, 10, splits)
     assert bound["scratch"] == 1.0 and bound["full"] == 1.0  # nothing frozen in front: nothing to cache
     assert bound["frozen"] > bound["last_layers"] > bound["partial"] > 1.0
 
 
 def test_stats_are_median_min_max_and_count():
-    assert bench.stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert bench_measure.stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
 
 
 @pytest.mark.slow
@@ -80,7 +80,7 @@ def test_report_renders_every_part_it_is_given():
     tune = {"date": "d", "commit": "c", "rows": [{"variant": "frozen", "trials": 3, "epochs_per_trial": 2,
             "pruned": {"trials_per_minute": 20.0, "epochs_run": 4}, "unpruned": {"trials_per_minute": 10.0,
             "epochs_run": 6}}]}  # fmt: skip
-    document = bench.render(None, None, numerics, tune)
+    document = bench_report.render(None, None, numerics, tune)
     assert "| full | mixed_bfloat16 | 4.60 [1.00, 3.00] | 2.30x | 0.100 |" in document
     assert "| frozen | 20.0 | 4 | 10.0 | 6 | 2.00x |" in document
     assert "## Strategies" not in document  # parts that were not measured are left out, not faked
