@@ -22,6 +22,11 @@ from tests.conftest import REPO, make_tiny_project, stage_env
 FROZEN = {"frozen": {"trainable": "none"}}
 
 
+def _run_tune(root, params_path) -> subprocess.CompletedProcess:
+    return subprocess.run(_tune_command(root, params_path), cwd=REPO, env=stage_env(root), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
 def _tune_command(root, params_path, variant="frozen"):
     return [sys.executable, "-m", "pipeline.tune", "--variant", variant, "--params", str(params_path),
             "--prepared", str(root / "prepared"), "--out", str(root / "tune" / variant),
@@ -91,8 +96,7 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
     params_path, _ = make_tiny_project(tmp_path, FROZEN)
-    result = subprocess.run(_tune_command(tmp_path, params_path), cwd=REPO, env=stage_env(tmp_path),
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = _run_tune(tmp_path, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[tune/frozen] trial ") == 3
     out = tmp_path / "tune" / "frozen"
@@ -130,8 +134,7 @@ def test_interrupted_study_resumes_with_only_the_missing_trials(tmp_path):
     assert 1 <= len(kept) < 4
     assert not (tmp_path / "tune" / "frozen" / "best_params.json").exists()
 
-    result = subprocess.run(_tune_command(tmp_path, params_path), cwd=REPO, env=stage_env(tmp_path),
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = _run_tune(tmp_path, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(kept)} trials done, {4 - len(kept)} to run" in result.stdout
     assert result.stdout.count("[tune/frozen] trial ") == 4 - len(kept)
@@ -152,8 +155,7 @@ def test_interrupted_study_resumes_with_only_the_missing_trials(tmp_path):
 
 def test_two_worker_processes_share_one_journal_without_losing_or_duplicating_trials(tmp_path):
     params_path, _ = make_tiny_project(tmp_path, FROZEN, {"tune": {"n_trials": 4, "n_workers": 2}})
-    result = subprocess.run(_tune_command(tmp_path, params_path), cwd=REPO, env=stage_env(tmp_path),
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = _run_tune(tmp_path, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = _study(tmp_path)
     assert len(study.trials) == 4
@@ -168,8 +170,7 @@ def test_two_worker_processes_share_one_journal_without_losing_or_duplicating_tr
 def test_a_long_study_runs_in_successive_processes_without_losing_trials(tmp_path):
     """trials_per_process bounds the memory Keras keeps per trained model: 3 trials, 2 per process."""
     params_path, _ = make_tiny_project(tmp_path, FROZEN, {"tune": {"n_trials": 3, "trials_per_process": 2}})
-    result = subprocess.run(_tune_command(tmp_path, params_path), cwd=REPO, env=stage_env(tmp_path),
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = _run_tune(tmp_path, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = _study(tmp_path)
     assert sorted(t.number for t in study.trials) == [0, 1, 2]
