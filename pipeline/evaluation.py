@@ -25,3 +25,27 @@ def epochs_to_target(history: list[dict], target: float) -> tuple[int | None, fl
         if row["val_accuracy"] >= target:
             return row["epoch"], row["cumulative_seconds"]
     return None, None
+
+
+def robustness(model, images: np.ndarray, labels: np.ndarray, clean_accuracy: float, corruptions: tuple[str, ...],
+               severity: int, seed: int, batch_size: int) -> dict:  # fmt: skip
+    """Accuracy of `model` (the full network, images in) on corrupted copies of the test set.
+
+    Returns {"severity", "clean_accuracy", "accuracy": {kind: acc}, "drop": {kind: clean - acc},
+    "mean_drop"}.
+    """
+    from pipeline.corruptions import corrupt
+    from pipeline.features import predict
+
+    accuracy = {}
+    for kind in corruptions:
+        predicted = predict(model, corrupt(images, kind, severity, seed), batch_size).argmax(axis=1)
+        accuracy[kind] = float(accuracy_score(labels, predicted))
+    drop = {kind: clean_accuracy - value for kind, value in accuracy.items()}
+    return {
+        "severity": severity,
+        "clean_accuracy": clean_accuracy,
+        "accuracy": accuracy,
+        "drop": drop,
+        "mean_drop": float(np.mean(list(drop.values()))),
+    }

@@ -77,21 +77,63 @@ def build_model(
     if base_weights is not None:
         for name in CONV_LAYERS:
             model.get_layer(name).set_weights(base_weights[name])
-    for name in CONV_LAYERS:
-        model.get_layer(name).trainable = name in trainable_layers
+    set_trainable(model, trainable_layers)
     return model
 
 
+def set_trainable(model: keras.Model, trainable_layers: frozenset[str]) -> None:
+    """Exactly `trainable_layers` of the conv base train (the head always does); compile again after."""
+    for name in CONV_LAYERS:
+        model.get_layer(name).trainable = name in trainable_layers
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class BlockwiseAdam(keras.optimizers.Adam):
+    """Adam whose step size is `learning_rate x multipliers[block]` for the weights of a VGG16
+    block (discriminative learning rates); the head and unlisted blocks use the plain rate.
+
+    Adam is invariant to gradient scale, so the rate itself must be scaled, per variable.
+    """
+
+    def __init__(self, multipliers: dict[str, float] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.multipliers = dict(multipliers or {})
+        self._factors: list[float] = []
+
+    def build(self, var_list):
+        super().build(var_list)
+        self._factors = [self.multipliers.get(block_of(v.path.split("/")[0]), 1.0) for v in var_list]
+
+    def update_step(self, gradient, variable, learning_rate):
+        factor = self._factors[self._get_variable_index(variable)]
+        if factor != 1.0:
+            learning_rate = learning_rate * factor
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "multipliers": self.multipliers}
+
+
 def compile_model(
-    model: keras.Model, learning_rate: float, trainable_layers: frozenset[str], jit_compile: bool = False
+    model: keras.Model,
+    learning_rate: float,
+    trainable_layers: frozenset[str],
+    jit_compile: bool = False,
+    multipliers: dict[str, float] | None = None,
 ) -> None:
-    """Compile with Adam + sparse categorical cross-entropy, then check that exactly
-    `trainable_layers` plus the head train (RuntimeError otherwise).
+    """Compile with Adam (block-wise learning-rate `multipliers` when given) + sparse categorical
+    cross-entropy, then check that exactly `trainable_layers` plus the head train (RuntimeError
+    otherwise).
 
     Recompile after any change to `trainable`: Keras reads the flags at compile time.
     """
+    optimizer = (
+        BlockwiseAdam(multipliers, learning_rate=learning_rate)
+        if multipliers
+        else keras.optimizers.Adam(learning_rate=learning_rate)
+    )
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,

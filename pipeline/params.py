@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.vgg16 import MIN_IMAGE_SIZE, resolve_trainable
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, MIN_IMAGE_SIZE, resolve_trainable
 
 NAMED_WEIGHTS = ("hed", "imagenet", "none")
 POOLINGS = ("flatten", "gap")
@@ -28,6 +28,12 @@ DATA_SOURCES = ("fashion_mnist", "directory")
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(key, f"{value!r} is not allowed; {allowed}")
+
+
+def _check_seeds(key: str, seeds: tuple[int, ...]) -> None:
+    _check(len(seeds) >= 1, key, list(seeds), "give at least one seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    _check(not repeated, key, list(seeds), f"seeds must be unique (repeated: {repeated})")
 
 
 def _check_weights(key: str, value: str) -> None:
@@ -92,22 +98,38 @@ class TrainParams:
         _check(self.epochs >= 1, "epochs", self.epochs, "it must be at least 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be at least 1")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "it must be > 0")
-        _check(len(self.seeds) >= 1, "seeds", list(self.seeds), "give at least one seed")
-        duplicates = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
-        _check(not duplicates, "seeds", list(self.seeds), f"seeds must be unique (repeated: {duplicates})")
+        _check_seeds("seeds", self.seeds)
 
 
 @dataclass(frozen=True)
 class VariantParams:
-    """A freezing strategy: which base layers train, and optionally its own weight source."""
+    """A freezing strategy: which base layers train, optionally its own weight source, a head-only
+    warm-up (linear probe, then fine-tune) and per-block learning-rate multipliers."""
 
     trainable: str | tuple[str, ...]
     weights: str | None = None
+    warmup_epochs: int = 0  # head-only epochs first, counted in the epoch budget
+    lr_multipliers: dict[str, float] | None = None  # block -> factor on the learning rate (discriminative LRs)
 
     def __post_init__(self):
-        resolve_trainable(self.trainable)  # raises ConfigError("trainable", ...) on bad names
+        layers = resolve_trainable(self.trainable)  # raises ConfigError("trainable", ...) on bad names
         if self.weights is not None:
             _check_weights("weights", self.weights)
+        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "it must be >= 0 (0 = no warm-up)")
+        if self.warmup_epochs:
+            _check(bool(layers), "warmup_epochs", self.warmup_epochs,
+                   "a head-only warm-up needs a strategy that trains conv layers afterwards; use 0")  # fmt: skip
+        for block, factor in (self.lr_multipliers or {}).items():
+            key = f"lr_multipliers.{block}"
+            _check(block in BLOCKS, key, block, f"use a block name: {', '.join(BLOCKS)}")
+            _check(factor > 0, key, factor, "it must be > 0")
+            _check(bool(layers & set(BLOCKS[block])), key, factor,
+                   f"{block} does not train in this strategy (see its `trainable`); remove the entry")  # fmt: skip
+
+    @property
+    def multipliers(self) -> tuple[tuple[str, float], ...]:
+        """lr_multipliers as sorted (block, factor) pairs (hashable, for RunConfig)."""
+        return tuple(sorted((self.lr_multipliers or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -172,6 +194,63 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class SampleEfficiencyParams:
+    """Test accuracy of every strategy as the training set grows (off while the list is empty)."""
+
+    train_per_class: tuple[int, ...] = ()  # e.g. [10, 25, 50, 100, 250]; [] = study off
+    seeds: tuple[int, ...] = (1, 2, 3)
+
+    def __post_init__(self):
+        sizes = list(self.train_per_class)
+        _check(all(n >= 1 for n in sizes), "train_per_class", sizes, "sizes must be >= 1")
+        _check(len(set(sizes)) == len(sizes), "train_per_class", sizes, "sizes must be unique")
+        _check_seeds("seeds", self.seeds)
+
+
+@dataclass(frozen=True)
+class DepthParams:
+    """The freezing-depth sweep: train the top k conv layers (off while the list is empty)."""
+
+    k: tuple[int, ...] = ()  # e.g. [0, 1, ..., 13]; 0 = frozen, 13 = full; [] = study off
+    seeds: tuple[int, ...] = (1, 2)
+    weights: str | None = None  # null = model.weights
+
+    def __post_init__(self):
+        ks = list(self.k)
+        _check(all(0 <= k <= len(CONV_LAYERS) for k in ks), "k", ks, f"every k must be in 0..{len(CONV_LAYERS)}")
+        _check(len(set(ks)) == len(ks), "k", ks, "values must be unique")
+        _check_seeds("seeds", self.seeds)
+        if self.weights is not None:
+            _check_weights("weights", self.weights)
+
+
+CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
+
+
+@dataclass(frozen=True)
+class RobustnessParams:
+    """Evaluate every trained model on corrupted copies of the test set as well."""
+
+    enabled: bool = False
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severity: int = 3  # 1 (mild) .. 5 (severe), ImageNet-C style levels
+    seed: int = 0  # the noise draw
+
+    def __post_init__(self):
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        _check(not bad, "corruptions", list(self.corruptions), f"use some of {', '.join(CORRUPTIONS)}")
+        _check(len(self.corruptions) >= 1, "corruptions", [], f"use some of {', '.join(CORRUPTIONS)}")
+        _check(1 <= self.severity <= 5, "severity", self.severity, "it must be in 1..5")
+
+
+@dataclass(frozen=True)
+class StudiesParams:
+    sample_efficiency: SampleEfficiencyParams = SampleEfficiencyParams()
+    depth: DepthParams = DepthParams()
+    robustness: RobustnessParams = RobustnessParams()
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataParams
@@ -181,10 +260,19 @@ class Params:
     tune: TuneParams
     mlflow: MlflowParams
     report: ReportParams
+    studies: StudiesParams = StudiesParams()
 
     def __post_init__(self):
         if not self.variants:
             raise ConfigError("variants", "is empty; define at least one strategy, e.g. frozen: {trainable: none}")
+        for name, variant in self.variants.items():
+            for budget, epochs in (("train.epochs", self.train.epochs), ("tune.epochs", self.tune.epochs)):
+                if variant.warmup_epochs >= epochs:
+                    raise ConfigError(
+                        f"variants.{name}.warmup_epochs",
+                        f"{variant.warmup_epochs} leaves no fine-tuning epoch within {budget}={epochs}; "
+                        f"lower it below {epochs} (the warm-up counts in the budget)",
+                    )
         if self.report.baseline not in self.variants:
             raise ConfigError(
                 "report.baseline", f"{self.report.baseline!r} is not a strategy; defined: {', '.join(self.variants)}"
@@ -193,6 +281,17 @@ class Params:
     def variant_weights(self, variant: str) -> str:
         """The weight source of `variant`: its own override, else `model.weights`."""
         return self.variants[variant].weights or self.model.weights
+
+    def with_depth(self, k: int) -> tuple[Params, str]:
+        """These params with the depth sweep's strategy `top<k>` (train the top k conv layers) as
+        the only variant, and its name."""
+        from pipeline.vgg16 import top_layers
+
+        layers = top_layers(k)
+        spec = tuple(name for name in CONV_LAYERS if name in layers)
+        variant = VariantParams(trainable=spec, weights=self.studies.depth.weights)
+        return dataclasses.replace(self, variants={f"top{k}": variant}, report=dataclasses.replace(
+            self.report, baseline=f"top{k}")), f"top{k}"  # fmt: skip
 
     def variant(self, name: str) -> VariantParams:
         if name not in self.variants:
@@ -232,7 +331,7 @@ def _build(cls, raw: object, prefix: str):
     for name, field in fields.items():
         key = f"{prefix}{name}"
         if name not in raw:
-            has_default = field.default is not dataclasses.MISSING
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
             if not has_default:
                 raise ConfigError(key, "is missing")
             continue
@@ -263,7 +362,9 @@ def _convert(hint, value, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return {str(k): _build(args[1], v, f"{key}.{k}.") for k, v in value.items()}
+        if dataclasses.is_dataclass(args[1]):
+            return {str(k): _build(args[1], v, f"{key}.{k}.") for k, v in value.items()}
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     return _scalar(hint, value, key)

@@ -1,5 +1,12 @@
 """Stage `train@<variant>`: train one freezing strategy for every seed, evaluate, log to MLflow.
 
+Also the studies' stages: `--depth K` trains the depth sweep's strategy top<K> (the top K conv
+layers) over `studies.depth.seeds` (`depth_train@<k>`); `--train-per-class N` trains the strategy
+on N images per class over `studies.sample_efficiency.seeds` (`sample_efficiency@<variant>-<N>`):
+the pool (the largest size of the study) is prepared in-process from `data`, each seed trains on
+the first N per class of its own shuffle of the pool (nested sizes), features of the pool are
+cached once and shared by every size and seed.
+
 Reads params.yaml (`seed`, `model`, `train`, `variants.<variant>`, `mlflow`, `report`), the
 prepared data (`--prepared`), and the tuned hyperparameters (`--best-params`, optional: without
 it `model.head_units` and `train.learning_rate` apply). Writes, atomically, into `--out`
@@ -7,7 +14,8 @@ it `model.head_units` and `train.learning_rate` apply). Writes, atomically, into
   metrics.json                   per-seed and mean test metrics (a DVC metric)
   model.keras                    the model of the seed with the best validation accuracy
   seeds/<seed>/history.csv       per epoch: loss, accuracy, val_loss, val_accuracy, timings
-  seeds/<seed>/metrics.json      test metrics, best epoch, parameter counts, timings
+  seeds/<seed>/metrics.json      test metrics, best epoch, parameter counts, weight drift per block,
+                                 robustness (studies.robustness.enabled), timings
   seeds/<seed>/confusion_matrix.csv
 and one MLflow run per seed (`train/<variant>/seed-<seed>`).
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -28,7 +37,7 @@ from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import ConfigError
-from pipeline.evaluation import epochs_to_target, evaluate
+from pipeline.evaluation import epochs_to_target, evaluate, robustness
 from pipeline.features import FeatureCache
 from pipeline.model import count_parameters
 from pipeline.params import Params, load_params
@@ -68,6 +77,8 @@ def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> 
         "learning_rate": config.learning_rate,
         "training_path": result.path,
         "frozen_weights_unchanged": result.frozen_weights_unchanged,
+        "warmup_epochs": result.warmup_epochs,
+        "weight_drift": result.weight_drift,
         "timing": {
             "train_seconds": result.train_seconds,
             "feature_seconds": result.feature_seconds,
@@ -131,30 +142,74 @@ def _save_model(model, path: Path) -> None:
     clone.save(path)
 
 
+def nested_subset(labels: np.ndarray, per_class: int, seeds: list[int]) -> np.ndarray:
+    """Sorted row indices: the first `per_class` of each class in a shuffle seeded by `seeds`.
+    The shuffle does not depend on `per_class`, so smaller sizes are subsets of larger ones."""
+    rng = np.random.default_rng(seeds)
+    parts = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < per_class:
+            raise ConfigError("studies.sample_efficiency.train_per_class",
+                              f"{per_class} per class, but the pool holds only {len(members)} of class {label}")  # fmt: skip
+        parts.append(members[:per_class])
+    return np.sort(np.concatenate(parts))
+
+
+def _setup(args, params: Params):
+    """(params, variant, seeds, MLflow run-name prefix, study name or None) for the chosen mode."""
+    if args.depth is not None:
+        params, variant = params.with_depth(args.depth)
+        return params, variant, params.studies.depth.seeds, f"depth/{variant}", "depth"
+    variant = args.variant
+    params.variant(variant)  # unknown variant -> ConfigError listing the defined ones
+    if args.train_per_class is not None:
+        prefix = f"sample_efficiency/{variant}/n{args.train_per_class}"
+        return params, variant, params.studies.sample_efficiency.seeds, prefix, "sample_efficiency"
+    return params, variant, params.train.seeds, f"train/{variant}", None
+
+
+def _load_data(args, params: Params):
+    """(splits, summary): the prepared data, or for --train-per-class the study's pool."""
+    if args.train_per_class is None:
+        prepared = Path(args.prepared)
+        splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"), load_split(prepared, "test"))
+        return splits, load_summary(prepared)
+    from pipeline.prepare import prepare
+
+    pool_size = max([args.train_per_class, *params.studies.sample_efficiency.train_per_class])
+    pool = prepare(dataclasses.replace(params.data, train_per_class=pool_size), params.seed)
+    return Splits(pool.splits["train"], pool.splits["val"], pool.splits["test"]), pool.summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", required=True, help="a key of params.yaml `variants`")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variant", help="a key of params.yaml `variants`")
+    which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
+    parser.add_argument("--train-per-class", type=int, help="sample-efficiency study: train on N images per class")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", default="data/prepared", help="the prepare stage's output folder")
     parser.add_argument("--best-params", type=Path, help="tune stage's best_params.json (optional)")
     parser.add_argument("--out", type=Path, help="output folder (default: results/train/<variant>)")
+    parser.add_argument("--no-model", action="store_true", help="do not save model.keras (the studies)")
     parser.add_argument(
         "--feature-cache", default=".cache/features", help="cached prefix features (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    if args.train_per_class is not None and args.train_per_class < 1:
+        raise ConfigError("--train-per-class", f"{args.train_per_class} is not allowed; it must be at least 1")
+    if args.train_per_class is not None and args.depth is not None:
+        raise ConfigError("--train-per-class", "cannot be combined with --depth; run one study at a time")
 
-    params = load_params(args.params)
-    variant = args.variant
-    params.variant(variant)  # unknown variant -> ConfigError listing the defined ones
+    params, variant, seeds, prefix, study = _setup(args, load_params(args.params))
     out = args.out or Path("results/train") / variant
     hyper = hyperparameters(params, args.best_params)
     ensure_writable(out.parent, "--out")  # before any training, not after it
     if params.train.cache_features:
         ensure_writable(args.feature_cache, "--feature-cache")
-    prepared = Path(args.prepared)
-    summary = load_summary(prepared)
+    splits, summary = _load_data(args, params)
     class_names = summary["class_names"]
-    splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"), load_split(prepared, "test"))
     weights_source = params.variant_weights(variant)
     weights = load_base_weights(weights_source)
 
@@ -163,27 +218,42 @@ def main(argv: list[str] | None = None) -> None:
     environment = tracking.environment_tags()
     cache = FeatureCache(args.feature_cache)
     verbose = 1 if sys.stdout.isatty() else 2
+    robust = params.studies.robustness
     per_seed: dict[int, dict] = {}
     best_seed_val = -1.0
 
     with atomic_dir(out) as tmp:
-        for seed in params.train.seeds:
+        for seed in seeds:
             config = RunConfig.from_params(
                 params, variant, head_units=hyper["head_units"], learning_rate=hyper["learning_rate"],
                 num_classes=len(class_names), seed=seed, epochs=params.train.epochs,
             )  # fmt: skip
-            run_name = f"train/{variant}/seed-{seed}"
+            seed_splits = splits
+            if args.train_per_class is not None:
+                index = nested_subset(splits.train[1], args.train_per_class, [params.seed, seed])
+                seed_splits = dataclasses.replace(splits, train_index=index)
+            run_name = f"{prefix}/seed-{seed}"
             print(
                 f"[{run_name}] {hyper['source']} head_units={config.head_units} lr={config.learning_rate:.3g}",
                 flush=True,
             )
             tags, run_params = _run_metadata(params, variant, config, weights, weights_source, summary, hyper)
+            if study:
+                tags["study"] = study
+                run_params["study"] = {"name": study, "train_per_class": args.train_per_class}
             with tracking.run(run_name, tags={**tags, **environment}, params=run_params):
                 result = fit_variant(
-                    config, weights, splits, summary["data_sha256"], cache, [tracking.EpochLogger()], verbose
+                    config, weights, seed_splits, summary["data_sha256"], cache, [tracking.EpochLogger()], verbose
                 )
                 evaluation = evaluate(splits.test[1], result.test_probabilities, class_names)
                 metrics = seed_metrics(result, evaluation, config, params.report.target_accuracy)
+                index = seed_splits.train_index
+                metrics["train_images"] = len(splits.train[1]) if index is None else len(index)
+                if robust.enabled:
+                    metrics["robustness"] = robustness(
+                        result.model, splits.test[0], splits.test[1], evaluation["test_accuracy"],
+                        robust.corruptions, robust.severity, robust.seed, config.batch_size,
+                    )  # fmt: skip
                 seed_dir = tmp / "seeds" / str(seed)
                 seed_dir.mkdir(parents=True)
                 (seed_dir / "history.csv").write_text(history_csv(result.history))
@@ -200,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"at epoch {result.best_epoch}, {result.path}, {result.train_seconds:.1f}s",
                 flush=True,
             )
-            if result.best_val_accuracy > best_seed_val:
+            if result.best_val_accuracy > best_seed_val and not args.no_model:
                 best_seed_val = result.best_val_accuracy
                 _save_model(result.model, tmp / "model.keras")
         (tmp / "metrics.json").write_text(json.dumps(variant_summary(variant, per_seed), indent=2) + "\n")
@@ -228,12 +298,19 @@ def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weig
 def _log_seed(result, metrics: dict, evaluation: dict, seed_dir: Path, class_names: list[str], title: str) -> None:
     from pipeline.figures import confusion_matrix_figure, plt
 
-    tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("timing", "parameters")})
+    tracking.log_metrics(
+        {k: v for k, v in metrics.items() if k not in ("timing", "parameters", "weight_drift", "robustness")}
+    )
     tracking.log_metrics({f"params_{k}": v for k, v in metrics["parameters"].items() if k != "per_block"})
     tracking.log_metrics(
         {f"params_trainable_{b}": c["trainable"] for b, c in metrics["parameters"]["per_block"].items()}
     )
     tracking.log_metrics(metrics["timing"])
+    tracking.log_metrics({f"final_drift_{block}": value for block, value in metrics["weight_drift"].items()})
+    if "robustness" in metrics:
+        robust = metrics["robustness"]
+        tracking.log_metrics({f"corrupted_accuracy_{k}": v for k, v in robust["accuracy"].items()})
+        tracking.log_metrics({"corrupted_mean_drop": robust["mean_drop"]})
     tracking.log_metrics({"frozen_weights_unchanged": int(result.frozen_weights_unchanged)})
     tracking.log_artifacts(sorted(seed_dir.iterdir()))
     figure = confusion_matrix_figure(evaluation["confusion_matrix"], class_names, f"{title}: test confusion matrix")

@@ -18,11 +18,13 @@ import tensorflow as tf
 
 from pipeline import features as feature_path
 from pipeline.errors import PipelineError
-from pipeline.model import build_model, compile_model
+from pipeline.drift import DRIFT_COLUMNS, DriftRecorder, block_drift
+from pipeline.model import build_model, compile_model, set_trainable
+from pipeline.vgg16 import block_of
 
 HISTORY_COLUMNS = (
-    "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
-    "epoch_seconds", "cumulative_seconds", "images_seen",
+    "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
+    "epoch_seconds", "cumulative_seconds", "images_seen", *DRIFT_COLUMNS,
 )  # fmt: skip
 TIMING_COLUMNS = ("epoch_seconds", "cumulative_seconds")
 
@@ -49,6 +51,8 @@ class RunConfig:
     cache_features: bool = True
     jit_compile: bool = False
     mixed_precision: bool = False
+    warmup_epochs: int = 0  # head-only epochs before `trainable_layers` train (within `epochs`)
+    lr_multipliers: tuple[tuple[str, float], ...] = ()  # (block, factor on learning_rate)
 
     @classmethod
     def from_params(cls, params, variant: str, *, head_units: int, learning_rate: float, num_classes: int,
@@ -57,13 +61,15 @@ class RunConfig:
         hyperparameters: the one place where the tune and train stages turn settings into a run."""
         from pipeline.vgg16 import resolve_trainable
 
+        strategy = params.variant(variant)
         return cls(
             image_size=params.data.image_size, num_classes=num_classes,
-            trainable_layers=resolve_trainable(params.variant(variant).trainable), pooling=params.model.pooling,
+            trainable_layers=resolve_trainable(strategy.trainable), pooling=params.model.pooling,
             head_units=head_units, dropout=params.model.dropout, learning_rate=learning_rate, epochs=epochs,
             batch_size=params.train.batch_size, seed=seed, augmentation=params.train.augmentation,
             cache_features=params.train.cache_features, jit_compile=params.train.jit_compile,
-            mixed_precision=params.train.mixed_precision,
+            mixed_precision=params.train.mixed_precision, warmup_epochs=strategy.warmup_epochs,
+            lr_multipliers=strategy.multipliers,
         )  # fmt: skip
 
     @property
@@ -76,6 +82,9 @@ class Splits:
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray] | None = None
+    # train on these rows of `train` only: features of the whole pool are computed (and cached)
+    # once and shared by every subset (the sample-efficiency study)
+    train_index: np.ndarray | None = None
 
 
 @dataclass
@@ -89,6 +98,8 @@ class FitResult:
     train_seconds: float
     frozen_weights_unchanged: bool
     test_probabilities: np.ndarray | None = field(default=None, repr=False)
+    weight_drift: dict[str, float] = field(default_factory=dict)  # block -> ||W - W0|| / ||W0||, final model
+    warmup_epochs: int = 0  # epochs 1..warmup_epochs trained the head only
 
 
 def seed_everything(seed: int) -> None:
@@ -133,70 +144,95 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
         augmentation=config.augmentation,
     )
     frozen_before = _frozen_snapshot(model)
-    cut = feature_path.cut_layer(model, config.trainable_layers)
-    use_cache = (
-        config.cache_features and not config.augmentation and cut is not None and base_weights.sha256 is not None
-    )
-    (x_train, y_train), (x_val, y_val) = data.train, data.val
-    x_test = data.test[0] if data.test is not None else None
-    feature_seconds = 0.0
-    if use_cache:
-        split = feature_path.split_model(model, cut)
-        trained = split.suffix
-        key = feature_path.cache_key(data_sha256, base_weights.sha256, cut, config.image_size, config.precision)
-        inputs = {}
-        extraction_batch = feature_path.extraction_batch_size(config.image_size)
-        for name, images in (("train", x_train), ("val", x_val), ("test", x_test)):
-            if images is None:
-                continue
-            if feature_cache is None:
-                start = time.perf_counter()
-                inputs[name] = feature_path.predict(split.prefix, images, extraction_batch)
-                seconds = time.perf_counter() - start
-            else:
-                inputs[name], seconds = feature_cache.get_or_compute(key, name, split.prefix, images, extraction_batch)
-            feature_seconds += seconds
-        x_train, x_val, x_test = inputs["train"], inputs["val"], inputs.get("test")
-        path = f"cached-features (cut after {cut})"
-    else:
-        trained = model
-        path = "end-to-end"
-        if config.cache_features and config.augmentation and cut is not None:
-            path += " (augmentation on: feature cache bypassed)"
-
-    compile_model(trained, config.learning_rate, config.trainable_layers, jit_compile=config.jit_compile)
+    (x_train, y_train), val, test = data.train, data.val, data.test
+    if data.train_index is not None:  # a subset of a larger pool whose features may be cached
+        y_train = y_train[data.train_index]
+    phases = [("warmup", frozenset(), config.warmup_epochs)] if config.warmup_epochs else []
+    phases.append(("main", config.trainable_layers, config.epochs))
+    drift = DriftRecorder(model, frozenset(block_of(name) for name in config.trainable_layers))
     recorder = _EpochRecorder(len(y_train))
-    keep_best = _KeepBest()
-    start = time.perf_counter()
-    trained.fit(
-        _batches(x_train, y_train, config.batch_size, config.seed, shuffle=True),
-        validation_data=_batches(x_val, y_val, config.batch_size, config.seed, shuffle=False),
-        epochs=config.epochs,
-        shuffle=False,  # the tf.data pipeline shuffles, seeded
-        callbacks=[recorder, keep_best, *callbacks],
-        verbose=verbose,
-    )
-    train_seconds = time.perf_counter() - start
-    if keep_best.weights is not None:
-        trained.set_weights(keep_best.weights)
+    keep_best = _KeepBest(model.trainable_weights)  # the spec's weights: all that any phase can change
+    feature_seconds, train_seconds, first_epoch, paths = 0.0, 0.0, 0, []
+    for phase, trainable_layers, last_epoch in phases:
+        set_trainable(model, trainable_layers)
+        inputs, path, seconds = _phase_inputs(
+            model, config, trainable_layers, base_weights, data_sha256, feature_cache,
+            {"train": x_train, "val": val[0], "test": test[0] if test is not None else None}, data.train_index,
+        )  # fmt: skip
+        feature_seconds += seconds
+        paths.append(path if phase == "main" else f"warm-up {path}")
+        trained = inputs.pop("model")
+        multipliers = dict(config.lr_multipliers) if phase == "main" else None
+        compile_model(trained, config.learning_rate, trainable_layers, config.jit_compile, multipliers)
+        recorder.phase = phase
+        start = time.perf_counter()
+        trained.fit(
+            _batches(inputs["train"], y_train, config.batch_size, config.seed, shuffle=True),
+            validation_data=_batches(inputs["val"], val[1], config.batch_size, config.seed, shuffle=False),
+            initial_epoch=first_epoch,
+            epochs=last_epoch,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
+            callbacks=[drift, recorder, keep_best, *callbacks],
+            verbose=verbose,
+        )
+        train_seconds += time.perf_counter() - start
+        first_epoch = last_epoch
+    keep_best.restore()
     frozen_after = _frozen_snapshot(model)
     frozen_unchanged = frozen_after.keys() == frozen_before.keys() and all(
         np.array_equal(frozen_before[k], v) for k, v in frozen_after.items()
     )
     test_probabilities = None
-    if x_test is not None:
-        test_probabilities = feature_path.predict(trained, x_test, config.batch_size)
+    if inputs.get("test") is not None:
+        test_probabilities = feature_path.predict(trained, inputs["test"], config.batch_size)
     return FitResult(
         model=model,
         history=recorder.rows,
         best_epoch=keep_best.epoch,
         best_val_accuracy=keep_best.value,
-        path=path,
+        path="; then ".join(paths),
         feature_seconds=feature_seconds,
         train_seconds=train_seconds,
         frozen_weights_unchanged=frozen_unchanged,
         test_probabilities=test_probabilities,
+        weight_drift=block_drift(model, drift.initial),
+        warmup_epochs=config.warmup_epochs,
     )
+
+
+def _phase_inputs(model, config, trainable_layers, base_weights, data_sha256, feature_cache, images, train_index):
+    """What one training phase fits: the suffix on cached prefix features when the strategy (in
+    this phase) has a frozen prefix and caching is allowed, else the whole model on images.
+    Returns ({"model", "train", "val", "test"}, path description, feature seconds)."""
+    cut = feature_path.cut_layer(model, trainable_layers)
+    use_cache = (
+        config.cache_features and not config.augmentation and cut is not None and base_weights.sha256 is not None
+    )
+    seconds = 0.0
+    if not use_cache:
+        path = "end-to-end"
+        if config.cache_features and config.augmentation and cut is not None:
+            path += " (augmentation on: feature cache bypassed)"
+        inputs = dict(images, model=model)
+    else:
+        split = feature_path.split_model(model, cut)
+        key = feature_path.cache_key(data_sha256, base_weights.sha256, cut, config.image_size, config.precision)
+        extraction_batch = feature_path.extraction_batch_size(config.image_size)
+        inputs = {"model": split.suffix, "test": None}
+        for name, x in images.items():
+            if x is None:
+                continue
+            if feature_cache is None:
+                start = time.perf_counter()
+                inputs[name] = feature_path.predict(split.prefix, x, extraction_batch)
+                spent = time.perf_counter() - start
+            else:
+                inputs[name], spent = feature_cache.get_or_compute(key, name, split.prefix, x, extraction_batch)
+            seconds += spent
+        path = f"cached-features (cut after {cut})"
+    if train_index is not None:  # pool features (or images) -> this run's subset
+        inputs["train"] = np.asarray(inputs["train"][train_index])
+    return inputs, path, seconds
 
 
 STREAM_BYTES = 512 * 2**20  # inputs larger than this (as float32) are read batch by batch
@@ -247,6 +283,7 @@ class _EpochRecorder(keras.callbacks.Callback):
         super().__init__()
         self.train_size = train_size
         self.rows: list[dict] = []
+        self.phase = "main"
         self._cumulative = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -263,19 +300,23 @@ class _EpochRecorder(keras.callbacks.Callback):
         self.rows.append(
             {
                 "epoch": epoch + 1,
+                "phase": self.phase,
                 **{k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
                 "epoch_seconds": seconds,
                 "cumulative_seconds": self._cumulative,
                 "images_seen": self.train_size * (epoch + 1),
+                **{k: float(logs.get(k, 0.0)) for k in DRIFT_COLUMNS},
             }
         )
 
 
 class _KeepBest(keras.callbacks.Callback):
-    """Keeps (in memory) the weights of the epoch with the highest val_accuracy; first wins ties."""
+    """Keeps (in memory) the values of `variables` at the epoch with the highest val_accuracy
+    (first wins ties), across training phases; `restore()` puts them back."""
 
-    def __init__(self):
+    def __init__(self, variables):
         super().__init__()
+        self.variables = list(variables)
         self.weights = None
         self.epoch = 0
         self.value = -math.inf
@@ -284,4 +325,9 @@ class _KeepBest(keras.callbacks.Callback):
         value = float((logs or {}).get("val_accuracy", -math.inf))
         if value > self.value:
             self.value, self.epoch = value, epoch + 1
-            self.weights = [np.array(w) for w in self.model.get_weights()]
+            self.weights = [np.array(v.numpy()) for v in self.variables]
+
+    def restore(self) -> None:
+        if self.weights is not None:
+            for variable, value in zip(self.variables, self.weights, strict=True):
+                variable.assign(value)

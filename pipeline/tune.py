@@ -1,4 +1,5 @@
-"""Stage `tune@<variant>`: Optuna searches head_units and learning_rate for one strategy.
+"""Stage `tune@<variant>` (and `depth_tune@<k>`): Optuna searches head_units and learning_rate
+for one strategy.
 
 Reads params.yaml (`seed`, `model`, `train.batch_size`, `variants.<variant>`, `tune`,
 `mlflow`) and the prepared data. Every strategy gets the same budget: `tune.n_trials` trials
@@ -11,7 +12,8 @@ function as the train stage. Writes into `--out` (results/tune/<variant>):
                      missing trials run); with `tune.storage` a database URL it lives there.
 MLflow: a parent run `tune/<variant>` and one nested run per trial.
 
-`--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
+`--depth K` tunes the depth sweep's strategy `top<K>` (the top K conv layers train) instead
+of a named one. `--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
 runs K trials; `tune.n_workers: N` starts N local workers itself.
 """
 
@@ -159,7 +161,8 @@ def run_trials(study, params: Params, variant: str, context: dict, n_trials: int
 
 def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
     """Start one `--worker` process per quota and wait; Ctrl-C/SIGTERM stops them all."""
-    command = [sys.executable, "-m", "pipeline.tune", "--variant", args.variant, "--params", args.params,
+    which = ["--depth", str(args.depth)] if args.depth is not None else ["--variant", args.variant]
+    command = [sys.executable, "-m", "pipeline.tune", *which, "--params", args.params,
                "--prepared", str(args.prepared), "--out", str(args.out), "--feature-cache", args.feature_cache,
                "--worker", "--parent-run-id", parent_run_id]  # fmt: skip
     workers = [subprocess.Popen([*command, "--n-trials", str(q)]) for q in quotas]
@@ -177,7 +180,9 @@ def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variant", help="a key of params.yaml `variants`")
+    which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, help="default: results/tune/<variant>")
@@ -187,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-run-id", help="with --worker: the MLflow run of the study")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.depth is not None:
+        params, args.variant = params.with_depth(args.depth)
     params.variant(args.variant)
     args.out = args.out or Path("results/tune") / args.variant
     ensure_writable(args.out, "--out")

@@ -50,3 +50,11 @@ def resolve_trainable(spec: str | tuple[str, ...] | list[str]) -> frozenset[str]
             valid = ", ".join([*BLOCKS, *CONV_LAYERS])
             raise ConfigError("trainable", f"{name!r} is not a VGG16 block or layer; valid: {valid}")
     return frozenset(selected)
+
+
+def top_layers(k: int) -> frozenset[str]:
+    """The top `k` conv layers (0 = none, 13 = the whole base): the freezing-depth sweep's
+    strategy "train the top k conv layers"."""
+    if not 0 <= k <= len(CONV_LAYERS):
+        raise ConfigError("k", f"{k} is not allowed; it must be in 0..{len(CONV_LAYERS)}")
+    return frozenset(CONV_LAYERS[len(CONV_LAYERS) - k :])
