@@ -38,7 +38,7 @@ from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation import epochs_to_target, evaluate, robustness
-from pipeline.features import FeatureCache
+from pipeline.features import FeatureCache, extraction_batch_size
 from pipeline.model import count_parameters
 from pipeline.params import Params, load_params
 from pipeline.training import HISTORY_COLUMNS, RunConfig, Splits, fit_variant
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                 if robust.enabled:
                     metrics["robustness"] = robustness(
                         result.model, splits.test[0], splits.test[1], evaluation["test_accuracy"],
-                        robust.corruptions, robust.severity, robust.seed, config.batch_size,
+                        robust.corruptions, robust.severity, robust.seed, extraction_batch_size(config.image_size),
                     )  # fmt: skip
                 seed_dir = tmp / "seeds" / str(seed)
                 seed_dir.mkdir(parents=True)
