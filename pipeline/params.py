@@ -265,14 +265,14 @@ class Params:
     def __post_init__(self):
         if not self.variants:
             raise ConfigError("variants", "is empty; define at least one strategy, e.g. frozen: {trainable: none}")
+        limit = min(self.train.epochs, self.tune.epochs)
         for name, variant in self.variants.items():
-            for budget, epochs in (("train.epochs", self.train.epochs), ("tune.epochs", self.tune.epochs)):
-                if variant.warmup_epochs >= epochs:
-                    raise ConfigError(
-                        f"variants.{name}.warmup_epochs",
-                        f"{variant.warmup_epochs} leaves no fine-tuning epoch within {budget}={epochs}; "
-                        f"lower it below {epochs} (the warm-up counts in the budget)",
-                    )
+            if variant.warmup_epochs >= limit:
+                raise ConfigError(
+                    f"variants.{name}.warmup_epochs",
+                    f"{variant.warmup_epochs} leaves no fine-tuning epoch within train.epochs={self.train.epochs} "
+                    f"and tune.epochs={self.tune.epochs}; lower it below {limit} (the warm-up counts in the budget)",
+                )
         if self.report.baseline not in self.variants:
             raise ConfigError(
                 "report.baseline", f"{self.report.baseline!r} is not a strategy; defined: {', '.join(self.variants)}"

@@ -1,8 +1,9 @@
 """Stage `report`: the comparison a reviewer reads, as Markdown and self-contained HTML.
 
 Reads params.yaml, data/prepared/summary.json, results/tune/<variant>/{best_params.json,
-trials.csv} and results/train/<variant>/seeds/<seed>/{history.csv,metrics.json,
-confusion_matrix.csv}; never builds a network. Writes `--out` (reports/):
+trials.csv}, results/train/<variant>/seeds/<seed>/{history.csv,metrics.json,
+confusion_matrix.csv} and the studies' results under results/studies/ where they exist; never
+builds a network. Writes `--out` (reports/):
   report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
   figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
   summary.json             mean test accuracy and CI per strategy (a DVC metric)
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import report_figures as figures
+from pipeline import report_studies as research
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, ensure_writable, write_json, write_text
 from pipeline.cli import run_stage
@@ -34,22 +36,31 @@ def _number(text: str):
     return None if text in ("", "None") else float(text)
 
 
+def _history_row(row: dict) -> dict:
+    return {k: (v if k == "phase" else float(v)) for k, v in row.items()}
+
+
 def read_variant(train_dir: Path, variant: str) -> dict:
     """One strategy's per-seed results from the train stage's files."""
     seeds_dir = train_dir / variant / "seeds"
     if not seeds_dir.is_dir():
         raise DataError(f"{seeds_dir} not found; run `dvc repro train@{variant}` first")
-    result = {"histories": {}, "test_accuracy": {}, "macro_f1": {}, "epochs_to_target": {}, "seconds_per_epoch": {}}
+    result = {"histories": {}, "test_accuracy": {}, "macro_f1": {}, "epochs_to_target": {}, "seconds_per_epoch": {},
+              "weight_drift": {}, "robustness": {}}  # fmt: skip
     confusion = None
     for seed_dir in sorted(seeds_dir.iterdir(), key=lambda p: int(p.name)):
         seed = int(seed_dir.name)
         metrics = json.loads((seed_dir / "metrics.json").read_text())
         with (seed_dir / "history.csv").open() as f:
-            result["histories"][seed] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            result["histories"][seed] = [_history_row(row) for row in csv.DictReader(f)]
         result["test_accuracy"][seed] = metrics["test_accuracy"]
         result["macro_f1"][seed] = metrics["test_macro_f1"]
         result["epochs_to_target"][seed] = metrics["epochs_to_target"]
         result["seconds_per_epoch"][seed] = metrics["timing"]["seconds_per_epoch"]
+        if "weight_drift" in metrics:
+            result["weight_drift"][seed] = metrics["weight_drift"]
+        if "robustness" in metrics:
+            result["robustness"][seed] = metrics["robustness"]
         with (seed_dir / "confusion_matrix.csv").open() as f:
             rows = list(csv.reader(f))
         matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
@@ -58,6 +69,7 @@ def read_variant(train_dir: Path, variant: str) -> dict:
             parameters=metrics["parameters"], head_units=metrics["head_units"],
             learning_rate=metrics["learning_rate"], training_path=metrics["training_path"],
             target_accuracy=metrics["target_accuracy"], epochs=metrics["epochs"],
+            warmup_epochs=metrics.get("warmup_epochs", 0), train_images=metrics.get("train_images"),
         )  # fmt: skip
     if not result["histories"]:
         raise DataError(f"{seeds_dir} holds no seed results; rerun `dvc repro train@{variant}`")
@@ -91,8 +103,11 @@ def summary_metrics(results: dict) -> dict:
     return out
 
 
-def draw_figures(results: dict, tuning: dict, class_names: list[str], folder: Path) -> dict[str, str]:
-    """Write every figure as PNG into `folder`; returns {figure id: file name}."""
+def draw_figures(
+    results: dict, tuning: dict, class_names: list[str], folder: Path, studies: dict | None = None
+) -> dict[str, str]:
+    """Write every figure as PNG into `folder` (research ones where their results exist);
+    returns {figure id: file name}."""
     palette = figures.colours(list(results))
     best = max(results, key=lambda v: np.mean(list(results[v]["test_accuracy"].values())))
     drawings = {
@@ -111,6 +126,7 @@ def draw_figures(results: dict, tuning: dict, class_names: list[str], folder: Pa
     tuned = {v: t for v, t in tuning.items() if t is not None}
     if tuned:
         drawings["tuning"] = lambda: figures.tuning_history(tuned, palette)
+    drawings.update(research.draw(results, studies or {}, palette))
     for variant, result in results.items():
         drawings[f"confusion_{variant}"] = lambda v=variant, r=result: confusion_matrix_figure(
             r["confusion"], class_names, f"{v}: test set, all seeds"
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
     parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
+    parser.add_argument("--studies-dir", type=Path, default=Path("results/studies"),
+                        help="the studies' results (sections appear for those that exist)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--thumbnail", type=Path, help="also write a small copy of the convergence figure here")
     args = parser.parse_args(argv)
@@ -154,14 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     data_summary = load_summary(args.prepared)
     results = {v: read_variant(args.train_dir, v) for v in params.variants}
     tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
+    studies = research.read_studies(args.studies_dir, params, read_variant)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
     tracking.connect(uri, params.mlflow.experiment)
 
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
     with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):
         with atomic_dir(args.out / "figures") as figure_dir:
-            files = draw_figures(results, tuning, data_summary["class_names"], figure_dir)
-            document = build_document(params, data_summary, results, tuning, files)
+            files = draw_figures(results, tuning, data_summary["class_names"], figure_dir, studies)
+            document = build_document(params, data_summary, results, tuning, files, studies)
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
         write_text(args.out / "report.html", html)
@@ -170,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             _thumbnail(args.out / "figures" / files["convergence_epochs"], args.thumbnail)
         tracking.log_artifacts([args.out / name for name in ("report.md", "report.html", "summary.json")])
         tracking.log_artifacts(sorted((args.out / "figures").glob("*.png")), folder="figures")
-    print(f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies)")
+    print(f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies"
+          + (f", studies: {', '.join(studies)}" if studies else "") + ")")  # fmt: skip
 
 
 if __name__ == "__main__":

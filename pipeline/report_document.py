@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import Params
+from pipeline.report_studies import study_blocks
 from pipeline.stats import paired_t_test, t_interval
 
 WEIGHT_MEANINGS = {
@@ -86,7 +87,9 @@ def tuning_table(tuning: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def build_document(params: Params, data: dict, results: dict, tuning: dict, files: dict) -> list[tuple]:
+def build_document(
+    params: Params, data: dict, results: dict, tuning: dict, files: dict, studies: dict | None = None
+) -> list[tuple]:
     baseline = params.report.baseline
     seeds = len(params.train.seeds)
     best = max(results, key=lambda v: np.mean(list(results[v]["test_accuracy"].values())))
@@ -136,6 +139,7 @@ def build_document(params: Params, data: dict, results: dict, tuning: dict, file
     ]
     if "tuning" in files:
         doc.append(("figure", files["tuning"], "Trial values per strategy; the line is the best so far."))
+    doc += study_blocks(params, results, studies or {}, files)
     doc += [
         ("h2", f"Confusion matrix of {best}"),
         ("figure", files["confusion_best"], "Test-set predictions summed over seeds."),
@@ -174,7 +178,24 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         "Test metrics use each seed's best validation epoch. Wall-clock curves count training epochs only: "
         "cached strategies also pay a one-time feature extraction shared by all their trials and seeds.",
         "Training paths: " + "; ".join(paths) + ".",
+        *_strategy_options(params),
     ]
+
+
+def _strategy_options(params: Params) -> list[str]:
+    """Caveat lines for strategies with a warm-up or block-wise learning rates."""
+    lines = []
+    for name, variant in params.variants.items():
+        options = []
+        if variant.warmup_epochs:
+            options.append(f"{variant.warmup_epochs} head-only warm-up epoch(s) first (within the "
+                           f"{params.train.epochs}-epoch budget; dashed line in the convergence plot)")  # fmt: skip
+        if variant.lr_multipliers:
+            factors = ", ".join(f"{b} ×{f:g}" for b, f in variant.multipliers)
+            options.append(f"learning rate per block: {factors}")
+        if options:
+            lines.append(f"`{name}`: " + "; ".join(options) + ".")
+    return lines
 
 
 # --- renderers -------------------------------------------------------------------------------

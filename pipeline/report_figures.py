@@ -35,6 +35,11 @@ def convergence(results: dict, palette: dict, x_key: str, x_label: str) -> plt.F
             x, mean, low, high = _curves(result["histories"], x_key, key)
             axes.plot(x, mean, marker="o", markersize=3, color=palette[variant], label=variant)
             axes.fill_between(x, low, high, color=palette[variant], alpha=0.15)
+            warmup = result.get("warmup_epochs", 0)
+            if warmup and x_key == "epoch":  # two-phase strategy: where fine-tuning starts
+                axes.axvline(warmup + 0.5, color=palette[variant], linestyle="--", alpha=0.7)
+                axes.annotate(f"{variant}: warm-up ends", (warmup + 0.5, 0.02), xycoords=("data", "axes fraction"),
+                              rotation=90, fontsize=7, color=palette[variant], ha="right", va="bottom")  # fmt: skip
     acc_axes.set_ylabel("validation accuracy")
     loss_axes.set_ylabel("validation loss (cross-entropy)")
     for axes in (acc_axes, loss_axes):

@@ -288,6 +288,8 @@ def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weig
         "seed": config.seed,
         "weights": weights_source,
         "trainable": params.variant(variant).trainable,
+        "warmup_epochs": config.warmup_epochs,
+        "lr_multipliers": dict(config.lr_multipliers),
         "data": vars(params.data),
         "model": {**vars(params.model), "head_units": config.head_units},
         "train": {**vars(params.train), "learning_rate": config.learning_rate},

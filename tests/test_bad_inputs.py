@@ -102,6 +102,39 @@ def assert_nothing_written(folder: Path) -> None:
             {"tune": {"head_units": [-1, 64]}}, ["tune.head_units", "choices must be >= 0"],
             id="tune_head_units_negative",
         ),
+        pytest.param(
+            {"variants": {"partial": {"warmup_epochs": 5}}},
+            ["variants.partial.warmup_epochs", "leaves no fine-tuning epoch", "lower it below 3"],
+            id="warmup_as_long_as_the_budget",
+        ),
+        pytest.param(
+            {"variants": {"frozen": {"warmup_epochs": 1}}},
+            ["variants.frozen.warmup_epochs", "needs a strategy that trains conv layers"],
+            id="warmup_for_a_frozen_strategy",
+        ),
+        pytest.param(
+            {"variants": {"last_layers": {"lr_multipliers": {"block4": 0.1}}}},
+            ["variants.last_layers.lr_multipliers.block4", "block4 does not train in this strategy"],
+            id="lr_multiplier_for_a_frozen_block",
+        ),
+        pytest.param(
+            {"variants": {"full": {"lr_multipliers": {"head": 2.0}}}},
+            ["variants.full.lr_multipliers.head", "use a block name: block1"],
+            id="lr_multiplier_for_a_non_block",
+        ),
+        pytest.param(
+            {"studies": {"depth": {"k": [0, 14]}}}, ["studies.depth.k", "every k must be in 0..13"],
+            id="depth_k_beyond_the_base",
+        ),
+        pytest.param(
+            {"studies": {"sample_efficiency": {"train_per_class": [10, 10]}}},
+            ["studies.sample_efficiency.train_per_class", "sizes must be unique"], id="sample_sizes_repeated",
+        ),
+        pytest.param(
+            {"studies": {"robustness": {"corruptions": ["fog"]}}},
+            ["studies.robustness.corruptions", "use some of gaussian_noise, blur, contrast"],
+            id="unknown_corruption",
+        ),
     ],
 )  # fmt: skip
 def test_params(tmp_path, write_params, override, fragments):

@@ -170,3 +170,33 @@ def test_ctrl_c_during_dvc_repro_then_repro_resumes_where_it_stopped(project):
     assert {r.info.run_name for r in runs if r.info.status == "KILLED"} <= {
         f"train/{interrupted.split('@')[1]}/seed-{seed}" for seed in raw["train"]["seeds"]
     }
+
+
+def test_each_study_runs_with_its_one_documented_command(project):
+    """README "Studies": `dvc exp run -S <the study's list>`; the report then shows its section.
+    (Last in this module: it changes the workspace's params.yaml, as `dvc exp run` does.)"""
+    repo, env, _, _ = project
+    commands = {
+        "sample_efficiency": ["-S", "studies.sample_efficiency.train_per_class=[1,3]",
+                              "-S", "studies.sample_efficiency.seeds=[1,2]"],
+        "depth": ["-S", "studies.depth.k=[0,13]", "-S", "studies.depth.seeds=[1]"],
+    }  # fmt: skip
+    for study, settings in commands.items():
+        run = subprocess.run(["dvc", "exp", "run", *settings], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=1800)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Running stage 'prepare'" not in run.stdout  # the main pipeline was up to date
+    studies = repo / "results" / "studies"
+    for variant in ("scratch", "frozen", "last_layers", "partial", "full"):
+        for n in (1, 3):
+            metrics = json.loads((studies / "sample_efficiency" / variant / f"n{n}" / "metrics.json").read_text())
+            assert sorted(metrics["seeds"]) == ["1", "2"]
+    top0 = json.loads((studies / "depth/train/top0/seeds/1/metrics.json").read_text())
+    top13 = json.loads((studies / "depth/train/top13/seeds/1/metrics.json").read_text())
+    assert top0["parameters"]["per_block"]["block5"]["trainable"] == 0
+    assert top13["parameters"]["non_trainable"] == 0 and top13["training_path"] == "end-to-end"
+    assert set(top13["weight_drift"].values()) != {0.0} and set(top0["weight_drift"].values()) == {0.0}
+    text = (repo / "reports" / "report.md").read_text()
+    assert "## Study: sample efficiency" in text and "## Study: freezing depth" in text
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
+    assert "changed" not in status.stdout, status.stdout
