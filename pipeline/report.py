@@ -37,7 +37,8 @@ def _number(text: str):
 
 
 def _history_row(row: dict) -> dict:
-    return {k: (v if k == "phase" else float(v)) for k, v in row.items()}
+    """A history.csv row as numbers (`phase` stays text; empty cells, absent in older files, are left out)."""
+    return {k: (v if k == "phase" else float(v)) for k, v in row.items() if v != ""}
 
 
 def read_variant(train_dir: Path, variant: str) -> dict:

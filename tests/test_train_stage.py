@@ -41,8 +41,12 @@ def test_stage_writes_per_seed_outputs(stage_run):
         assert sorted(p.name for p in files.iterdir()) == ["confusion_matrix.csv", "history.csv", "metrics.json"]
         rows = list(csv.DictReader((files / "history.csv").open()))
         assert [r["epoch"] for r in rows] == ["1", "2"]
-        assert list(rows[0]) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                                 "cumulative_seconds", "images_seen"]  # fmt: skip
+        assert list(rows[0]) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                                 "cumulative_seconds", "images_seen", "drift_block1", "drift_block2",
+                                 "drift_block3", "drift_block4", "drift_block5"]  # fmt: skip
+        assert [r["phase"] for r in rows] == ["main", "main"]
+        assert {r[f"drift_block{b}"] for r in rows for b in (1, 2, 3, 4)} == {"0.0"}
+        assert all(float(r["drift_block5"]) > 0 for r in rows)
         matrix = list(csv.reader((files / "confusion_matrix.csv").open()))
         assert len(matrix) == 11 and len(matrix[0]) == 11
         assert sum(int(v) for row in matrix[1:] for v in row[1:]) == 20  # 2 test images x 10 classes
@@ -53,6 +57,9 @@ def test_stage_writes_per_seed_outputs(stage_run):
         assert metrics["frozen_weights_unchanged"] is True
         assert metrics["training_path"] == "cached-features (cut after block5_conv2)"
         assert set(metrics["test_recall_per_class"]) >= {"Trouser", "Ankle boot"}
+        assert metrics["weight_drift"]["block1"] == 0.0 and metrics["weight_drift"]["block5"] > 0
+        assert metrics["robustness"]["severity"] == 3 and set(metrics["robustness"]["drop"]) == {
+            "gaussian_noise", "blur", "contrast"}  # fmt: skip
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["seeds"]) == {"1", "2"}
     mean = np.mean([summary["seeds"][s]["test_accuracy"] for s in ("1", "2")])
