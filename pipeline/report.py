@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import report_diagnostics as diagnostics
 from pipeline import report_figures as figures
 from pipeline import report_studies as research
 from pipeline import tracking
@@ -127,7 +128,8 @@ def draw_figures(
     tuned = {v: t for v, t in tuning.items() if t is not None}
     if tuned:
         drawings["tuning"] = lambda: figures.tuning_history(tuned, palette)
-    drawings.update(research.draw(results, studies or {}, palette))
+    drawings.update(diagnostics.draw(results, palette))
+    drawings.update(research.draw(studies or {}, palette))
     for variant, result in results.items():
         drawings[f"confusion_{variant}"] = lambda v=variant, r=result: confusion_matrix_figure(
             r["confusion"], class_names, f"{v}: test set, all seeds"

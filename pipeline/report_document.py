@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import report_diagnostics
 from pipeline.params import Params
 from pipeline.report_studies import study_blocks
 from pipeline.stats import paired_t_test, t_interval
@@ -139,7 +140,8 @@ def build_document(
     ]
     if "tuning" in files:
         doc.append(("figure", files["tuning"], "Trial values per strategy; the line is the best so far."))
-    doc += study_blocks(params, results, studies or {}, files)
+    doc += report_diagnostics.blocks(params, results, files)
+    doc += study_blocks(params, studies or {}, files)
     doc += [
         ("h2", f"Confusion matrix of {best}"),
         ("figure", files["confusion_best"], "Test-set predictions summed over seeds."),

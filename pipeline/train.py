@@ -150,8 +150,8 @@ def nested_subset(labels: np.ndarray, per_class: int, seeds: list[int]) -> np.nd
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         if len(members) < per_class:
-            raise ConfigError("studies.sample_efficiency.train_per_class",
-                              f"{per_class} per class, but the pool holds only {len(members)} of class {label}")  # fmt: skip
+            problem = f"{per_class} per class, but the pool holds only {len(members)} of class {label}"
+            raise ConfigError("studies.sample_efficiency.train_per_class", problem)
         parts.append(members[:per_class])
     return np.sort(np.concatenate(parts))
 

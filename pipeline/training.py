@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import features as feature_path
-from pipeline.errors import PipelineError
 from pipeline.drift import DRIFT_COLUMNS, DriftRecorder, block_drift
+from pipeline.errors import PipelineError
 from pipeline.model import build_model, compile_model, set_trainable
 from pipeline.vgg16 import block_of
 

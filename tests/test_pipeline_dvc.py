@@ -181,7 +181,7 @@ def test_each_study_runs_with_its_one_documented_command(project):
                               "-S", "studies.sample_efficiency.seeds=[1,2]"],
         "depth": ["-S", "studies.depth.k=[0,13]", "-S", "studies.depth.seeds=[1]"],
     }  # fmt: skip
-    for study, settings in commands.items():
+    for settings in commands.values():
         run = subprocess.run(["dvc", "exp", "run", *settings], cwd=repo, env=env, capture_output=True, text=True,
                              timeout=1800)  # fmt: skip
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -143,17 +143,19 @@ def studies_run(tmp_path_factory):
     make_tiny_project(root, variants, STUDIES)
     prepared, cache = str(root / "prepared"), str(root / "cache")
     for variant in variants:
-        _run(root, "train", "--variant", variant, "--prepared", prepared, "--out", str(root / "results/train" / variant),
-             "--feature-cache", cache)  # fmt: skip
+        out = str(root / "results/train" / variant)
+        _run(root, "train", "--variant", variant, "--prepared", prepared, "--out", out, "--feature-cache", cache)
     studies = root / "results" / "studies"
     _run(root, "train", "--variant", "frozen", "--train-per-class", "3", "--no-model", "--feature-cache", cache,
          "--out", str(studies / "sample_efficiency/frozen/n3"))  # fmt: skip
     _run(root, "tune", "--depth", "1", "--prepared", prepared, "--feature-cache", cache,
          "--out", str(studies / "depth/tune/top1"))  # fmt: skip
+    best = str(studies / "depth/tune/top1/best_params.json")
     _run(root, "train", "--depth", "1", "--prepared", prepared, "--no-model", "--feature-cache", cache,
-         "--best-params", str(studies / "depth/tune/top1/best_params.json"), "--out", str(studies / "depth/train/top1"))  # fmt: skip
+         "--best-params", best, "--out", str(studies / "depth/train/top1"))  # fmt: skip
     report = _run(root, "report", "--prepared", prepared, "--train-dir", str(root / "results/train"),
-                  "--tune-dir", str(root / "results/tune"), "--studies-dir", str(studies), "--out", str(root / "reports"))  # fmt: skip
+                  "--tune-dir", str(root / "results/tune"), "--studies-dir", str(studies),
+                  "--out", str(root / "reports"))  # fmt: skip
     return root, report
 
 
@@ -171,7 +173,9 @@ def test_sample_efficiency_stage_trains_each_seed_on_its_own_nested_subset(studi
         assert metrics["training_path"] == "cached-features (cut after block5_pool)"
         assert set(metrics["robustness"]["accuracy"]) == {"gaussian_noise", "blur", "contrast"}
     first, second = (_seed_metrics(folder, s)["test_accuracy"] for s in (1, 2))
-    assert json.loads((folder / "metrics.json").read_text())["test_accuracy_mean"] == pytest.approx((first + second) / 2)
+    assert json.loads((folder / "metrics.json").read_text())["test_accuracy_mean"] == pytest.approx(
+        (first + second) / 2
+    )
 
 
 def test_depth_stages_train_exactly_the_top_k_layers(studies_run):
@@ -193,8 +197,8 @@ def test_two_phase_strategy_records_phases_and_drift_in_history_and_mlflow(studi
     assert [line.split(",")[1] for line in history[1:]] == ["warmup", "main"]
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     client = mlflow.MlflowClient()
-    (run,) = mlflow.search_runs(experiment_names=["vgg16-freezing"], filter_string="attributes.run_name = 'train/partial/seed-1'",
-                                output_format="list")  # fmt: skip
+    name = "attributes.run_name = 'train/partial/seed-1'"
+    (run,) = mlflow.search_runs(experiment_names=["vgg16-freezing"], filter_string=name, output_format="list")
     steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "drift_block5")]
     assert [s for s, _ in steps] == [1, 2] and steps[0][1] == 0.0 and steps[1][1] > 0
     assert run.data.params["warmup_epochs"] == "1" and run.data.params["lr_multipliers.block5"] == "0.5"

@@ -65,7 +65,10 @@ def test_warmup_epochs_train_the_head_exactly_like_the_frozen_strategy_then_fine
     assert all(row[d] == 0.0 for row in history[:2] for d in DRIFTS)
     assert all(row["drift_block5"] > 0 for row in history[2:])
     assert all(row[d] == 0.0 for row in history for d in DRIFTS[:4])
-    assert two_phase.path == "warm-up cached-features (cut after block5_pool); then cached-features (cut after block4_pool)"
+    assert (
+        two_phase.path
+        == "warm-up cached-features (cut after block5_pool); then cached-features (cut after block4_pool)"
+    )
     assert two_phase.frozen_weights_unchanged
     assert two_phase.warmup_epochs == 2
 
