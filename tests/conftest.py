@@ -135,3 +135,11 @@ def stage_env(root: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
     env.pop("DVC_ROOT", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def hed():
+    """The embedded pretrained VGG16 conv weights (loaded once per test session)."""
+    from pipeline.weights import load_base_weights
+
+    return load_base_weights("hed")

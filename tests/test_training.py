@@ -10,12 +10,6 @@ from pipeline import features
 from pipeline.model import build_model
 from pipeline.training import TIMING_COLUMNS, NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.vgg16 import BLOCKS, resolve_trainable
-from pipeline.weights import load_base_weights
-
-
-@pytest.fixture(scope="module")
-def hed():
-    return load_base_weights("hed")
 
 
 @pytest.fixture(scope="module")

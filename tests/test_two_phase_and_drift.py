@@ -14,14 +14,8 @@ from pipeline.features import FeatureCache
 from pipeline.model import build_model, compile_model
 from pipeline.training import TIMING_COLUMNS, RunConfig, Splits, fit_variant
 from pipeline.vgg16 import BLOCKS, resolve_trainable
-from pipeline.weights import load_base_weights
 
 DRIFTS = [f"drift_{b}" for b in BLOCKS]
-
-
-@pytest.fixture(scope="module")
-def hed():
-    return load_base_weights("hed")
 
 
 @pytest.fixture(scope="module")
