@@ -4,7 +4,7 @@
   python -m pipeline.bench --end-to-end   # clean `dvc repro` in a temporary copy, no-op repro,
                                           # wall time and peak memory per stage (about 20 min)
   python -m pipeline.bench --numerics     # XLA and bfloat16 against float32 (about 5 min)
-  python -m pipeline.bench --tune         # tune trials/min with and without pruning (about 7 min)
+  python -m pipeline.bench --tune         # tune trials/min per strategy under the training rule (~7 min)
 
 Writes reports/benchmark.json, benchmark_e2e.json, benchmark_numerics.json or benchmark_tune.json, then renders
 reports/benchmark.md from whichever exist (each part says when and at which commit it ran). Every timed figure is a
@@ -91,13 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", default="compute,strategies,large",
                         help="comma-separated subset of compute,strategies,large (default: all)")  # fmt: skip
     parser.add_argument("--tune-trials", type=int, default=3)
-    parser.add_argument("--tune-epochs", type=int, default=2)
     parser.add_argument("--large-images", type=int, default=10_000, help="size of the estimated large study")
     parser.add_argument("--large-size", type=int, default=224)
     parser.add_argument("--synthetic-images", type=int, default=10_000)
     parser.add_argument("--end-to-end", action="store_true", help="only the end-to-end section (about 20 min)")
     parser.add_argument("--numerics", action="store_true", help="only the XLA / mixed-precision section (~5 min)")
-    parser.add_argument("--tune", action="store_true", help="only tune trials/min with and without pruning (~7 min)")
+    parser.add_argument("--tune", action="store_true", help="only tune trials/min per strategy (~7 min)")
     parser.add_argument("--keep", type=Path, help="with --end-to-end: move the finished copy here")
     parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # internal: one section's JSON
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # internal: shared feature cache
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.tune:
         params = load_params(args.params)
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as cache:
-            rows = tune_rates(params, args.prepared, Path(cache), args.tune_trials, args.tune_epochs)
+            rows = tune_rates(params, args.prepared, Path(cache), args.tune_trials)
         write_json(args.out / "benchmark_tune.json", {**header, "rows": rows})
     elif args.section_out:
         write_json(args.section_out, run_sections(args))

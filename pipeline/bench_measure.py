@@ -131,12 +131,17 @@ def forward_throughput(params: Params, weights, images: np.ndarray, matmul: dict
 
 
 def _config(params: Params, variant: str, num_classes: int, seed: int, epochs: int):
+    """The strategy's run at the default hyperparameters for exactly `epochs` epochs (patience
+    beyond the budget: a timing compares equal epoch counts)."""
+    import dataclasses
+
     from pipeline.training import RunConfig
 
-    return RunConfig.from_params(
+    config = RunConfig.from_params(
         params, variant, head_units=params.model.head_units, learning_rate=params.train.learning_rate,
-        num_classes=num_classes, seed=seed, epochs=epochs,
+        num_classes=num_classes, seed=seed,
     )  # fmt: skip
+    return dataclasses.replace(config, max_epochs=epochs, patience=epochs + 1)
 
 
 def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
@@ -161,27 +166,31 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     model = build_model(
         image_size=config.image_size, num_classes=config.num_classes, trainable_layers=config.trainable_layers,
         base_weights=weights.arrays, pooling=config.pooling, head_units=config.head_units, dropout=config.dropout,
+        head_norm=config.head_norm,
     )  # fmt: skip
     compile_model(model, config.learning_rate, config.trainable_layers)
     (x_train, y_train), (x_val, y_val) = splits.train, splits.val
     model.fit(
-        x_train.astype(np.float32), y_train, batch_size=config.batch_size, epochs=config.epochs,
+        x_train.astype(np.float32), y_train, batch_size=config.batch_size, epochs=config.max_epochs,
         validation_data=(x_val.astype(np.float32), y_val), callbacks=[EpochTimer()], verbose=0,
     )  # fmt: skip
     predict(model, splits.test[0], config.batch_size)
     return time.perf_counter() - start, epochs
 
 
+TIMED_EPOCHS = 5  # per timed run: enough epochs for a median after the first (tracing) one
+
+
 def strategy_timings(params: Params, weights_for, splits, data_sha: str, num_classes: int, cache_root: Path) -> list:
     """Per strategy: the naive full-model fit vs the pipeline's `fit_variant` (cold feature cache,
-    then warm: a second seed reusing the features), over the default epoch budget."""
+    then warm: a second seed reusing the features), over TIMED_EPOCHS epochs."""
     import keras
 
     from pipeline.features import FeatureCache
     from pipeline.training import fit_variant
 
     rows = []
-    epochs = params.train.epochs
+    epochs = TIMED_EPOCHS
     for variant in params.variants:
         weights = weights_for(variant)
         config = _config(params, variant, num_classes, seed=1, epochs=epochs)
@@ -209,19 +218,20 @@ def strategy_timings(params: Params, weights_for, splits, data_sha: str, num_cla
         row["epoch_speedup"] = row["naive_epoch"]["median"] / row["pipeline_epoch"]["median"]
         row["run_speedup_cold"] = naive_run / cold_run
         row["run_speedup_warm"] = naive_run / warm_run if warm_run else None
-        row["budget"] = _budget(params, row)
+        row["budget"] = _budget(params, variant, row)
         rows.append(row)
         print(f"[bench] {variant}: epoch {row['naive_epoch']['median']:.2f}s naive vs "
               f"{row['pipeline_epoch']['median']:.2f}s pipeline ({row['epoch_speedup']:.1f}x)", flush=True)  # fmt: skip
     return rows
 
 
-def _budget(params: Params, row: dict) -> dict:
-    """The strategy's whole default budget in a `dvc repro` (tune trials + seeds), naive vs the
-    pipeline, estimated from the measured per-epoch, per-run and feature-extraction times: the
-    pipeline extracts features once per strategy, the naive way recomputes them every epoch."""
-    runs = params.tune.n_trials + len(params.train.seeds)
-    epochs = params.tune.n_trials * params.tune.epochs + len(params.train.seeds) * params.train.epochs
+def _budget(params: Params, variant: str, row: dict) -> dict:
+    """The strategy's whole default budget in a `dvc repro` (tune trials + seeds) at its upper
+    bound (every run to train.max_epochs), naive vs the pipeline, estimated from the measured
+    per-epoch, per-run and feature-extraction times: the pipeline extracts features once per
+    strategy, the naive way recomputes them every epoch."""
+    runs = params.tune_trials(variant) + len(params.train_seeds(variant))
+    epochs = runs * params.train.max_epochs
     naive_overhead = row["naive_run"] - row["epochs"] * row["naive_epoch"]["median"]
     naive = runs * naive_overhead + epochs * row["naive_epoch"]["median"]
     cached = row["pipeline_run_warm"] is not None
@@ -274,7 +284,7 @@ def _warm_feature_cache(params: Params, variant: str, context: dict) -> None:
 
     weights = context["weights"]
     config = RunConfig.from_params(params, variant, head_units=0, learning_rate=1e-4,
-                                   num_classes=len(context["class_names"]), seed=0, epochs=1)  # fmt: skip
+                                   num_classes=len(context["class_names"]), seed=0)  # fmt: skip
     cut = cut_layer(
         build_model(image_size=config.image_size, num_classes=config.num_classes,
                     trainable_layers=config.trainable_layers, base_weights=None),
@@ -290,10 +300,10 @@ def _warm_feature_cache(params: Params, variant: str, context: dict) -> None:
         context["cache"].get_or_compute(key, split, prefix, images, extraction_batch_size(config.image_size))
 
 
-def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int, epochs: int) -> list:
-    """Trials per minute of the real tune objective (in-memory Optuna storage, MLflow runs in a
-    temporary store) without a pruner and with a median pruner that may stop a trial after its
-    first epoch once one trial has completed; features come from the warm cache."""
+def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int) -> list:
+    """Per strategy, `n_trials` trials of the real tune objective (in-memory Optuna storage, MLflow
+    runs in a temporary store, the default sampler and training rule, features from the warm
+    cache): seconds, trials per minute and epochs trained until early stopping."""
     import mlflow
     import optuna
 
@@ -302,36 +312,26 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int, 
     from pipeline.tune import Objective, _context
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    small = params.tune.__class__(**{**vars(params.tune), "n_trials": n_trials, "epochs": epochs})
-    bench_params = params.__class__(**{**vars(params), "tune": small})
+    tune = params.tune
     rows = []
     with tempfile.TemporaryDirectory() as store:
         tracking.connect(f"sqlite:///{store}/mlflow.db", "bench")
         for variant in params.variants:
-            context = _context(bench_params, variant, prepared, str(cache_root / variant))
-            _warm_feature_cache(bench_params, variant, context)
-            row = {"variant": variant, "trials": n_trials, "epochs_per_trial": epochs}
-            for label, pruner in (
-                ("unpruned", optuna.pruners.NopPruner()),
-                ("pruned", optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)),
-            ):
-                # with at most `sampler_startup_trials` trials both studies draw the same random
-                # hyperparameters: they differ only in what pruning stops
-                study = studies.load_or_create(
-                    optuna.storages.InMemoryStorage(), f"{variant}-{label}", seed=params.seed,
-                    startup_trials=max(small.sampler_startup_trials, n_trials), pruner=pruner,
-                )  # fmt: skip
-                with mlflow.start_run(run_name=f"bench/{variant}/{label}") as parent:
-                    objective = Objective(bench_params, variant, context, parent.info.run_id, 0)
-                    start = time.perf_counter()
-                    study.optimize(objective, n_trials=n_trials)
-                    seconds = time.perf_counter() - start
-                epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in study.trials)
-                row[label] = {"seconds": seconds, "trials_per_minute": 60 * n_trials / seconds,
-                              "epochs_run": epochs_run}  # fmt: skip
-            print(f"[bench] tune {variant}: {row['pruned']['trials_per_minute']:.1f} trials/min pruned, "
-                  f"{row['unpruned']['trials_per_minute']:.1f} unpruned", flush=True)  # fmt: skip
-            rows.append(row)
+            context = _context(params, variant, prepared, str(cache_root / variant))
+            _warm_feature_cache(params, variant, context)
+            points = studies.design(params.seed, variant, list(tune.head_units), tune.learning_rate, n_trials)
+            study = studies.load_or_create(optuna.storages.InMemoryStorage(), variant,
+                                           sampler=studies.BudgetSampler(params.seed, points))  # fmt: skip
+            with mlflow.start_run(run_name=f"bench/{variant}") as parent:
+                objective = Objective(params, variant, context, parent.info.run_id, 0)
+                start = time.perf_counter()
+                study.optimize(objective, n_trials=n_trials)
+                seconds = time.perf_counter() - start
+            epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in study.trials)
+            rows.append({"variant": variant, "trials": n_trials, "seconds": seconds,
+                         "trials_per_minute": 60 * n_trials / seconds, "epochs_run": epochs_run})  # fmt: skip
+            print(f"[bench] tune {variant}: {rows[-1]['trials_per_minute']:.1f} trials/min, {epochs_run} epochs",
+                  flush=True)  # fmt: skip
     return rows
 
 

@@ -85,20 +85,17 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
             "## Tuning",
             "",
             f"Measured {tune['date']} at commit `{tune['commit']}` by `make bench-tune`: the tune stage's "
-            f"objective, {t0['trials']} trials x {t0['epochs_per_trial']} epochs per strategy, in-memory Optuna "
-            "storage, features extracted beforehand, the same random hyperparameters in both studies; unpruned = "
-            "no pruner, pruned = a median pruner that may stop a trial after its first epoch once one trial has "
-            "completed. One study each (n=1). The default `dvc repro`'s own tuning (6 trials x 3 epochs, the "
-            "configured pruner) is in the end-to-end section.",
+            f"objective, {t0['trials']} trials per strategy (the space-filling start-up design) under the training "
+            "rule (early stopping), in-memory Optuna storage, features extracted beforehand. No pruning: every "
+            "trial trains until the rule stops it. One study each (n=1). The default `dvc repro`'s own tuning is "
+            "in the end-to-end section.",
             "",
-            "| strategy | trials/min pruned | epochs run | trials/min unpruned | epochs run | gain |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| strategy | trials | epochs run | seconds | trials/min |",
+            "|---|---:|---:|---:|---:|",
         ]
         for row in tune["rows"]:
-            p, u = row["pruned"], row["unpruned"]
-            lines.append(f"| {row['variant']} | {p['trials_per_minute']:.1f} | {p['epochs_run']} | "
-                             f"{u['trials_per_minute']:.1f} | {u['epochs_run']} | "
-                             f"{p['trials_per_minute'] / u['trials_per_minute']:.2f}x |")  # fmt: skip
+            lines.append(f"| {row['variant']} | {row['trials']} | {row['epochs_run']} | {row['seconds']:.0f} | "
+                         f"{row['trials_per_minute']:.1f} |")  # fmt: skip
     if bench and bench.get("large_study"):
         ls = bench["large_study"]
         syn = ls["synthetic"]
@@ -166,15 +163,16 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
             lines.append(f"| {_stage_name(record['argv'])} | {record['seconds']:.0f} | {peak:.0f} |")
         lines += [
             "",
-            "Tuning inside that run (the default budget, with the configured pruner):",
+            "Tuning inside that run (the default budget, every trial under the training rule, no pruning):",
             "",
-            "| strategy | trials | pruned | epochs run | epochs saved | trials/min |",
+            "| strategy | trials | epochs run | trial seconds | trials/min | chosen learning rate |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for variant, t in e2e["tuning"].items():
-            saved = f"{t['epochs_saved']} ({t['epochs_saved_share']:.0%})"
-            lines.append(f"| {variant} | {t['trials']} | {t['pruned_trials']} | {t['epochs_run']} | {saved} | "
-                         f"{t['trials_per_minute']:.1f} |")  # fmt: skip
+            edge = f" (at the {t['learning_rate_at_edge']} edge)" if t.get("learning_rate_at_edge") else ""
+            rate = t.get("learning_rate", float("nan"))
+            lines.append(f"| {variant} | {t['trials']} | {t['epochs_run']} | {t['trial_seconds']:.0f} | "
+                         f"{t['trials_per_minute']:.1f} | {rate:.2g}{edge} |")  # fmt: skip
     if numerics:
         lines += [
             "",

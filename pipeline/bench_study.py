@@ -197,8 +197,11 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
         best = json.loads(best_path.read_text())
         with open(best_path.parent / "trials.csv") as f:
             seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
-        tuning[best["variant"]] = {**best["pruning"], "trial_seconds": seconds,
-                                   "trials_per_minute": 60 * best["pruning"]["trials"] / seconds}  # fmt: skip
+        budget = best["budget"]
+        tuning[best["variant"]] = {"trials": budget["trials_run"], "epochs_run": budget["epochs_run"],
+                                   "trial_seconds": seconds, "trials_per_minute": 60 * budget["trials_run"] / seconds,
+                                   "learning_rate": best["learning_rate"],
+                                   "learning_rate_at_edge": best["learning_rate_at_edge"]}  # fmt: skip
     result = {
         "tuning": tuning,
         "clean_seconds": clean_seconds, "noop_seconds": noop,

@@ -28,6 +28,7 @@ def variant_rows(params: Params, num_classes: int) -> list[dict]:
             pooling=params.model.pooling,
             head_units=params.model.head_units,
             dropout=params.model.dropout,
+            head_norm=params.model.head_norm,
         )
         rows.append(
             {
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     size = params.data.image_size
     print(
         f"Parameter counts at {size}x{size}, {args.num_classes} classes, head: {params.model.pooling}"
-        f" -> Dense({params.model.head_units}) -> Dense({args.num_classes})\n"
+        f" -> {params.model.head_norm} -> Dense({params.model.head_units}) -> Dense({args.num_classes}) "
+        "(the head's normalisation statistics count as non-trainable)\n"
     )
     print("| variant | weights | trains | trainable | non-trainable | total |")
     print("|---|---|---|---:|---:|---:|")

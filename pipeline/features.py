@@ -89,7 +89,16 @@ class FeatureCache:
                 out[i : i + len(batch)] = batch
             out.flush()
             del out
-        return np.load(path, mmap_mode="r"), time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({"extraction_seconds": seconds}))
+        return np.load(path, mmap_mode="r"), seconds
+
+    def extraction_seconds(self, key: str, split: str) -> float:
+        """What computing these features cost when they were computed (0.0 if not recorded): the
+        one-time cost a strategy's compute account includes even when it finds them cached."""
+        record = self.root / key / f"{split}.json"
+        return json.loads(record.read_text())["extraction_seconds"] if record.is_file() else 0.0
 
 
 EXTRACTION_MEMORY = 256 * 2**20  # bytes of the largest activation (block1) per extraction batch

@@ -22,6 +22,7 @@ from pipeline.vgg16 import BLOCKS, CONV_LAYERS, MIN_IMAGE_SIZE, resolve_trainabl
 
 NAMED_WEIGHTS = ("hed", "imagenet", "none")
 POOLINGS = ("flatten", "gap")
+HEAD_NORMS = ("standardize", "none")
 DATA_SOURCES = ("fashion_mnist", "directory")
 
 
@@ -75,30 +76,42 @@ class ModelParams:
     pooling: str
     head_units: int
     dropout: float
+    head_norm: str = "standardize"  # pooled features standardised with training-set statistics; "none"
 
     def __post_init__(self):
         _check_weights("weights", self.weights)
         _check(self.pooling in POOLINGS, "pooling", self.pooling, f"use one of {POOLINGS}")
+        _check(self.head_norm in HEAD_NORMS, "head_norm", self.head_norm, f"use one of {HEAD_NORMS}")
         _check(self.head_units >= 0, "head_units", self.head_units, "it must be >= 0 (0 = no hidden layer)")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "it must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int
+    """The one training rule, for every strategy, seed and tune trial: up to `max_epochs`, stopped
+    once validation loss has not improved by `min_delta` for `patience` epochs; the best epoch's
+    weights are kept."""
+
+    max_epochs: int
+    patience: int
+    min_delta: float
     batch_size: int
     learning_rate: float
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # strategies trained on cached features (seconds per seed)
+    seeds_end_to_end: tuple[int, ...]  # strategies trained end to end (minutes per seed)
     cache_features: bool = True
     augmentation: bool = False
     jit_compile: bool = False  # XLA: changes numerics, no faster on this CPU (reports/benchmark.md)
     mixed_precision: bool = False  # bfloat16 compute: changes numerics, slower without AMX/bf16 CPUs
 
     def __post_init__(self):
-        _check(self.epochs >= 1, "epochs", self.epochs, "it must be at least 1")
+        _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "it must be at least 1")
+        _check(self.patience >= 1, "patience", self.patience, "it must be at least 1 (epochs without improvement)")
+        _check(self.min_delta >= 0, "min_delta", self.min_delta, "it must be >= 0 (a validation-loss decrease)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be at least 1")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "it must be > 0")
         _check_seeds("seeds", self.seeds)
+        _check_seeds("seeds_end_to_end", self.seeds_end_to_end)
 
 
 @dataclass(frozen=True)
@@ -134,24 +147,23 @@ class VariantParams:
 
 @dataclass(frozen=True)
 class TuneParams:
-    """The tuning budget and search space, the same for every strategy."""
+    """The tuning budget and search space. Every trial trains under the train stage's rule
+    (`train.max_epochs`, `patience`, `min_delta`); strategies that must train end to end (no frozen
+    prefix to cache) cost ~100x more per trial and get `n_trials_end_to_end` trials."""
 
     n_trials: int
-    epochs: int
+    n_trials_end_to_end: int
     head_units: tuple[int, ...]
     learning_rate: tuple[float, ...]  # [low, high], searched log-uniformly
     storage: str  # "journal" (a file per variant under results/tune) or an RDB URL
     n_workers: int
     trials_per_process: int  # a long study restarts its process after this many trials (memory)
-    sampler_startup_trials: int
-    pruner_startup_trials: int
-    pruner_warmup_epochs: int
+    startup_trials: int  # space-filling design points before TPE models the space
 
     def __post_init__(self):
-        for name in ("n_trials", "epochs", "n_workers", "trials_per_process"):
+        for name in ("n_trials", "n_trials_end_to_end", "n_workers", "trials_per_process"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "it must be at least 1")
-        for name in ("sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "it must be >= 0")
+        _check(self.startup_trials >= 1, "startup_trials", self.startup_trials, "it must be at least 1")
         units = list(self.head_units)
         _check(len(units) >= 1, "head_units", units, "give at least one choice, e.g. [0, 64, 256]")
         _check(all(u >= 0 for u in units), "head_units", units, "choices must be >= 0 (0 = no hidden layer)")
@@ -265,18 +277,43 @@ class Params:
     def __post_init__(self):
         if not self.variants:
             raise ConfigError("variants", "is empty; define at least one strategy, e.g. frozen: {trainable: none}")
-        limit = min(self.train.epochs, self.tune.epochs)
+        reserved = sorted(set(self.variants) & {"baselines", "answer"})
+        if reserved:
+            problem = "is a reserved name (a section of reports/summary.json); rename the strategy"
+            raise ConfigError(f"variants.{reserved[0]}", problem)
+        limit = self.train.max_epochs
         for name, variant in self.variants.items():
             if variant.warmup_epochs >= limit:
                 raise ConfigError(
                     f"variants.{name}.warmup_epochs",
-                    f"{variant.warmup_epochs} leaves no fine-tuning epoch within train.epochs={self.train.epochs} "
-                    f"and tune.epochs={self.tune.epochs}; lower it below {limit} (the warm-up counts in the budget)",
+                    f"{variant.warmup_epochs} leaves no fine-tuning epoch within train.max_epochs={limit}; "
+                    f"lower it below {limit} (the warm-up counts in the budget)",
                 )
         if self.report.baseline not in self.variants:
             raise ConfigError(
                 "report.baseline", f"{self.report.baseline!r} is not a strategy; defined: {', '.join(self.variants)}"
             )
+
+    def trains_end_to_end(self, variant: str) -> bool:
+        """True when `variant` cannot train on cached prefix features: random init, block1_conv1
+        trains, or the cache is off (augmentation on, `train.cache_features: false`)."""
+        layers = resolve_trainable(self.variant(variant).trainable)
+        return (
+            CONV_LAYERS[0] in layers
+            or self.variant_weights(variant) == "none"
+            or not self.train.cache_features
+            or self.train.augmentation
+        )
+
+    def tune_trials(self, variant: str) -> int:
+        """The trial budget of `variant`: `tune.n_trials`, or `tune.n_trials_end_to_end` for a
+        strategy that trains end to end (each trial costs ~100x more there)."""
+        return self.tune.n_trials_end_to_end if self.trains_end_to_end(variant) else self.tune.n_trials
+
+    def train_seeds(self, variant: str) -> tuple[int, ...]:
+        """The seeds `variant` trains with: `train.seeds_end_to_end` for a strategy that trains
+        end to end, else `train.seeds`. Paired comparisons use the seeds two strategies share."""
+        return self.train.seeds_end_to_end if self.trains_end_to_end(variant) else self.train.seeds
 
     def variant_weights(self, variant: str) -> str:
         """The weight source of `variant`: its own override, else `model.weights`."""

@@ -1,9 +1,10 @@
 """Stage `register`: log the best strategy's model to MLflow and register it.
 
-Reads every `results/train/<variant>/metrics.json` and `model.keras` (`--train-dir`) and
-params.yaml `mlflow`. The best strategy is the one with the highest mean *validation*
-accuracy over seeds (test accuracy is for reporting, not for choosing). Writes
-`--out` (results/registered.json): the variant, seed, model URI and registered version.
+Reads every `results/train/<variant>/` (`--train-dir`: metrics, per-image test predictions,
+model.keras), the tune records (`--tune-dir`, for the compute account) and params.yaml
+`mlflow`. The strategy registered is the report's answer (`pipeline.answer`): the best on
+*validation*, or the cheapest strategy whose test accuracy is statistically indistinguishable
+from it. Writes `--out` (results/registered.json): the variant, seed, model URI and version.
 
 Load the registered model elsewhere with
     import pipeline.model  # registers the in-model VGG16 preprocessing layer
@@ -17,20 +18,11 @@ import json
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.answer import choose, read_evidence
 from pipeline.atomic import ensure_writable, write_json
 from pipeline.cli import run_stage
 from pipeline.errors import DataError
 from pipeline.params import load_params
-
-
-def best_variant(summaries: dict[str, dict]) -> str:
-    """Highest mean validation accuracy; ties go to fewer trainable parameters, then the name."""
-    if not summaries:
-        raise DataError("no results/train/<variant>/metrics.json found; run the train stages first")
-    return max(
-        summaries,
-        key=lambda v: (summaries[v]["best_val_accuracy_mean"], -summaries[v]["params_trainable"], v),
-    )
 
 
 def read_summaries(train_dir: Path, variants: list[str]) -> dict[str, dict]:
@@ -47,12 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
+    parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
     parser.add_argument("--out", type=Path, default=Path("results/registered.json"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
     ensure_writable(args.out.parent, "--out")
     summaries = read_summaries(args.train_dir, list(params.variants))
-    variant = best_variant(summaries)
+    chosen = choose({v: read_evidence(args.train_dir, args.tune_dir, v) for v in params.variants})
+    variant = chosen["recommended"]
     summary = summaries[variant]
 
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
@@ -63,13 +57,16 @@ def main(argv: list[str] | None = None) -> None:
 
     model = keras.models.load_model(args.train_dir / variant / "model.keras", safe_mode=True)
     tags = {"stage": "register", "variant": variant, "seed": summary["best_seed"], **tracking.environment_tags()}
-    with tracking.run(f"register/{variant}", tags=tags, params={"selection": "highest mean validation accuracy"}):
+    selection = {"selection": chosen["rule"], "best_on_validation": chosen["best_on_validation"]}
+    with tracking.run(f"register/{variant}", tags=tags, params=selection):
         tracking.log_metrics({k: v for k, v in summary.items() if k != "seeds"})
         info = tracking.log_keras_model(model, params.mlflow.registered_model)
     record = {
         "variant": variant,
         "seed": summary["best_seed"],
-        "selection": "highest mean validation accuracy over seeds",
+        "selection": chosen["rule"],
+        "best_on_validation": chosen["best_on_validation"],
+        "indistinguishable_from_best": chosen["indistinguishable_from_best"],
         "best_val_accuracy_mean": summary["best_val_accuracy_mean"],
         "test_accuracy_mean": summary["test_accuracy_mean"],
         "registered_model": params.mlflow.registered_model,

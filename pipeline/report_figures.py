@@ -10,7 +10,6 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.figures import plt
-from pipeline.stats import t_interval
 
 
 def colours(variants: list[str]) -> dict[str, str]:
@@ -19,11 +18,16 @@ def colours(variants: list[str]) -> dict[str, str]:
 
 
 def _curves(histories: dict[int, list[dict]], x_key: str, y_key: str):
-    """Mean x, mean y, min y, max y per epoch over seeds (epochs common to all seeds)."""
-    epochs = min(len(rows) for rows in histories.values())
-    x = np.array([[rows[i][x_key] for i in range(epochs)] for rows in histories.values()], dtype=float)
-    y = np.array([[rows[i][y_key] for i in range(epochs)] for rows in histories.values()], dtype=float)
-    return x.mean(axis=0), y.mean(axis=0), y.min(axis=0), y.max(axis=0)
+    """Mean x, mean y, min y, max y per epoch over the seeds that trained that epoch (early
+    stopping ends seeds at different epochs)."""
+    epochs = max(len(rows) for rows in histories.values())
+
+    def per_epoch(key: str) -> list[np.ndarray]:
+        return [np.array([rows[i][key] for rows in histories.values() if len(rows) > i]) for i in range(epochs)]
+
+    xs, ys = per_epoch(x_key), per_epoch(y_key)
+    return tuple(np.array([f(v) for v in series]) for f, series in ((np.mean, xs), (np.mean, ys), (np.min, ys),
+                                                                     (np.max, ys)))  # fmt: skip
 
 
 def convergence(results: dict, palette: dict, x_key: str, x_label: str) -> plt.Figure:
@@ -85,36 +89,52 @@ def train_vs_val(results: dict, palette: dict) -> plt.Figure:
     return figure
 
 
-def test_accuracy(results: dict, palette: dict) -> plt.Figure:
-    """Test accuracy per strategy: each seed as a dot, mean with its 95% t-interval."""
+REFERENCE_STYLES = ("--", ":", "-.")
+
+
+def _references(axes, references: dict[str, float]) -> None:
+    """The baselines as horizontal lines on the same accuracy scale."""
+    for (name, value), style in zip(references.items(), REFERENCE_STYLES, strict=False):
+        axes.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name.replace('_', ' ')} {value:.3f}")
+
+
+def _yerr(interval) -> list | None:
+    return None if interval.low is None else [[interval.mean - interval.low], [interval.high - interval.mean]]
+
+
+def test_accuracy(results: dict, palette: dict, references: dict[str, float] | None = None) -> plt.Figure:
+    """Test accuracy per strategy: each seed as a dot, mean with its 95% interval (seeds and test
+    images), the baselines as lines."""
     figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(results)), 4.5))
     for i, (variant, result) in enumerate(results.items()):
         values = list(result["test_accuracy"].values())
-        interval = t_interval(values)
+        interval = result["interval"]
         axes.scatter([i] * len(values), values, color=palette[variant], alpha=0.5, s=18)
-        if interval.low is not None:
-            axes.errorbar(i, interval.mean, yerr=[[interval.mean - interval.low], [interval.high - interval.mean]],
-                          fmt="o", color=palette[variant], capsize=6, markersize=8)  # fmt: skip
-        else:
-            axes.plot(i, interval.mean, "o", color=palette[variant], markersize=8)
+        axes.errorbar(i, interval.mean, yerr=_yerr(interval), fmt="o", color=palette[variant], capsize=6, markersize=8)
+    _references(axes, references or {})
     axes.set_xticks(range(len(results)), list(results))
-    axes.set_ylim(0, 1)  # with few seeds a t-interval can pass 0 or 1; accuracy cannot
+    lows = [r["interval"].low or r["interval"].mean for r in results.values()] + list((references or {}).values())
+    axes.set_ylim(max(0.0, min(lows) - 0.1), 1.0)
     axes.set_ylabel("test accuracy")
     axes.set_xlabel("strategy")
     axes.grid(axis="y", alpha=0.3)
-    axes.set_title("Test accuracy: seeds (dots), mean and 95% confidence interval")
+    if references:
+        axes.legend(fontsize=8, loc="lower right")
+    axes.set_title("Test accuracy: seeds (dots), mean and 95% interval (seeds and test images)")
     figure.tight_layout()
     return figure
 
 
-def accuracy_vs_trainable(results: dict, palette: dict) -> plt.Figure:
+def accuracy_vs_trainable(results: dict, palette: dict, references: dict[str, float] | None = None) -> plt.Figure:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for variant, result in results.items():
-        interval = t_interval(list(result["test_accuracy"].values()))
+        interval = result["interval"]
         trainable = result["parameters"]["trainable"]
-        yerr = None if interval.low is None else [[interval.mean - interval.low], [interval.high - interval.mean]]
-        axes.errorbar(trainable, interval.mean, yerr=yerr, fmt="o", color=palette[variant], capsize=5, label=variant)
+        axes.errorbar(trainable, interval.mean, yerr=_yerr(interval), fmt="o", color=palette[variant], capsize=5)
         axes.annotate(variant, (trainable, interval.mean), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    _references(axes, references or {})
+    if references:
+        axes.legend(fontsize=8, loc="lower right")
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (log scale)")
     axes.set_ylabel("test accuracy (mean, 95% CI)")
@@ -140,27 +160,30 @@ def parameter_counts(results: dict, palette: dict) -> plt.Figure:
 
 
 def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
-    """Per strategy: each trial's value, the best so far, and the chosen hyperparameters."""
+    """Per strategy: each trial's value against its learning rate (marker = head size), the
+    searched range's ends (dashed) and the chosen trial (ringed): a choice at an end says the
+    range was too narrow."""
+    units = sorted({int(t["head_units"]) for tune in tuning.values() for t in tune["trials"]})
+    markers = {u: "osD^v<>"[i % 7] for i, u in enumerate(units)}
     figure, grid = _panels(len(tuning))
     for axes, (variant, tune) in zip(grid.flat, tuning.items(), strict=False):
-        trials = tune["trials"]
-        complete = [t for t in trials if t["state"] == "COMPLETE"]
-        pruned = [t for t in trials if t["state"] == "PRUNED"]
-        axes.scatter([t["number"] for t in complete], [t["value"] for t in complete], color=palette[variant],
-                     label="complete")  # fmt: skip
-        axes.scatter([t["number"] for t in pruned], [t["value"] or 0 for t in pruned], marker="x", color="grey",
-                     label="pruned (last value)")  # fmt: skip
-        best_so_far = np.maximum.accumulate([t["value"] if t["state"] == "COMPLETE" else -np.inf for t in trials])
-        axes.step([t["number"] for t in trials], np.where(np.isfinite(best_so_far), best_so_far, np.nan),
-                  where="post", color=palette[variant], alpha=0.6)  # fmt: skip
+        complete = [t for t in tune["trials"] if t["state"] == "COMPLETE"]
+        for units, marker in markers.items():
+            chosen = [t for t in complete if int(t["head_units"]) == units]
+            axes.scatter([float(t["learning_rate"]) for t in chosen], [t["value"] for t in chosen], marker=marker,
+                         color=palette[variant], alpha=0.8, label=f"head_units={units}")  # fmt: skip
         best = tune["best"]
-        axes.set_title(f"{variant}: units={best['head_units']}, lr={best['learning_rate']:.2g}", fontsize=10)
-        axes.set_xlabel("trial")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.scatter([best["learning_rate"]], [best["value"]], s=180, facecolors="none", edgecolors="black")
+        for end in best["search_space"]["learning_rate"]:
+            axes.axvline(end, color="grey", linestyle="--", linewidth=1)
+        edge = f", at the {best['learning_rate_at_edge']} edge" if best.get("learning_rate_at_edge") else ""
+        axes.set_title(f"{variant}: units={best['head_units']}, lr={best['learning_rate']:.2g}{edge}", fontsize=10)
+        axes.set_xscale("log")
+        axes.set_xlabel("learning rate")
         axes.grid(alpha=0.3)
     for axes in grid[:, 0]:
-        axes.set_ylabel("best validation accuracy")
+        axes.set_ylabel("validation accuracy (kept epoch)")
     grid.flat[0].legend(fontsize=8)
-    figure.suptitle("Tuning history per strategy (line: best so far); title: chosen hyperparameters")
+    figure.suptitle("Tuning per strategy: trial value against learning rate (ring: chosen; dashed: searched range)")
     figure.tight_layout()
     return figure

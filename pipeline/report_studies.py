@@ -184,7 +184,8 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
             ("h2", "Study: sample efficiency"),
             ("p", f"Test accuracy as the training set grows: each strategy retrained on n images per class "
                   f"(nested subsets of one pool; seeds {seeds}, each seed with its own draw of the subset), "
-                  f"{params.train.epochs} epochs, with the hyperparameters tuned on the main comparison's "
+                  f"the training rule (up to {params.train.max_epochs} epochs, early stopping), with the "
+                  "hyperparameters tuned on the main comparison's "
                   f"{params.data.train_per_class} per class. Validation and test sets are the same for every n."),
             ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% CI bands."),
             ("table", *sample_efficiency_table(sample)),
@@ -198,7 +199,8 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
             ("h2", "Study: freezing depth"),
             ("p", "The transferability curve: train the top k of VGG16's 13 conv layers (k = 0: frozen base, "
                   "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies and "
-                  f"trained {params.train.epochs} epochs with seeds {list(params.studies.depth.seeds)}. Dotted "
+                  f"trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
+                  f"{list(params.studies.depth.seeds)}. Dotted "
                   "lines: where k first covers a whole block."),
             ("figure", files["depth"], "Test accuracy and trainable parameters vs k."),
             ("table", *depth_table(studies["depth"])),

@@ -43,3 +43,56 @@ def paired_t_test(a: dict[int, float], b: dict[int, float], confidence: float = 
     if len(seeds) < 2 or np.std(differences) == 0:
         return PairedTest(interval, None)
     return PairedTest(interval, float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue))
+
+
+# --- intervals with both sources of noise: seeds and test images ----------------------------
+#
+# A strategy's test accuracy varies with its training seed (initialisation, batch order) and
+# with the draw of test images. `correct[s, i]` (1 if seed s classified test image i correctly)
+# holds both. With S seeds and N images, the mean accuracy's variance is estimated as
+#     var(per-seed accuracies) / S  +  var(per-image accuracies, averaged over seeds) / N,
+# the seed component from the spread between seeds (all seeds saw the same images, so it
+# excludes image sampling) and the image component from the spread between images. A difference
+# between two strategies is paired on the images (the same N images; per-image differences) and
+# independent over seeds. The interval is mean ± t * SE with Welch–Satterthwaite degrees of
+# freedom, so a handful of seeds gets the wide t quantile it needs.
+
+
+def _components(correct: np.ndarray) -> tuple[float, int]:
+    """(seed variance component of the mean, its degrees of freedom) of a seeds x images matrix."""
+    seeds = correct.shape[0]
+    if seeds < 2:
+        return 0.0, 1
+    return float(correct.mean(axis=1).var(ddof=1) / seeds), seeds - 1
+
+
+def _interval(mean: float, parts: list[tuple[float, int]], confidence: float) -> Interval:
+    variance = sum(v for v, _ in parts)
+    if variance == 0:
+        return Interval(mean, mean, mean, len(parts))
+    df = variance**2 / sum(v**2 / d for v, d in parts if v > 0)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=df) * math.sqrt(variance))
+    return Interval(mean, mean - half, mean + half, len(parts))
+
+
+def accuracy_interval(correct: np.ndarray, confidence: float = 0.95) -> Interval:
+    """Mean accuracy of a (seeds x images) 0/1 matrix with an interval for seeds and images.
+    `n` of the result is the number of seeds."""
+    correct = np.asarray(correct, dtype=float)
+    images = correct.shape[1]
+    image_part = (float(correct.mean(axis=0).var(ddof=1) / images), images - 1)
+    interval = _interval(float(correct.mean()), [_components(correct), image_part], confidence)
+    return Interval(interval.mean, interval.low, interval.high, correct.shape[0])
+
+
+def difference_interval(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> Interval:
+    """Mean accuracy of `a` minus that of `b` (each seeds x images, the same images in the same
+    order; seeds may differ), paired on images, independent over seeds. `n` = fewer seeds."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired on images: {a.shape[1]} vs {b.shape[1]} test images")
+    per_image = a.mean(axis=0) - b.mean(axis=0)
+    image_part = (float(per_image.var(ddof=1) / len(per_image)), len(per_image) - 1)
+    mean = float(a.mean() - b.mean())
+    interval = _interval(mean, [_components(a), _components(b), image_part], confidence)
+    return Interval(interval.mean, interval.low, interval.high, min(a.shape[0], b.shape[0]))

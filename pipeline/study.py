@@ -1,4 +1,4 @@
-"""Optuna plumbing for the tune stage: storage, study identity, budget accounting, pruning.
+"""Optuna plumbing for the tune stage: storage, study identity, the sampler, budget accounting.
 
 A study is identified by everything its trials depend on (strategy, data, weights, search
 space, epochs, the training code, ...) except `n_trials`: changing any of it starts a fresh
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
-import keras
+import numpy as np
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -34,15 +35,73 @@ def study_name(variant: str, identity: dict) -> str:
     return f"{variant}-{digest}"
 
 
-def load_or_create(storage, name: str, *, seed: int, startup_trials: int, pruner: optuna.pruners.BasePruner):
-    """Create the study or join the existing one (`load_if_exists`).
+def load_or_create(storage, name: str, *, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study or join the existing one (`load_if_exists`). Optuna does not store the
+    sampler: every process passes it again."""
+    return optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", load_if_exists=True, sampler=sampler
+    )
 
-    Optuna does not store the sampler: it is rebuilt on every start, seeded from `seed` plus
-    the trials already in the study, so a resumed study does not replay its first draws.
+
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def design(seed: int, variant: str, head_units: list[int], learning_rate: tuple[float, float], n: int) -> list[dict]:
+    """`n` space-filling start-up points: learning rates at positions u0 + k*0.618 (mod 1) of the
+    log range (a golden-ratio sequence: every prefix of k points leaves no gap wider than 1.81/k of
+    the range, so a short budget covers it as well as a long one), head sizes in turn. The offset
+    u0 and the first head size are drawn from (seed, variant): strategies start from different
+    points; the first k points do not depend on `n`."""
+    rng = np.random.default_rng([seed, zlib.crc32(variant.encode())])
+    start, first_unit = rng.uniform(), int(rng.integers(len(head_units)))
+    low, high = np.log(learning_rate[0]), np.log(learning_rate[1])
+    return [
+        {
+            "head_units": head_units[(first_unit + k) % len(head_units)],
+            "learning_rate": float(np.exp(low + ((start + k * GOLDEN) % 1.0) * (high - low))),
+        }
+        for k in range(n)
+    ]
+
+
+class BudgetSampler(optuna.samplers.BaseSampler):
+    """Trial k of the budget gets design point k while k < len(design), else a TPE draw seeded by
+    (seed, k); k counts the trials finished (or running elsewhere) before it.
+
+    So a trial's parameters depend only on the seed and the results before it: after an interrupt,
+    the trial that was cut off is drawn again with its own parameters, and a resumed study ends with
+    the same trials as an uninterrupted one (a re-created seeded TPESampler would restart its random
+    stream and replay other draws).
     """
-    probe = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
-    sampler = optuna.samplers.TPESampler(seed=seed + len(probe.trials), n_startup_trials=startup_trials)
-    return optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+
+    def __init__(self, seed: int, design_points: list[dict]):
+        self.seed, self.design = seed, design_points
+        self.budget_index: dict[int, int] = {}  # trial number -> k, for the trials of this process
+        self._tpe: optuna.samplers.TPESampler | None = None
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        k = len(finished_trials(study)) + sum(t.number != trial.number for t in others)
+        self.budget_index[trial.number] = k
+        self._tpe = optuna.samplers.TPESampler(seed=self.seed * 100_003 + k, n_startup_trials=len(self.design))
+
+    def _in_design(self, trial) -> bool:
+        return self.budget_index[trial.number] < len(self.design)
+
+    def infer_relative_search_space(self, study, trial):
+        return {} if self._in_design(trial) else self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return {} if self._in_design(trial) else self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if self._in_design(trial):
+            return self.design[self.budget_index[trial.number]][param_name]
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if self._tpe is not None:
+            self._tpe.after_trial(study, trial, state, values)
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -72,21 +131,3 @@ def split_quota(remaining: int, workers: int) -> list[int]:
     """Split `remaining` trials over `workers` as evenly as possible (exact total, no zeros)."""
     workers = max(1, min(workers, remaining))
     return [remaining // workers + (i < remaining % workers) for i in range(workers)] if remaining else []
-
-
-class PruningCallback(keras.callbacks.Callback):
-    """Reports val_accuracy to Optuna after every epoch and stops hopeless trials.
-
-    `epochs_run` counts the epochs the trial actually trained.
-    """
-
-    def __init__(self, trial: optuna.Trial):
-        super().__init__()
-        self.trial = trial
-        self.epochs_run = 0
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs_run = epoch + 1
-        self.trial.report(float((logs or {})["val_accuracy"]), step=epoch + 1)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")

@@ -14,9 +14,11 @@ it `model.head_units` and `train.learning_rate` apply). Writes, atomically, into
   metrics.json                   per-seed and mean test metrics (a DVC metric)
   model.keras                    the model of the seed with the best validation accuracy
   seeds/<seed>/history.csv       per epoch: loss, accuracy, val_loss, val_accuracy, timings
-  seeds/<seed>/metrics.json      test metrics, best epoch, parameter counts, weight drift per block,
+  seeds/<seed>/metrics.json      test metrics, best epoch, epochs run, max epochs, whether patience
+                                 stopped it (convergence), parameter counts, weight drift per block,
                                  robustness (studies.robustness.enabled), timings
   seeds/<seed>/confusion_matrix.csv
+  seeds/<seed>/test_predictions.csv  per test image: label, predicted class (paired comparisons)
 and one MLflow run per seed (`train/<variant>/seed-<seed>`).
 """
 
@@ -37,7 +39,7 @@ from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import ConfigError
-from pipeline.evaluation import epochs_to_target, evaluate, robustness
+from pipeline.evaluation import epochs_to_target, evaluate, predictions_csv, robustness
 from pipeline.features import FeatureCache, extraction_batch_size
 from pipeline.model import count_parameters
 from pipeline.params import Params, load_params
@@ -69,7 +71,11 @@ def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> 
         **{k: v for k, v in evaluation.items() if k != "confusion_matrix"},
         "best_val_accuracy": result.best_val_accuracy,
         "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
+        "epochs_run": len(result.history),
+        "max_epochs": config.max_epochs,
+        "stopped_early": result.stopped_early,
+        "patience": config.patience,
+        "min_delta": config.min_delta,
         "target_accuracy": target,
         "epochs_to_target": epoch_target,
         "parameters": count_parameters(result.model),
@@ -82,6 +88,7 @@ def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> 
         "timing": {
             "train_seconds": result.train_seconds,
             "feature_seconds": result.feature_seconds,
+            "extraction_seconds": result.extraction_seconds,
             "seconds_per_epoch": float(np.median(epoch_seconds)),
             "first_epoch_seconds": epoch_seconds[0],
             "seconds_to_target": seconds_target,
@@ -121,7 +128,17 @@ def variant_summary(variant: str, per_seed: dict[int, dict]) -> dict:
         "params_trainable": first["parameters"]["trainable"],
         "params_total": first["parameters"]["total"],
         "seeds": {
-            str(seed): {k: m[k] for k in ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch")}
+            str(seed): {
+                k: m[k]
+                for k in (
+                    "test_accuracy",
+                    "test_macro_f1",
+                    "best_val_accuracy",
+                    "best_epoch",
+                    "epochs_run",
+                    "stopped_early",
+                )
+            }
             for seed, m in per_seed.items()
         },
     }
@@ -166,7 +183,7 @@ def _setup(args, params: Params):
     if args.train_per_class is not None:
         prefix = f"sample_efficiency/{variant}/n{args.train_per_class}"
         return params, variant, params.studies.sample_efficiency.seeds, prefix, "sample_efficiency"
-    return params, variant, params.train.seeds, f"train/{variant}", None
+    return params, variant, params.train_seeds(variant), f"train/{variant}", None
 
 
 def _load_data(args, params: Params):
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             config = RunConfig.from_params(
                 params, variant, head_units=hyper["head_units"], learning_rate=hyper["learning_rate"],
-                num_classes=len(class_names), seed=seed, epochs=params.train.epochs,
+                num_classes=len(class_names), seed=seed,
             )  # fmt: skip
             seed_splits = splits
             if args.train_per_class is not None:
@@ -258,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
                 seed_dir.mkdir(parents=True)
                 (seed_dir / "history.csv").write_text(history_csv(result.history))
                 (seed_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                (seed_dir / "test_predictions.csv").write_text(
+                    predictions_csv(splits.test[1], result.test_probabilities)
+                )
                 (seed_dir / "confusion_matrix.csv").write_text(
                     confusion_csv(evaluation["confusion_matrix"], class_names)
                 )
@@ -267,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
             per_seed[seed] = metrics
             print(
                 f"[{run_name}] test accuracy {metrics['test_accuracy']:.4f}, best val {result.best_val_accuracy:.4f} "
-                f"at epoch {result.best_epoch}, {result.path}, {result.train_seconds:.1f}s",
+                f"at epoch {result.best_epoch} of {len(result.history)} "
+                f"({'stopped early' if result.stopped_early else 'max_epochs reached'}), {result.path}, "
+                f"{result.train_seconds:.1f}s",
                 flush=True,
             )
             if result.best_val_accuracy > best_seed_val and not args.no_model:

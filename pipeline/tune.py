@@ -1,12 +1,16 @@
 """Stage `tune@<variant>` (and `depth_tune@<k>`): Optuna searches head_units and learning_rate
 for one strategy.
 
-Reads params.yaml (`seed`, `model`, `train.batch_size`, `variants.<variant>`, `tune`,
-`mlflow`) and the prepared data. Every strategy gets the same budget: `tune.n_trials` trials
-of `tune.epochs` epochs, maximising the best validation accuracy, trained by the same
-function as the train stage. Writes into `--out` (results/tune/<variant>):
-  best_params.json   head_units, learning_rate, best value, trial number, budget, pruning stats
-  trials.csv         one row per trial: params, state, value, epochs run, seconds
+Reads params.yaml (`seed`, `model`, `train`, `variants.<variant>`, `tune`, `mlflow`) and the
+prepared data. Every trial is trained by the train stage's function under its rule (up to
+`train.max_epochs`, early stopping on validation loss with `train.patience`, best epoch kept),
+so a learning rate is judged at the horizon it will be used at; the value maximised is the kept
+epoch's validation accuracy. No pruning: a trial is never judged on fewer epochs than the rule
+gives it. Budget: `tune.n_trials` trials (`tune.n_trials_end_to_end` for strategies that cannot
+use the feature cache), the first `tune.startup_trials` a space-filling design, then TPE.
+Writes into `--out` (results/tune/<variant>):
+  best_params.json   head_units, learning_rate, best value, trial, budget, edge flag
+  trials.csv         one row per trial: params, state, value, best epoch, epochs run, seconds
   figures/           optimization history, parameter importances, head_units x learning_rate
   study.journal      the Optuna study (persistent: an interrupted study resumes, only the
                      missing trials run); with `tune.storage` a database URL it lives there.
@@ -48,7 +52,7 @@ def _code_sha256() -> str:
     import pipeline
 
     digest = hashlib.sha256()
-    for module in ("training.py", "model.py", "features.py", "weights.py", "vgg16.py", "tune.py"):
+    for module in ("training.py", "model.py", "features.py", "weights.py", "vgg16.py", "tune.py", "study.py"):
         digest.update((Path(pipeline.__file__).parent / module).read_bytes())
     return digest.hexdigest()
 
@@ -62,10 +66,11 @@ def study_identity(params: Params, variant: str, weights_sha256: str | None, dat
         "data_sha256": data_sha256,
         "model": {k: v for k, v in vars(params.model).items() if k != "head_units"},
         "batch_size": params.train.batch_size,
+        "rule": {k: getattr(params.train, k) for k in ("max_epochs", "patience", "min_delta")},
         "augmentation": params.train.augmentation,
         "numerics": {"jit_compile": params.train.jit_compile, "mixed_precision": params.train.mixed_precision},
         "seed": params.seed,
-        "search": {k: getattr(params.tune, k) for k in ("epochs", "head_units", "learning_rate")},
+        "search": {k: getattr(params.tune, k) for k in ("head_units", "learning_rate", "startup_trials")},
     }
 
 
@@ -82,33 +87,31 @@ class Objective:
         learning_rate = trial.suggest_float("learning_rate", *tune.learning_rate, log=True)
         config = RunConfig.from_params(
             self.params, self.variant, head_units=head_units, learning_rate=learning_rate,
-            num_classes=len(self.context["class_names"]), seed=self.params.seed, epochs=tune.epochs,
+            num_classes=len(self.context["class_names"]), seed=self.params.seed,
         )  # fmt: skip
+        index = trial.study.sampler.budget_index[trial.number]
+        trial.set_user_attr("budget_index", index)
         trial.set_user_attr("worker_pid", os.getpid())
-        pruning = studies.PruningCallback(trial)
-        name = f"tune/{self.variant}/trial-{trial.number}"
-        tags = {"stage": "tune", "variant": self.variant, "trial": trial.number, "study": trial.study.study_name}
-        pruned = None
+        name = f"tune/{self.variant}/trial-{index}"
+        tags = {"stage": "tune", "variant": self.variant, "trial": index, "study": trial.study.study_name}
         keras.backend.clear_session()  # trials build models in a loop: free the previous graph
         with tracking.run(name, tags=tags, params=trial.params, parent_run_id=self.parent_run_id):
             try:
                 result = fit_variant(
                     config, self.context["weights"], self.context["splits"], self.context["data_sha256"],
-                    self.context["cache"], [pruning, tracking.EpochLogger()], self.verbose,
+                    self.context["cache"], [tracking.EpochLogger()], self.verbose,
                 )  # fmt: skip
-            except optuna.TrialPruned as error:
-                pruned = error
             except NonFiniteLossError:
                 trial.set_user_attr(studies.FAILED_ON_ITS_OWN, "non-finite loss")
-                trial.set_user_attr("epochs_run", pruning.epochs_run)
                 tracking.set_tags({"state": "FAIL"})
                 raise
-            trial.set_user_attr("epochs_run", pruning.epochs_run)
-            tracking.set_tags({"state": "PRUNED" if pruned else "COMPLETE"})
-            if pruned is None:
-                tracking.log_metrics({"value": result.best_val_accuracy, "best_epoch": result.best_epoch})
-        if pruned is not None:
-            raise pruned
+            trial.set_user_attr("epochs_run", len(result.history))
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            trial.set_user_attr("stopped_early", result.stopped_early)
+            trial.set_user_attr("train_seconds", result.train_seconds)
+            tracking.set_tags({"state": "COMPLETE"})
+            tracking.log_metrics({"value": result.best_val_accuracy, "best_epoch": result.best_epoch,
+                                  "epochs_run": len(result.history)})  # fmt: skip
         return result.best_val_accuracy
 
 
@@ -118,7 +121,8 @@ def _print_trial(variant: str, start: float):
         epochs = trial.user_attrs.get("epochs_run", "?")
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         outcome = f"value {trial.value:.4f}" if complete else trial.state.name.lower()
-        print(f"[tune/{variant}] trial {trial.number}: {params} -> {outcome} ({epochs} epochs, "
+        index = trial.user_attrs.get("budget_index", trial.number)
+        print(f"[tune/{variant}] trial {index}: {params} -> {outcome} ({epochs} epochs, "
               f"{time.perf_counter() - start:.0f}s elapsed)", flush=True)  # fmt: skip
 
     return callback
@@ -138,13 +142,10 @@ def _open_study(params: Params, variant: str, out: Path, context: dict) -> optun
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
     storage = studies.open_storage(params.tune.storage, out / "study.journal")
     identity = study_identity(params, variant, context["weights"].sha256, context["data_sha256"])
-    pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=params.tune.pruner_startup_trials, n_warmup_steps=params.tune.pruner_warmup_epochs
-    )
-    return studies.load_or_create(
-        storage, studies.study_name(variant, identity), seed=params.seed,
-        startup_trials=params.tune.sampler_startup_trials, pruner=pruner,
-    )  # fmt: skip
+    tune = params.tune
+    points = studies.design(params.seed, variant, list(tune.head_units), tune.learning_rate, tune.startup_trials)
+    sampler = studies.BudgetSampler(params.seed, points)
+    return studies.load_or_create(storage, studies.study_name(variant, identity), sampler=sampler)
 
 
 def run_trials(study, params: Params, variant: str, context: dict, n_trials: int, parent_run_id: str) -> None:
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
 
     stale = studies.fail_stale_running(study)
     done = len(studies.finished_trials(study))
-    remaining = max(0, params.tune.n_trials - done)
+    n_trials = params.tune_trials(args.variant)
+    remaining = max(0, n_trials - done)
     print(f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
           + (f" ({stale} interrupted trial(s) will be repeated)" if stale else ""), flush=True)  # fmt: skip
     tags = {"stage": "tune", "variant": args.variant, "study": study.study_name, **tracking.environment_tags()}
@@ -228,9 +230,12 @@ def main(argv: list[str] | None = None) -> None:
                 _spawn_workers(args, [chunk], parent_run_id)
         elif quotas:
             _spawn_workers(args, quotas, parent_run_id)
-        best = write_outputs(study, args.out, params.tune, args.variant)
+        best = write_outputs(study, args.out, params, args.variant)
         tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
-        tracking.log_metrics({"best_value": best["value"], **best["pruning"]})
+        tracking.log_metrics({"best_value": best["value"], "trials": best["budget"]["trials_run"],
+                              "epochs_run": best["budget"]["epochs_run"]})  # fmt: skip
+        if best["learning_rate_at_edge"]:
+            tracking.set_tags({"learning_rate_at_edge": best["learning_rate_at_edge"]})
         outputs = [
             args.out / "best_params.json",
             args.out / "trials.csv",

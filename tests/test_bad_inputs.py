@@ -72,14 +72,14 @@ def assert_nothing_written(folder: Path) -> None:
             id="unknown_key_suggests_the_closest",
         ),
         pytest.param(
-            {"train": {"epochs": "five"}}, ["train.epochs: expected int, got 'five'"], id="wrong_type",
+            {"train": {"max_epochs": "five"}}, ["train.max_epochs: expected int, got 'five'"], id="wrong_type",
         ),
         pytest.param(
             {"data": {"image_size": 16}}, ["data.image_size: 16 is below VGG16's minimum of 32"],
             id="image_size_below_32",
         ),
-        pytest.param({"train": {"epochs": 0}}, ["train.epochs", "at least 1"], id="epochs_zero"),
-        pytest.param({"train": {"epochs": -3}}, ["train.epochs", "at least 1"], id="epochs_negative"),
+        pytest.param({"train": {"max_epochs": 0}}, ["train.max_epochs", "at least 1"], id="epochs_zero"),
+        pytest.param({"train": {"max_epochs": -3}}, ["train.max_epochs", "at least 1"], id="epochs_negative"),
         pytest.param({"train": {"learning_rate": 0.0}}, ["train.learning_rate", "> 0"], id="learning_rate_zero"),
         pytest.param(
             {"tune": {"learning_rate": [3.0e-3, 1.0e-5]}}, ["tune.learning_rate", "need 0 < low < high"],
@@ -103,7 +103,7 @@ def assert_nothing_written(folder: Path) -> None:
             id="tune_head_units_negative",
         ),
         pytest.param(
-            {"variants": {"partial": {"warmup_epochs": 5}}},
+            {"variants": {"partial": {"warmup_epochs": 5}}, "train": {"max_epochs": 3}},
             ["variants.partial.warmup_epochs", "leaves no fine-tuning epoch", "lower it below 3"],
             id="warmup_as_long_as_the_budget",
         ),

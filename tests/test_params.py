@@ -18,7 +18,7 @@ def test_repository_params_load_into_frozen_dataclasses():
     assert params.variant_weights("frozen") == params.model.weights
     assert isinstance(params.train.seeds, tuple)
     with pytest.raises(AttributeError):
-        params.train.epochs = 3  # frozen
+        params.train.max_epochs = 3  # frozen
 
 
 @pytest.mark.parametrize(
@@ -33,8 +33,8 @@ def test_repository_params_load_into_frozen_dataclasses():
         ({"data": {"source": "cifar"}}, "data.source", "fashion_mnist"),
         ({"data": {"source": "directory", "directory": None}}, "data.directory", "is required"),
         ({"data": {"train_per_class": 0}}, "data.train_per_class", "at least 1"),
-        ({"train": {"epochs": 0}}, "train.epochs", "at least 1"),
-        ({"train": {"epochs": True}}, "train.epochs", "expected int"),
+        ({"train": {"max_epochs": 0}}, "train.max_epochs", "at least 1"),
+        ({"train": {"max_epochs": True}}, "train.max_epochs", "expected int"),
         ({"train": {"learning_rate": -1.0}}, "train.learning_rate", "> 0"),
         ({"train": {"seeds": [1, 1, 2]}}, "train.seeds", "repeated: [1]"),
         ({"train": {"seeds": []}}, "train.seeds", "at least one seed"),
@@ -68,8 +68,8 @@ def test_empty_variants_rejected(default_raw_params):
 
 def test_missing_key_is_named(default_raw_params):
     raw = merge(default_raw_params, {})
-    del raw["train"]["epochs"]
-    with pytest.raises(ConfigError, match=r"^train\.epochs: is missing"):
+    del raw["train"]["max_epochs"]
+    with pytest.raises(ConfigError, match=r"^train\.max_epochs: is missing"):
         parse_params(raw)
 
 

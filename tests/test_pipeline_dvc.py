@@ -48,7 +48,12 @@ def project(tmp_path_factory):
     data_dir = yaml.safe_load(fixture_params.read_text())["data"]["fashion_mnist_dir"]
     raw = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY_OVERRIDE)
     raw = merge(
-        raw, {"data": {"fashion_mnist_dir": data_dir}, "train": {"epochs": 1}, "tune": {"n_trials": 2, "epochs": 1}}
+        raw,
+        {
+            "data": {"fashion_mnist_dir": data_dir},
+            "train": {"max_epochs": 1},
+            "tune": {"n_trials": 2, "n_trials_end_to_end": 1},
+        },
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _git(repo, "init", "-q")
@@ -76,7 +81,13 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     for name in ("report.md", "report.html", "summary.json"):
         assert (repo / "reports" / name).is_file()
     assert (repo / "docs" / "convergence.png").is_file()
-    assert json.loads((repo / "results" / "registered.json").read_text())["variant"] in variants
+    registered = json.loads((repo / "results" / "registered.json").read_text())
+    summary = json.loads((repo / "reports" / "summary.json").read_text())
+    assert registered["variant"] == summary["answer"]["recommended"]  # register and report: one rule
+    assert set(summary["baselines"]) == {"pixels_logistic_regression", "frozen_linear_probe"}
+    baselines = json.loads((repo / "results" / "baselines" / "metrics.json").read_text())
+    assert baselines["frozen_linear_probe"]["test_images"] == 20
+    assert all(summary[v]["test_images"] == 20 and summary[v]["seeds"] == 2 for v in variants)
 
     # the default tracking URI resolved to the copy's root (DVC_ROOT), not a stage's working dir
     from mlflow.tracking import MlflowClient
@@ -85,6 +96,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     experiment = client.get_experiment_by_name("vgg16-freezing")
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id], max_results=1000)}
     expected = {f"train/{v}/seed-{s}" for v in variants for s in (1, 2)} | {f"tune/{v}" for v in variants}
+    expected |= {"baseline/pixels_logistic_regression", "baseline/frozen_linear_probe"}
     assert (
         expected | {"report", f"register/{json.loads((repo / 'results' / 'registered.json').read_text())['variant']}"}
         <= names
@@ -113,7 +125,10 @@ def _results(repo: Path) -> dict[str, object]:
         out[str(path.relative_to(repo))] = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
     for path in sorted((repo / "results" / "tune").rglob("trials.csv")):
         rows = list(csv.DictReader(path.open()))
-        out[str(path.relative_to(repo))] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        out[str(path.relative_to(repo))] = [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    for path in sorted((repo / "results").rglob("test_predictions.csv")):
+        out[str(path.relative_to(repo))] = path.read_text()
+    out["results/baselines/metrics.json"] = json.loads((repo / "results" / "baselines" / "metrics.json").read_text())
     for path in sorted((repo / "results" / "tune").rglob("best_params.json")):
         out[str(path.relative_to(repo))] = json.loads(path.read_text())
     return out
@@ -194,7 +209,9 @@ def test_each_study_runs_with_its_one_documented_command(project):
     top0 = json.loads((studies / "depth/train/top0/seeds/1/metrics.json").read_text())
     top13 = json.loads((studies / "depth/train/top13/seeds/1/metrics.json").read_text())
     assert top0["parameters"]["per_block"]["block5"]["trainable"] == 0
-    assert top13["parameters"]["non_trainable"] == 0 and top13["training_path"] == "end-to-end"
+    conv = [b for b in top13["parameters"]["per_block"] if b != "head"]
+    assert sum(top13["parameters"]["per_block"][b]["non_trainable"] for b in conv) == 0
+    assert top13["training_path"] == "end-to-end"
     assert set(top13["weight_drift"].values()) != {0.0} and set(top0["weight_drift"].values()) == {0.0}
     text = (repo / "reports" / "report.md").read_text()
     assert "## Study: sample efficiency" in text and "## Study: freezing depth" in text

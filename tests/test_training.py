@@ -29,7 +29,8 @@ def tiny_splits():
 def _config(spec, **overrides):
     values = dict(
         image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
-        head_units=16, dropout=0.2, learning_rate=1e-4, epochs=2, batch_size=8, seed=3,
+        head_units=16, dropout=0.2, learning_rate=1e-4, max_epochs=2, patience=100, min_delta=0.0, batch_size=8,
+        seed=3, head_norm="batchnorm",
     )  # fmt: skip
     values.update(overrides)
     return RunConfig(**values)
@@ -97,16 +98,34 @@ def test_same_seed_reproduces_history_and_predictions(hed, tiny_splits):
 
 
 def test_returned_model_holds_the_best_validation_epoch(hed, tiny_splits):
-    result = fit_variant(_config("none", epochs=4, learning_rate=3e-3), hed, tiny_splits, "data")
-    best = max(result.history, key=lambda row: row["val_accuracy"])
-    assert result.best_epoch == best["epoch"] and result.best_val_accuracy == best["val_accuracy"]
-    x_val, y_val = tiny_splits.val
-    accuracy = float(np.mean(features.predict(result.model, x_val, 8).argmax(axis=1) == y_val))
-    assert accuracy == pytest.approx(result.best_val_accuracy)
+    """min_delta larger than any change: only epoch 1 counts as an improvement, epochs 2-4 train on,
+    and the returned model must be epoch 1's, not the last one."""
+    config = _config("none", max_epochs=10, patience=3, min_delta=100.0, learning_rate=3e-3)
+    result = fit_variant(config, hed, tiny_splits, "data")
+    assert result.best_epoch == 1 and len(result.history) == 4 and result.stopped_early
+    first, last = result.history[0], result.history[-1]
+    assert first["val_loss"] != pytest.approx(last["val_loss"], rel=1e-3)  # restoring is observable
+    result.model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss, accuracy = result.model.evaluate(*tiny_splits.val, batch_size=8, verbose=0)
+    assert loss == pytest.approx(first["val_loss"], rel=1e-4) and accuracy == pytest.approx(first["val_accuracy"])
+    assert result.best_val_accuracy == first["val_accuracy"]
+
+
+def test_early_stopping_ends_the_run_patience_epochs_after_the_best(hed, tiny_splits):
+    result = fit_variant(_config("none", max_epochs=40, patience=2, learning_rate=1e-2), hed, tiny_splits, "data")
+    assert result.stopped_early and len(result.history) < 40
+    assert len(result.history) == result.best_epoch + 2
+    later = [row["val_loss"] for row in result.history[result.best_epoch :]]
+    assert min(later) >= result.history[result.best_epoch - 1]["val_loss"]  # no later epoch improved
+
+
+def test_a_run_that_reaches_max_epochs_is_not_stopped_early(hed, tiny_splits):
+    result = fit_variant(_config("none", max_epochs=3, patience=5), hed, tiny_splits, "data")
+    assert len(result.history) == 3 and not result.stopped_early
 
 
 def test_history_rows_count_epochs_and_images(hed, tiny_splits):
-    result = fit_variant(_config("none", epochs=3), hed, tiny_splits, "data")
+    result = fit_variant(_config("none", max_epochs=3), hed, tiny_splits, "data")
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert [row["images_seen"] for row in result.history] == [24, 48, 72]
     cumulative = [row["cumulative_seconds"] for row in result.history]
@@ -119,7 +138,7 @@ def test_nan_loss_stops_the_run_with_a_clear_error(hed, tiny_splits):
     poisoned[0, 0, 0, 0] = np.nan  # one NaN pixel makes the loss NaN in the first epoch
     splits = Splits((poisoned, labels), tiny_splits.val)
     with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 1; lower the learning rate"):
-        fit_variant(_config("none", epochs=3), hed, splits, "data")
+        fit_variant(_config("none", max_epochs=3), hed, splits, "data")
 
 
 def test_feature_cache_is_reused_across_seeds(tmp_path, hed, tiny_splits):
@@ -128,12 +147,15 @@ def test_feature_cache_is_reused_across_seeds(tmp_path, hed, tiny_splits):
     second = fit_variant(_config("none", seed=9), hed, tiny_splits, "data", feature_cache=cache)
     assert first.feature_seconds > 0 and second.feature_seconds == 0
     (key_dir,) = tmp_path.iterdir()
-    assert sorted(p.name for p in key_dir.iterdir()) == ["test.npy", "train.npy", "val.npy"]
+    expected = [f"{split}.{kind}" for split in ("test", "train", "val") for kind in ("json", "npy")]
+    assert sorted(p.name for p in key_dir.iterdir()) == expected
+    # the one-time cost is remembered: the second seed accounts for it without paying it again
+    assert second.extraction_seconds == pytest.approx(first.extraction_seconds) and first.extraction_seconds > 0
     assert np.load(key_dir / "train.npy").shape == (24, 1, 1, 512)
 
 
 def test_augmentation_bypasses_the_cache(hed, tiny_splits):
-    result = fit_variant(_config("none", augmentation=True, epochs=1), hed, tiny_splits, "data")
+    result = fit_variant(_config("none", augmentation=True, max_epochs=1), hed, tiny_splits, "data")
     assert result.path == "end-to-end (augmentation on: feature cache bypassed)"
     names = [layer.name for layer in result.model.layers]
     assert names[1:5] == ["augment_flip", "augment_rotate", "augment_zoom", "preprocess"]  # before preprocessing
@@ -182,7 +204,8 @@ def test_cached_features_file_equals_the_prefix_output(tmp_path, hed, tiny_split
     # the extraction batch size is a speed setting only: other batch sizes give the same bits
     np.testing.assert_array_equal(cached, features.predict(prefix, images, features.extraction_batch_size(32)))
     assert features.extraction_batch_size(32) == 128 and features.extraction_batch_size(224) == 20
-    assert not [p.name for p in (tmp_path / "k").iterdir() if p.name != "train.npy"]
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["train.json", "train.npy"]  # no temporaries
+    assert cache.extraction_seconds("k", "train") == pytest.approx(seconds)
 
 
 def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatch, hed, tiny_splits):
@@ -190,7 +213,7 @@ def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatc
 
     def run():
         cache = features.FeatureCache(tmp_path)
-        result = fit_variant(_config(["block5"], epochs=2), hed, tiny_splits, "data", feature_cache=cache)
+        result = fit_variant(_config(["block5"], max_epochs=2), hed, tiny_splits, "data", feature_cache=cache)
         return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in result.history]
 
     in_memory = run()
@@ -202,12 +225,12 @@ def test_mixed_precision_option_computes_in_bfloat16_and_restores_the_policy(tmp
     import keras
 
     cache = features.FeatureCache(tmp_path)
-    result = fit_variant(_config(["block5"], epochs=1, mixed_precision=True), hed, tiny_splits, "data", cache)
+    result = fit_variant(_config(["block5"], max_epochs=1, mixed_precision=True), hed, tiny_splits, "data", cache)
     assert result.model.get_layer("block5_conv1").compute_dtype == "bfloat16"
     assert result.model.get_layer("block5_conv1").kernel.dtype == "float32"  # weights stay float32
     assert result.test_probabilities is None or result.test_probabilities.dtype == np.float32
     assert result.model.get_layer("predictions").compute_dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"
     # its features are cached apart from the float32 ones
-    fit_variant(_config(["block5"], epochs=1), hed, tiny_splits, "data", cache)
+    fit_variant(_config(["block5"], max_epochs=1), hed, tiny_splits, "data", cache)
     assert len(list(tmp_path.iterdir())) == 2

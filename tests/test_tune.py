@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from pipeline import study as studies
@@ -52,10 +54,11 @@ def test_study_identity_ignores_n_trials_so_raising_it_continues_the_study(defau
 
     base = parse_params(default_raw_params)
     more = parse_params(merge(default_raw_params, {"tune": {"n_trials": 50}}))
-    other_epochs = parse_params(merge(default_raw_params, {"tune": {"epochs": 9}}))
+    other_rule = parse_params(merge(default_raw_params, {"train": {"patience": 3}}))
+    other_seeds = parse_params(merge(default_raw_params, {"train": {"seeds": [7]}}))
     name = lambda p: studies.study_name("frozen", study_identity(p, "frozen", "w", "d"))  # noqa: E731
-    assert name(base) == name(more)
-    assert name(base) != name(other_epochs)
+    assert name(base) == name(more) == name(other_seeds)  # train seeds do not touch a trial
+    assert name(base) != name(other_rule)  # the training rule does
 
 
 def _trial(number, state, value=None, attrs=None):
@@ -76,20 +79,55 @@ def test_interrupted_failures_do_not_count_against_the_budget():
     assert [t.number for t in studies.finished_trials(study)] == [0, 1, 2]
 
 
-def test_best_params_records_budget_and_pruning(default_raw_params):
+def test_best_params_records_budget_rule_and_edge(default_raw_params):
     from pipeline.params import parse_params
 
-    tune = parse_params(default_raw_params).tune
+    params = parse_params(default_raw_params)
     study = optuna.create_study(direction="maximize")
-    study.add_trial(_trial(0, TrialState.COMPLETE, 0.5, {"epochs_run": tune.epochs}))
-    study.add_trial(_trial(1, TrialState.PRUNED, None, {"epochs_run": 1}))
-    best = best_params(study.trials, tune, "frozen", "s")
+    study.add_trial(_trial(0, TrialState.COMPLETE, 0.5, {"epochs_run": 12, "budget_index": 0}))
+    study.add_trial(_trial(1, TrialState.FAIL, None, {studies.FAILED_ON_ITS_OWN: "nan", "budget_index": 1}))
+    best = best_params(study.trials, params, "frozen", "s")
     assert best["value"] == 0.5 and best["trial"] == 0
-    assert best["pruning"]["pruned_trials"] == 1
-    assert best["pruning"]["epochs_saved"] == tune.epochs - 1
-    assert best["budget"]["rule"] == "the same for every strategy"
+    assert best["budget"]["trials_run"] == 2 and best["budget"]["failed_trials"] == 1
+    assert best["budget"]["epochs_run"] == 12 and best["budget"]["n_trials"] == params.tune.n_trials
+    assert best["budget"]["rule"] == {"max_epochs": params.train.max_epochs, "patience": params.train.patience,
+                                      "min_delta": params.train.min_delta}  # fmt: skip
+    assert best["learning_rate_at_edge"] is None  # 1e-3 in [1e-5, 1e-2]: inside
     with pytest.raises(PipelineError, match="none of 1 trials completed"):
-        best_params([study.trials[1]], tune, "frozen", "s")
+        best_params([study.trials[1]], params, "frozen", "s")
+
+
+def test_learning_rate_edges_are_the_outer_tenths_of_the_log_range():
+    from pipeline.tune_outputs import learning_rate_edge
+
+    assert learning_rate_edge(1.1e-5, (1e-5, 1e-2)) == "low"
+    assert learning_rate_edge(9e-3, (1e-5, 1e-2)) == "high"
+    assert learning_rate_edge(2e-5, (1e-5, 1e-2)) is None  # 10% of 3 decades = 0.3 decades
+    assert learning_rate_edge(1e-3, (1e-5, 1e-2)) is None
+
+
+def test_start_up_design_covers_the_range_and_differs_per_strategy():
+    points = studies.design(42, "frozen", [0, 64, 256], (1e-5, 1e-2), 8)
+    positions = (np.log10([p["learning_rate"] for p in points]) + 5) / 3  # 0..1 across the log range
+    for k in range(2, 9):  # every prefix (a short budget uses the first points) spreads over the range
+        ordered = np.sort(positions[:k])
+        widest = np.diff(np.r_[ordered, ordered[0] + 1]).max()  # gaps on the circle
+        assert widest <= 1.81 / k
+    assert [p["head_units"] for p in points[:3]] in ([0, 64, 256], [64, 256, 0], [256, 0, 64])  # each in turn
+    assert points[:3] == studies.design(42, "frozen", [0, 64, 256], (1e-5, 1e-2), 3)  # prefix-stable, seeded
+    assert points != studies.design(42, "partial", [0, 64, 256], (1e-5, 1e-2), 8)
+
+
+def test_end_to_end_strategies_get_their_own_trial_and_seed_budget(default_raw_params):
+    from pipeline.params import parse_params
+
+    params = parse_params(default_raw_params)
+    assert [params.trains_end_to_end(v) for v in params.variants] == [True, False, False, False, True]
+    assert params.tune_trials("full") == params.tune.n_trials_end_to_end
+    assert params.tune_trials("frozen") == params.tune.n_trials
+    assert params.train_seeds("scratch") == params.train.seeds_end_to_end
+    assert params.train_seeds("partial") == params.train.seeds
+    assert len(params.train.seeds) >= 5 and len(params.train.seeds_end_to_end) >= 3
 
 
 def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
@@ -103,7 +141,7 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     best = json.loads((out / "best_params.json").read_text())
     assert best["head_units"] in (0, 8) and 1e-5 <= best["learning_rate"] <= 1e-2
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert [r["trial"] for r in rows] == ["0", "1", "2"]
     assert (out / "figures" / "optimization_history.png").stat().st_size > 1000
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("vgg16-freezing")
@@ -120,37 +158,73 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     assert hyper == {"head_units": best["head_units"], "learning_rate": best["learning_rate"], "source": "tuned"}
 
 
-def test_interrupted_study_resumes_with_only_the_missing_trials(tmp_path):
-    params_path, _ = make_tiny_project(tmp_path, FROZEN, {"tune": {"n_trials": 4}})
-    process = subprocess.Popen(_tune_command(tmp_path, params_path), cwd=REPO, env=stage_env(tmp_path),
+def _deterministic(root, variant="frozen"):
+    """trials.csv without wall-clock columns, and best_params.json."""
+    out = root / "tune" / variant
+    rows = [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
+            for row in csv.DictReader((out / "trials.csv").open())]  # fmt: skip
+    return rows, json.loads((out / "best_params.json").read_text())
+
+
+def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
+    override = {"tune": {"n_trials": 4, "startup_trials": 2}, "train": {"max_epochs": 3, "patience": 2}}
+    clean_root, resumed_root = tmp_path / "clean", tmp_path / "resumed"
+    params_path, _ = make_tiny_project(clean_root, FROZEN, override)
+    assert _run_tune(clean_root, params_path).returncode == 0
+
+    params_path, _ = make_tiny_project(resumed_root, FROZEN, override)
+    process = subprocess.Popen(_tune_command(resumed_root, params_path), cwd=REPO, env=stage_env(resumed_root),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    for line in process.stdout:  # wait until one trial has finished, then interrupt mid-study
+    for line in process.stdout:  # trial 0 done, trial 1 running: interrupt mid-trial
         if "[tune/frozen] trial 0:" in line:
             process.send_signal(signal.SIGTERM)
             break
     assert process.wait(timeout=120) != 0
-    first = _study(tmp_path)
+    first = _study(resumed_root)
     kept = {t.number: t.datetime_start for t in studies.finished_trials(first)}
     assert 1 <= len(kept) < 4
-    assert not (tmp_path / "tune" / "frozen" / "best_params.json").exists()
+    assert not (resumed_root / "tune" / "frozen" / "best_params.json").exists()
 
-    result = _run_tune(tmp_path, params_path)
+    result = _run_tune(resumed_root, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(kept)} trials done, {4 - len(kept)} to run" in result.stdout
-    assert result.stdout.count("[tune/frozen] trial ") == 4 - len(kept)
-    resumed = _study(tmp_path)
-    finished = studies.finished_trials(resumed)
-    assert len(finished) == 4
-    assert all(t.datetime_start == kept[t.number] for t in finished if t.number in kept)  # not rerun
+    resumed = _study(resumed_root)
+    assert len(studies.finished_trials(resumed)) == 4
+    assert all(t.datetime_start == kept[t.number] for t in studies.finished_trials(resumed) if t.number in kept)
+    # the same trials (parameters, values, epochs) and the same best parameters as the clean study
+    assert _deterministic(resumed_root) == _deterministic(clean_root)
     # and MLflow shows the interrupted study run as KILLED, not RUNNING
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{resumed_root}/mlflow.db")
     experiment = client.get_experiment_by_name("vgg16-freezing")
     statuses = sorted(
         r.info.status for r in client.search_runs([experiment.experiment_id], "attributes.run_name = 'tune/frozen'")
     )
     assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_a_tune_trial_and_a_train_run_follow_the_same_rule(tmp_path):
+    """One trial at the design point, then the train stage with the chosen parameters and the
+    tune seed: the same epochs, the same kept epoch, the same validation accuracy."""
+    override = {"tune": {"n_trials": 1, "startup_trials": 1}, "train": {"max_epochs": 8, "patience": 2}}
+    params_path, prepared = make_tiny_project(tmp_path, FROZEN, override)
+    raw = yaml.safe_load(params_path.read_text())
+    raw["train"]["seeds"] = [raw["seed"]]
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert _run_tune(tmp_path, params_path).returncode == 0
+    (trial,) = list(csv.DictReader((tmp_path / "tune" / "frozen" / "trials.csv").open()))
+    train = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--variant", "frozen", "--params", str(params_path), "--prepared",
+         str(prepared), "--best-params", str(tmp_path / "tune" / "frozen" / "best_params.json"), "--out",
+         str(tmp_path / "train"), "--feature-cache", str(tmp_path / "cache")],
+        cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    seed = json.loads((tmp_path / "train" / "seeds" / str(raw["seed"]) / "metrics.json").read_text())
+    assert (seed["epochs_run"], seed["best_epoch"]) == (int(trial["epochs_run"]), int(trial["best_epoch"]))
+    assert seed["best_val_accuracy"] == pytest.approx(float(trial["value"]), abs=1e-7)
+    assert seed["max_epochs"] == 8 and seed["patience"] == 2
 
 
 def test_two_worker_processes_share_one_journal_without_losing_or_duplicating_trials(tmp_path):
@@ -176,4 +250,4 @@ def test_a_long_study_runs_in_successive_processes_without_losing_trials(tmp_pat
     assert sorted(t.number for t in study.trials) == [0, 1, 2]
     pids = [t.user_attrs["worker_pid"] for t in sorted(study.trials, key=lambda t: t.number)]
     assert pids[0] == pids[1] != pids[2]  # 2 trials in the first process, 1 in the second
-    assert json.loads((tmp_path / "tune" / "frozen" / "best_params.json").read_text())["pruning"]["trials"] == 3
+    assert json.loads((tmp_path / "tune" / "frozen" / "best_params.json").read_text())["budget"]["trials_run"] == 3

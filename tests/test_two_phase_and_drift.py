@@ -35,7 +35,8 @@ def splits():
 def _config(spec, **overrides):
     values = dict(
         image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
-        head_units=16, dropout=0.2, learning_rate=3e-4, epochs=3, batch_size=8, seed=5,
+        head_units=16, dropout=0.2, learning_rate=3e-4, max_epochs=3, patience=100, min_delta=0.0, batch_size=8,
+        seed=5,
     )  # fmt: skip
     values.update(overrides)
     return RunConfig(**values)
@@ -46,8 +47,8 @@ def _strip(rows, keep=("loss", "accuracy", "val_loss", "val_accuracy")):
 
 
 def test_warmup_epochs_train_the_head_exactly_like_the_frozen_strategy_then_fine_tune(hed, splits):
-    two_phase = fit_variant(_config(["block5"], warmup_epochs=2, epochs=4), hed, splits, "d")
-    frozen = fit_variant(_config("none", epochs=2), hed, splits, "d")
+    two_phase = fit_variant(_config(["block5"], warmup_epochs=2, max_epochs=4), hed, splits, "d")
+    frozen = fit_variant(_config("none", max_epochs=2), hed, splits, "d")
 
     history = two_phase.history
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]  # one continuous epoch axis
@@ -127,7 +128,7 @@ def test_training_on_a_pool_subset_equals_training_on_that_subset(hed, splits, t
     index = np.array([0, 3, 4, 11, 12, 19, 25, 28])  # sorted, like nested_subset gives
     subset = Splits((splits.train[0][index], splits.train[1][index]), splits.val, splits.test)
     pooled = dataclasses.replace(splits, train_index=index)
-    config = _config(["block5_conv3"], epochs=2)
+    config = _config(["block5_conv3"], max_epochs=2)
     cache = FeatureCache(tmp_path)
     from_pool = fit_variant(config, hed, pooled, "pool-sha", cache)
     direct = fit_variant(config, hed, subset, "subset-sha", cache)

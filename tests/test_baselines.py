@@ -1,0 +1,85 @@
+"""The baselines stage: logistic regression on pixels and a convex probe on the frozen features,
+regularisation chosen on validation, per-image predictions, MLflow runs tagged as baselines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.baselines import C_GRID, fit_logistic_regression
+from tests.conftest import REPO, make_tiny_project, stage_env
+
+
+def test_regularisation_is_chosen_on_validation_not_on_test():
+    """Two classes that differ in one of 50 noisy dimensions, with few training images: strong
+    regularisation generalises; the choice must follow validation accuracy."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.repeat([0, 1], n)
+        x = rng.normal(size=(2 * n, 50))
+        x[:, 0] += 1.5 * labels
+        return x, labels
+
+    train, val, test = split(10), split(200), split(200)
+    predict, record = fit_logistic_regression(train, val, (False,))
+    assert record["C"] in C_GRID and record["C_grid"] == list(C_GRID)
+    accuracies = {}
+    from sklearn.linear_model import LogisticRegression
+
+    for c in C_GRID:
+        accuracies[c] = LogisticRegression(C=c, max_iter=5000).fit(*train).score(*val)
+    assert record["val_accuracy"] == max(accuracies.values())
+    assert record["C"] == min(c for c, a in accuracies.items() if a == record["val_accuracy"])  # ties: smaller C
+    assert np.mean(predict(test[0]).argmax(axis=1) == test[1]) > 0.7
+
+
+@pytest.fixture(scope="module")
+def baselines_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    params_path, prepared = make_tiny_project(root, {"frozen": {"trainable": "none"}})
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.baselines", "--params", str(params_path), "--prepared", str(prepared),
+         "--out", str(root / "baselines"), "--feature-cache", str(root / "cache")],
+        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return root, result
+
+
+def test_stage_writes_both_baselines_with_per_image_predictions(baselines_run):
+    root, result = baselines_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((root / "baselines" / "metrics.json").read_text())
+    assert set(records) == {"pixels_logistic_regression", "frozen_linear_probe"}
+    assert records["pixels_logistic_regression"]["dimensions"] == 32 * 32 * 3
+    assert records["frozen_linear_probe"]["dimensions"] == 512  # block5_pool at 32x32, flattened
+    for name, record in records.items():
+        rows = list(csv.DictReader((root / "baselines" / "predictions" / f"{name}.csv").open()))
+        assert len(rows) == record["test_images"] == 20
+        assert np.mean([r["label"] == r["predicted"] for r in rows]) == pytest.approx(record["test_accuracy"])
+    # the probe reads the features the frozen strategy trains on: the shared cache
+    assert len(list((root / "cache").glob("*/train.npy"))) == 1
+
+
+def test_baselines_are_mlflow_runs_tagged_as_baselines(baselines_run):
+    from mlflow.tracking import MlflowClient
+
+    root, result = baselines_run
+    assert result.returncode == 0
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    runs = client.search_runs([experiment.experiment_id], "tags.baseline = 'true'")
+    assert sorted(r.info.run_name for r in runs) == [
+        "baseline/frozen_linear_probe",
+        "baseline/pixels_logistic_regression",
+    ]
+    records = json.loads((root / "baselines" / "metrics.json").read_text())
+    for run in runs:
+        name = run.info.run_name.split("/")[1]
+        assert run.data.metrics["test_accuracy"] == pytest.approx(records[name]["test_accuracy"])
+        assert float(run.data.params["C"]) == records[name]["C"]
