@@ -77,7 +77,7 @@ bench: install data
 bench-e2e: install data
 	$(BIN)/python -m pipeline.bench --end-to-end
 
-# tune trials/min per strategy with and without pruning (~7 min)
+# tune trials/min per strategy under the training rule (~10 min)
 bench-tune: install data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python -m pipeline.bench --tune

@@ -116,7 +116,7 @@ def baseline_rows(baselines: dict, headers: list[str]) -> list[list[str]]:
             "macro-F1": f"{b['test_macro_f1']:.3f}",
             "seeds": "–",
             "test images": str(b["test_images"]),
-            "learning rate": f"L2 C={b['C']:g}" + (", standardised" if b.get("standardised") else ""),
+            "learning rate": f"L2 C={b['C']:g}",
         }
         rows.append([cells.get(h, "") for h in headers])
     return rows

@@ -86,7 +86,7 @@ def _write_results(root: Path) -> None:
     for name, accuracy in BASELINES.items():
         (baselines / "predictions" / f"{name}.csv").write_text(_predictions(accuracy))
         records[name] = {"test_accuracy": accuracy, "test_macro_f1": accuracy, "val_accuracy": accuracy, "C": 0.1,
-                         "standardised": False, "test_images": TEST_IMAGES}  # fmt: skip
+                         "test_images": TEST_IMAGES}  # fmt: skip
     (baselines / "metrics.json").write_text(json.dumps(records))
     prepared = root / "prepared"
     prepared.mkdir()
