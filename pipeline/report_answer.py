@@ -27,6 +27,15 @@ def unconverged(result: dict) -> list[int]:
             if not c["stopped_early"] and c["best_epoch"] > 0.75 * c["max_epochs"]]  # fmt: skip
 
 
+def head_only(results: dict) -> list[str]:
+    """The strategies that train no conv layer (the probe's features are their head's input)."""
+
+    def trains_conv(result: dict) -> bool:
+        return any(c["trainable"] for block, c in result["parameters"]["per_block"].items() if block != "head")
+
+    return [v for v, r in results.items() if not trains_conv(r)]
+
+
 def versus_pixels(results: dict, baselines: dict) -> dict[str, tuple]:
     """{strategy: (difference interval against the pixel baseline, verdict)}; {} without it."""
     if PIXELS not in baselines:
@@ -68,12 +77,14 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
         checks.append(f"Pixel baseline ({BASELINE_NAMES[PIXELS]}): test accuracy {reference:.3f}. Strategies that "
                       f"beat it with an interval excluding 0: {', '.join(f'`{v}`' for v in beat) or 'none'}"
                       + (f"; the others: {'; '.join(rest)}." if rest else "."))  # fmt: skip
-    if PROBE in baselines and "frozen" in results:
-        probe, frozen = baselines[PROBE]["test_accuracy"], results["frozen"]["interval"].mean
-        checks.append(f"`frozen` (a head trained by Adam under the training rule) reaches {frozen:.3f}; the convex "
-                      f"probe on the same features, solved to optimality, {probe:.3f} (gap {frozen - probe:+.3f}). "
-                      "A large negative gap would mean the head is under-trained, not that the features "
-                      "are weak.")  # fmt: skip
+    for variant in head_only(results) if PROBE in baselines else []:
+        probe, frozen = baselines[PROBE]["test_accuracy"], results[variant]["interval"].mean
+        features = baselines[PROBE].get("features", "the frozen base")
+        checks.append(f"`{variant}` (a head trained by Adam under the training rule on the frozen base) reaches "
+                      f"{frozen:.3f}; the convex probe on the same features ({features}), solved to optimality, "
+                      f"{probe:.3f} (gap "
+                      f"{frozen - probe:+.3f}). A large negative gap would mean the head is under-trained, not that "
+                      "the features are weak.")  # fmt: skip
     flagged = {v: seeds for v, seeds in unconverged.items() if seeds}
     if flagged:
         checks.append("**Not converged** (best epoch in the last 25% of `train.max_epochs` and patience never ran "

@@ -62,7 +62,9 @@ def _write_results(root: Path) -> None:
                 "best_val_accuracy": val_accuracy, "best_epoch": 19 if unconverged else 2,
                 "epochs_run": 20 if unconverged else 2 + seed, "max_epochs": 20, "stopped_early": not unconverged,
                 "epochs_to_target": 3 if variant == "partial" else None, "target_accuracy": 0.4,
-                "parameters": {"total": 1000, "trainable": trainable, "non_trainable": 1000 - trainable},
+                "parameters": {"total": 1000, "trainable": trainable, "non_trainable": 1000 - trainable,
+                               "per_block": {"block5": {"trainable": 0 if variant == "frozen" else trainable - 8},
+                                             "head": {"trainable": 8}}},
                 "head_units": 8, "learning_rate": 1e-3, "training_path": "end-to-end",
                 "timing": {"seconds_per_epoch": 1.0 + v_index, "train_seconds": compute / 2 + seed - 2,
                            "extraction_seconds": 0.0},
@@ -158,7 +160,7 @@ def test_markdown_opens_with_the_answer_and_shows_baselines_and_checks(report):
     assert "Pixel baseline (logistic regression on pixels): test accuracy 0.650" in text
     assert re.search(r"beat it with an interval excluding 0: `frozen`, `partial`", text)
     assert "`scratch` (below it" in text
-    assert "gap -0.010" in text  # frozen 0.690 against the probe 0.700
+    assert "0.700 (gap -0.010)" in text  # frozen 0.690 against the probe 0.700
     assert "**Not converged**" in text and "`scratch` seeds [3]" in text
     assert "`frozen` (low end)" in text
     assert "*reference: logistic regression on pixels*" in text
