@@ -151,12 +151,15 @@ def draw_figures(
     folder: Path,
     studies: dict | None = None,
     baselines: dict | None = None,
+    recommended: str | None = None,
 ) -> dict[str, str]:
     """Write every figure as PNG into `folder` (research ones where their results exist);
-    returns {figure id: file name}."""
+    returns {figure id: file name}. `confusion_best` shows the `recommended` strategy (default:
+    the highest mean test accuracy)."""
     palette = figures.colours(list(results))
     references = {name: b["test_accuracy"] for name, b in (baselines or {}).items()}
-    best = max(results, key=lambda v: results[v]["interval"].mean)
+    shown = recommended or max(results, key=lambda v: results[v]["interval"].mean)
+    why = "the recommended strategy" if recommended else "highest mean test accuracy"
     drawings = {
         "convergence_epochs": lambda: figures.convergence(results, palette, "epoch", "epoch"),
         "convergence_seconds": lambda: figures.convergence(
@@ -167,7 +170,7 @@ def draw_figures(
         "accuracy_vs_trainable": lambda: figures.accuracy_vs_trainable(results, palette, references),
         "parameters": lambda: figures.parameter_counts(results, palette),
         "confusion_best": lambda: confusion_matrix_figure(
-            results[best]["confusion"], class_names, f"{best} (highest mean test accuracy): test set, all seeds"
+            results[shown]["confusion"], class_names, f"{shown} ({why}): test set, all seeds"
         ),
     }
     tuned = {v: t for v, t in tuning.items() if t is not None}
@@ -231,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
     with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):
         with atomic_dir(args.out / "figures") as figure_dir:
-            files = draw_figures(results, tuning, data_summary["class_names"], figure_dir, studies, baselines)
+            files = draw_figures(
+                results, tuning, data_summary["class_names"], figure_dir, studies, baselines, answer["recommended"]
+            )
             document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer)
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))

@@ -122,7 +122,7 @@ def build_document(
 ) -> list[tuple]:
     baseline = params.report.baseline
     baselines = baselines or {}
-    best = max(results, key=lambda v: results[v]["interval"].mean)
+    shown = answer["recommended"] if answer else max(results, key=lambda v: results[v]["interval"].mean)
     train = params.train
     tuned = (
         "with its learning rate and head size tuned by Optuna under the same rule"
@@ -183,7 +183,7 @@ def build_document(
     doc += report_diagnostics.blocks(params, results, files)
     doc += study_blocks(params, studies or {}, files)
     doc += [
-        ("h2", f"Confusion matrix of {best}"),
+        ("h2", f"Confusion matrix of {shown}" + (" (recommended)" if answer else "")),
         ("figure", files["confusion_best"], "Test-set predictions summed over seeds."),
         ("h2", "Caveats and fixed settings"),
         ("list", caveats(params, data, results)),
