@@ -103,8 +103,20 @@ def read_baselines(baselines_dir: Path) -> dict:
     out = {}
     for name, record in json.loads(path.read_text()).items():
         labels, predicted = read_predictions(baselines_dir / "predictions" / f"{name}.csv")
-        out[name] = {**record, "correct": (predicted == labels)[None, :].astype(np.int8)}
+        out[name] = {**record, "labels": labels, "correct": (predicted == labels)[None, :].astype(np.int8)}
     return out
+
+
+def check_same_test_set(results: dict, baselines: dict, baselines_dir: Path) -> None:
+    """Every comparison is paired on test images: the baselines must have predicted the very test
+    set the strategies did (DataError naming the fix otherwise, e.g. baselines from older data)."""
+    labels = next(iter(results.values()))["evidence"]["labels"]
+    for name, baseline in baselines.items():
+        if not np.array_equal(baseline["labels"], labels):
+            raise DataError(
+                f"{baselines_dir}: {name} was computed on another test set ({len(baseline['labels'])} images, the "
+                f"strategies have {len(labels)}); rerun `dvc repro baselines` (or pass --baselines-dir)"
+            )
 
 
 def read_tuning(tune_dir: Path, variant: str) -> dict | None:
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {v: read_results(args.train_dir, args.tune_dir, v) for v in params.variants}
     tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
     baselines = read_baselines(args.baselines_dir)
+    check_same_test_set(results, baselines, args.baselines_dir)
     answer = choose({v: r["evidence"] for v, r in results.items()})
     studies = research.read_studies(args.studies_dir, params, read_variant)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)

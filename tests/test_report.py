@@ -224,3 +224,23 @@ def test_report_renders_in_headless_chromium_offline(report, tmp_path):
     fetched = [url for url in requests if not url.startswith(("file:", "data:"))]
     assert fetched == []
     assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_baselines_from_another_test_set_stop_the_report_with_the_fix(report, tmp_path):
+    root, _ = report
+    stale = tmp_path / "baselines"
+    (stale / "predictions").mkdir(parents=True)
+    (stale / "predictions" / "pixels_logistic_regression.csv").write_text(
+        predictions_csv(LABELS[:50], np.eye(3)[LABELS[:50]])
+    )
+    record = {"test_accuracy": 1.0, "test_macro_f1": 1.0, "val_accuracy": 1.0, "C": 1.0, "test_images": 50}
+    (stale / "metrics.json").write_text(json.dumps({"pixels_logistic_regression": record}))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", "--params", str(root / "params.yaml"), "--prepared",
+         str(root / "prepared"), "--train-dir", str(root / "results" / "train"), "--tune-dir",
+         str(root / "results" / "tune"), "--baselines-dir", str(stale), "--out", str(tmp_path / "out")],
+        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "another test set (50 images, the strategies have 200); rerun `dvc repro baselines`" in result.stderr
+    assert not (tmp_path / "out" / "report.md").exists()

@@ -155,7 +155,7 @@ def studies_run(tmp_path_factory):
          "--best-params", best, "--out", str(studies / "depth/train/top1"))  # fmt: skip
     report = _run(root, "report", "--prepared", prepared, "--train-dir", str(root / "results/train"),
                   "--tune-dir", str(root / "results/tune"), "--studies-dir", str(studies),
-                  "--out", str(root / "reports"))  # fmt: skip
+                  "--baselines-dir", str(root / "results/baselines"), "--out", str(root / "reports"))  # fmt: skip
     return root, report
 
 
