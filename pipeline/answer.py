@@ -34,9 +34,7 @@ def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
     if not seeds:
         raise DataError(f"{seeds_dir} holds no seed results; rerun `dvc repro train@{variant}`")
     metrics = [json.loads((seeds_dir / str(s) / "metrics.json").read_text()) for s in seeds]
-    predictions = [read_predictions(seeds_dir / str(s) / "test_predictions.csv") for s in seeds]
-    labels = predictions[0][0]
-    correct = np.array([predicted == labels for _, predicted in predictions], dtype=np.int8)
+    labels, correct = read_correct([seeds_dir / str(s) / "test_predictions.csv" for s in seeds])
     tuning = _tuning_seconds(Path(tune_dir) / variant / "trials.csv")
     training = float(np.mean([m["timing"]["train_seconds"] for m in metrics]))
     extraction = max(m["timing"].get("extraction_seconds", 0.0) for m in metrics)
@@ -49,6 +47,17 @@ def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
         "compute_seconds": tuning + training + extraction,
         "compute_parts": {"tuning": tuning, "training_per_run": training, "feature_extraction": extraction},
     }
+
+
+def read_correct(prediction_files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, seeds x images 0/1 matrix) from per-seed prediction files of one test set; a
+    DataError when the files disagree on the images (a comparison needs the same test set)."""
+    predictions = [read_predictions(path) for path in prediction_files]
+    labels = predictions[0][0]
+    for path, (other, _) in zip(prediction_files, predictions, strict=True):
+        if not np.array_equal(other, labels):
+            raise DataError(f"{path} holds another test set than {prediction_files[0]}; rerun the stage that wrote it")
+    return labels, np.array([predicted == labels for _, predicted in predictions], dtype=np.int8)
 
 
 def _tuning_seconds(trials_csv: Path) -> float:

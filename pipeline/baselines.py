@@ -12,6 +12,15 @@ Writes `--out` (results/baselines/):
   metrics.json                per baseline: test accuracy, macro-F1, validation accuracy, chosen settings
   predictions/<baseline>.csv  per test image: label, predicted class (for paired comparisons)
 and one MLflow run per baseline (`baseline/<name>`, tag `baseline: true`).
+
+With `--train-per-class N` (stage `sample_efficiency_baselines@N`), both baselines are fitted for
+every seed of the sample-efficiency study on the very training subset `train --train-per-class N`
+gives that seed (the study's pool, `prepare.sample_efficiency_pool`), so the study's strategies are
+read against references trained on the same images. Writes `--out`
+(results/studies/sample_efficiency/baselines/n<N>/):
+  metrics.json                        per baseline: mean test accuracy and the record of every seed
+  predictions/<baseline>/<seed>.csv   per test image: label, predicted class
+and MLflow runs `sample_efficiency/baseline/<name>/n<N>/seed-<seed>` (tags `baseline`, `study`).
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ from sklearn.metrics import log_loss
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, ensure_writable, write_json
 from pipeline.cli import run_stage
-from pipeline.data import load_split, load_summary
+from pipeline.data import load_split, load_summary, nested_subset
+from pipeline.errors import ConfigError
 from pipeline.evaluation import evaluate, predictions_csv
 from pipeline.params import Params, load_params
 
+PIXELS, PROBE = "pixels_logistic_regression", "frozen_linear_probe"
+LOGGED = ("test_accuracy", "test_macro_f1", "val_accuracy", "dimensions", "train_images")
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MAX_ITER = 5000
 
@@ -62,10 +74,8 @@ def pixels(images: np.ndarray) -> np.ndarray:
 
 
 def frozen_features(params: Params, splits: dict, data_sha256: str, cache_dir: str | None) -> dict[str, np.ndarray]:
-    """The frozen strategy's head input for each split: the conv base's block5_pool output,
-    flattened or averaged (`model.pooling`), from the shared feature cache when enabled, then
-    normalised as `model.head_norm: standardize` does (an affine map: the probe's function class is
-    the frozen head's without a hidden layer either way)."""
+    """The frozen strategy's pooled features for each split: the conv base's block5_pool output,
+    flattened or averaged (`model.pooling`), from the shared feature cache when enabled."""
     from pipeline import features
     from pipeline.model import build_model
     from pipeline.weights import load_base_weights
@@ -84,39 +94,113 @@ def frozen_features(params: Params, splits: dict, data_sha256: str, cache_dir: s
         else:
             pooled = features.predict(prefix, images, batch)
         out[name] = pooled.reshape(len(pooled), -1) if params.model.pooling == "flatten" else pooled.mean(axis=(1, 2))
-    # centred and scaled by one global standard deviation, as the frozen head's normalisation does:
-    # the same linear function class, but L-BFGS converges in a fraction of the iterations it needs on
-    # raw 0..160 activations
-    mean, scale = out["train"].mean(axis=0), np.sqrt(out["train"].var(axis=0).mean()) or 1.0
-    return {name: (x - mean) / scale for name, x in out.items()}
+    return out
 
 
-def compute(params: Params, prepared: Path, cache_dir: str | None) -> tuple[dict, dict]:
-    """({baseline: record}, {baseline: test probabilities}) for both baselines."""
-    splits = {name: load_split(prepared, name) for name in ("train", "val", "test")}
-    summary = load_summary(prepared)
-    labels = {name: split[1] for name, split in splits.items()}
-    inputs = {"pixels_logistic_regression": {name: pixels(split[0]) for name, split in splits.items()}}
+def standardize(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Centred on the training mean and scaled by one global standard deviation, as the head's
+    `model.head_norm: standardize` does: the same linear function class, but L-BFGS converges in a
+    fraction of the iterations it needs on raw 0..160 activations."""
+    mean, scale = x["train"].mean(axis=0), np.sqrt(x["train"].var(axis=0).mean()) or 1.0
+    return {name: (values - mean) / scale for name, values in x.items()}
+
+
+def inputs(params: Params, splits: dict, data_sha256: str, cache_dir: str | None) -> dict[str, dict[str, np.ndarray]]:
+    """{baseline: {split: design matrix}} for every baseline the params allow (no probe without
+    pretrained weights), before any normalisation."""
+    out = {PIXELS: {name: pixels(images) for name, (images, _) in splits.items()}}
     if params.model.weights != "none":
-        inputs["frozen_linear_probe"] = frozen_features(params, splits, summary["data_sha256"], cache_dir)
+        out[PROBE] = frozen_features(params, splits, data_sha256, cache_dir)
+    return out
+
+
+def fit(params: Params, x: dict[str, dict[str, np.ndarray]], splits: dict, class_names: list[str],
+        train_rows: np.ndarray | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """({baseline: record}, {baseline: test probabilities}) from `inputs(...)`, trained on
+    `train_rows` of the training split (all of it when None); the probe is standardised with the
+    statistics of the rows it trains on, as the head is."""
+    rows = slice(None) if train_rows is None else train_rows
+    labels = {name: y for name, (_, y) in splits.items()}
+    train_labels = labels["train"][rows]
     descriptions = {
-        "pixels_logistic_regression": "pixels / 255",
-        "frozen_linear_probe": f"{params.model.weights} conv base, block5_pool, {params.model.pooling}",
+        PIXELS: "pixels / 255",
+        PROBE: f"{params.model.weights} conv base, block5_pool, {params.model.pooling}",
     }
     records, probabilities = {}, {}
-    for name, x in inputs.items():
-        predict, record = fit_logistic_regression((x["train"], labels["train"]), (x["val"], labels["val"]))
-        probabilities[name] = predict(x["test"])
-        evaluation = evaluate(labels["test"], probabilities[name], summary["class_names"])
+    for name, values in x.items():
+        values = {**values, "train": values["train"][rows]}
+        if name == PROBE:
+            values = standardize(values)
+        predict, record = fit_logistic_regression((values["train"], train_labels), (values["val"], labels["val"]))
+        probabilities[name] = predict(values["test"])
+        evaluation = evaluate(labels["test"], probabilities[name], class_names)
         records[name] = {
             "test_accuracy": evaluation["test_accuracy"],
             "test_macro_f1": evaluation["test_macro_f1"],
             **record,
             "features": descriptions[name],
-            "dimensions": int(x["train"].shape[1]),
+            "dimensions": int(values["train"].shape[1]),
+            "train_images": len(train_labels),
             "test_images": len(labels["test"]),
         }
     return records, probabilities
+
+
+def compute(params: Params, prepared: Path, cache_dir: str | None) -> tuple[dict, dict]:
+    """({baseline: record}, {baseline: test probabilities}) for both baselines on the prepared data."""
+    splits = {name: load_split(prepared, name) for name in ("train", "val", "test")}
+    summary = load_summary(prepared)
+    x = inputs(params, splits, summary["data_sha256"], cache_dir)
+    return fit(params, x, splits, summary["class_names"])
+
+
+def _log(name: str, record: dict, run_name: str, tags: dict) -> None:
+    with tracking.run(run_name, tags={**tags, "variant": name}, params={k: record[k] for k in ("C", "features")}):
+        tracking.log_metrics({k: v for k, v in record.items() if k in LOGGED})
+    print(f"[{run_name}] test accuracy {record['test_accuracy']:.4f} (validation {record['val_accuracy']:.4f}, "
+          f"C={record['C']:g})", flush=True)  # fmt: skip
+
+
+def main_comparison(params: Params, prepared: Path, out: Path, cache_dir: str | None, tags: dict) -> None:
+    labels = load_split(prepared, "test")[1]
+    records, probabilities = compute(params, prepared, cache_dir)
+    with atomic_dir(out) as tmp:
+        (tmp / "predictions").mkdir()
+        for name, record in records.items():
+            (tmp / "predictions" / f"{name}.csv").write_text(predictions_csv(labels, probabilities[name]))
+            _log(name, record, f"baseline/{name}", tags)
+        write_json(tmp / "metrics.json", records)
+
+
+def sample_efficiency(params: Params, per_class: int, out: Path, cache_dir: str | None, tags: dict) -> None:
+    """Both baselines at `per_class` training images per class for every seed of the study, each
+    on exactly the subset `train --train-per-class` gives that seed (the same pool, the same draw)."""
+    from pipeline.prepare import sample_efficiency_pool
+
+    pool = sample_efficiency_pool(params, per_class)
+    x = inputs(params, pool.splits, pool.summary["data_sha256"], cache_dir)
+    labels = pool.splits["test"][1]
+    per_seed: dict[str, dict[int, dict]] = {}
+    with atomic_dir(out) as tmp:
+        for seed in params.studies.sample_efficiency.seeds:
+            rows = nested_subset(pool.splits["train"][1], per_class, [params.seed, seed])
+            records, probabilities = fit(params, x, pool.splits, pool.class_names, rows)
+            for name, record in records.items():
+                folder = tmp / "predictions" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{seed}.csv").write_text(predictions_csv(labels, probabilities[name]))
+                per_seed.setdefault(name, {})[seed] = record
+                study_tags = {**tags, "study": "sample_efficiency"}
+                _log(name, record, f"sample_efficiency/baseline/{name}/n{per_class}/seed-{seed}", study_tags)
+        summary = {
+            name: {
+                "test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in seeds.values()])),
+                "train_per_class": per_class,
+                "seeds": {str(seed): record for seed, record in seeds.items()},
+            }
+            for name, seeds in per_seed.items()
+        }
+        write_json(tmp / "metrics.json", summary)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,8 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("results/baselines"))
+    parser.add_argument("--train-per-class", type=int, help="sample-efficiency study: N images per class, every seed")
     parser.add_argument("--feature-cache", default=".cache/features")
     args = parser.parse_args(argv)
+    if args.train_per_class is not None and args.train_per_class < 1:
+        raise ConfigError("--train-per-class", f"{args.train_per_class} is not allowed; it must be at least 1")
     params = load_params(args.params)
     ensure_writable(args.out, "--out")
     cache_dir = args.feature_cache if params.train.cache_features else None
@@ -133,31 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         ensure_writable(cache_dir, "--feature-cache")
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
     tracking.connect(uri, params.mlflow.experiment)
-    labels = load_split(args.prepared, "test")[1]
-    records, probabilities = compute(params, args.prepared, cache_dir)
-    environment = tracking.environment_tags()
-    with atomic_dir(args.out / "predictions") as tmp:
-        for name, record in records.items():
-            (tmp / f"{name}.csv").write_text(predictions_csv(labels, probabilities[name]))
-            tags = {"stage": "baseline", "baseline": "true", "variant": name, **environment}
-            with tracking.run(
-                f"baseline/{name}",
-                tags=tags,
-                params={k: record[k] for k in ("C", "features")},
-            ):
-                tracking.log_metrics(
-                    {
-                        k: v
-                        for k, v in record.items()
-                        if k in ("test_accuracy", "test_macro_f1", "val_accuracy", "dimensions")
-                    }
-                )
-            print(
-                f"[baseline/{name}] test accuracy {record['test_accuracy']:.4f} (validation "
-                f"{record['val_accuracy']:.4f}, C={record['C']:g})",
-                flush=True,
-            )
-    write_json(args.out / "metrics.json", records)
+    tags = {"stage": "baseline", "baseline": "true", **tracking.environment_tags()}
+    if args.train_per_class is None:
+        main_comparison(params, args.prepared, args.out, cache_dir, tags)
+    else:
+        sample_efficiency(params, args.train_per_class, args.out, cache_dir, tags)
 
 
 if __name__ == "__main__":

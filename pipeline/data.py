@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from pipeline.errors import DataError
+from pipeline import images
+from pipeline.errors import ConfigError, DataError
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -28,7 +29,7 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _IDX_DTYPES = {0x08: np.uint8}
 
 
@@ -165,32 +166,28 @@ def scan_image_folder(root: Path, skip_unreadable: bool) -> ImageFolder:
 
 
 def _is_readable(path: Path) -> bool:
+    """Whether the file decodes completely, the way prepare will decode it (a truncated file
+    opens, but its pixel data does not load)."""
     try:
-        with Image.open(path) as image:
-            image.load()  # verify() misses truncated pixel data; a full decode does not
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        images.decode(path)
+    except images.DECODE_ERRORS:
         return False
     return True
 
 
-def load_images(paths: list[Path], image_size: int) -> tuple[np.ndarray, int]:
-    """Decode `paths` to uint8 RGB (N, size, size, 3); also returns how many were upscaled."""
+def load_images(paths: list[Path], image_size: int) -> tuple[np.ndarray, dict]:
+    """Decode `paths` to uint8 RGB (N, size, size, 3) as an image viewer shows them
+    (`pipeline.images.decode`); also returns {"upscaled": count, "conversions": {kind: count}}."""
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     upscaled = 0
+    conversions = dict.fromkeys(images.KINDS, 0)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            image = _to_rgb(image)
-            upscaled += image.width < image_size or image.height < image_size
-            out[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
-    return out, upscaled
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # Palette images with transparency go through RGBA, else PIL warns; RGBA -> RGB then drops
-    # the alpha channel and keeps the colour stored under transparent pixels.
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+        image, kinds = images.decode(path)
+        for kind in kinds:
+            conversions[kind] += 1
+        upscaled += image.width < image_size or image.height < image_size
+        out[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
+    return out, {"upscaled": upscaled, "conversions": conversions}
 
 
 def resize_gray(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -229,6 +226,20 @@ def sample_per_class(
             start += n
     # sort so arrays are in a stable order independent of class iteration; shuffled in training
     return {split: np.sort(np.concatenate(parts)) for split, parts in chosen.items()}
+
+
+def nested_subset(labels: np.ndarray, per_class: int, seeds: list[int]) -> np.ndarray:
+    """Sorted row indices: the first `per_class` of each class in a shuffle seeded by `seeds`.
+    The shuffle does not depend on `per_class`, so smaller sizes are subsets of larger ones."""
+    rng = np.random.default_rng(seeds)
+    parts = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < per_class:
+            problem = f"{per_class} per class, but the pool holds only {len(members)} of class {label}"
+            raise ConfigError("studies.sample_efficiency.train_per_class", problem)
+        parts.append(members[:per_class])
+    return np.sort(np.concatenate(parts))
 
 
 # --- prepared splits -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,9 +342,70 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "params file not found; run from the repository root or pass --params")
-    with path.open() as f:
-        raw = yaml.safe_load(f)
-    return parse_params(raw)
+    return parse_params(read_yaml(path))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects duplicate keys (YAML's own loader silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class rejects an unhashable key with its own error
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first_line: int, line: int):
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping in a YAML params file. Every way the file itself can be wrong (not UTF-8, empty,
+    a syntax error, a tab in the indentation, a duplicate key, not a mapping) is a ConfigError
+    naming the file, the line and the fix."""
+    name = str(path)
+    restore = f"restore the committed file (`git checkout -- {path.name}`)"
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(name, f"line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; save the file "
+                                "as UTF-8 (the encoding YAML requires)") from None  # fmt: skip
+    for number, line in enumerate(text.splitlines(), 1):
+        indent = line[: len(line) - len(line.lstrip(" \t"))]
+        if "\t" in indent and line.strip() and not line.lstrip().startswith("#"):
+            raise ConfigError(name, f"line {number}: a tab in the indentation; YAML indents with spaces only, "
+                                    "replace the tab with spaces")  # fmt: skip
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as error:
+        duplicate = f"line {error.line}: duplicate key {error.key!r} (first at line {error.first_line})"
+        fix = "YAML would silently keep only the last one, so delete one of them"
+        raise ConfigError(name, f"{duplicate}; {fix}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context = getattr(error, "context", None)
+        opened = getattr(error, "context_mark", None)
+        if context and opened and (not mark or opened.line != mark.line):
+            context += f" opened at line {opened.line + 1}"
+        found = f"{where}YAML syntax error ({problem}" + (f", {context}" if context else "") + ")"
+        fix = f"fix the YAML there or on the line it names (indentation, colons, quotes, brackets) or {restore}"
+        raise ConfigError(name, f"{found}; {fix}") from None
+    if raw is None:
+        raise ConfigError(name, f"the file is empty (or only comments); {restore}")
+    if not isinstance(raw, dict):
+        raise ConfigError(name, f"the file holds a YAML {type(raw).__name__}, not a mapping of sections (seed:, "
+                                f"data:, model:, ...); {restore}")  # fmt: skip
+    return raw
 
 
 def parse_params(raw: object) -> Params:

@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import data
+from pipeline import data, images
 from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
-from pipeline.params import DataParams, load_params
+from pipeline.params import DataParams, Params, load_params
 
 SPLITS = ("train", "val", "test")
 
@@ -39,6 +39,14 @@ def prepare(params: DataParams, seed: int) -> Prepared:
     if params.source == "fashion_mnist":
         return _prepare_fashion_mnist(params, rng)
     return _prepare_directory(params, rng)
+
+
+def sample_efficiency_pool(params: Params, per_class: int) -> Prepared:
+    """The sample-efficiency study's data: `data` prepared with the study's largest size (or
+    `per_class`, if larger) as train_per_class. Every size and seed draws its training subset from
+    this pool (`data.nested_subset`); validation and test are the same for all of them."""
+    pool_size = max([per_class, *params.studies.sample_efficiency.train_per_class])
+    return prepare(replace(params.data, train_per_class=pool_size), params.seed)
 
 
 def _prepare_fashion_mnist(params: DataParams, rng: np.random.Generator) -> Prepared:
@@ -68,15 +76,19 @@ def _prepare_directory(params: DataParams, rng: np.random.Generator) -> Prepared
     labels = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(folder.files)])
     counts = {"test": params.test_per_class, "val": params.val_per_class, "train": params.train_per_class}
     picks = data.sample_per_class(labels, counts, folder.class_names, rng, "image folder")
-    splits, upscaled = {}, 0
+    splits = {}
+    upscaled, conversions = 0, dict.fromkeys(images.KINDS, 0)
     for split in SPLITS:
-        images, n_upscaled = data.load_images([files[i] for i in picks[split]], params.image_size)
-        splits[split] = (images, labels[picks[split]])
-        upscaled += n_upscaled
+        pixels, decoded = data.load_images([files[i] for i in picks[split]], params.image_size)
+        splits[split] = (pixels, labels[picks[split]])
+        upscaled += decoded["upscaled"]
+        for kind, count in decoded["conversions"].items():
+            conversions[kind] += count
     extra = {
         "unreadable_skipped": folder.unreadable,
         "non_image_files_ignored": len(folder.ignored_non_images),
         "upscaled": upscaled,
+        "conversions": conversions,
     }
     return Prepared(splits, folder.class_names, _summary(params, splits, folder.class_names, extra))
 

@@ -129,9 +129,11 @@ def read_tuning(tune_dir: Path, variant: str) -> dict | None:
     return {"best": json.loads(best_path.read_text()), "trials": trials}
 
 
-def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict) -> dict:
+def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, data: dict) -> dict:
     """summary.json (a DVC metric): per strategy its test accuracy with the 95% interval over seeds
-    and test images, then `baselines` and the `answer`. Deterministic: timings only in `answer`."""
+    and test images, then `baselines`, the `answer`, and `data_conversions` (how many prepared
+    images needed each kind of decoding beyond plain 8-bit RGB; only kinds that occurred).
+    Deterministic: timings only in `answer`."""
     out = {}
     for variant, result in results.items():
         interval = result["interval"]
@@ -153,6 +155,7 @@ def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict) 
                         for name, b in baselines.items()}  # fmt: skip
     out["answer"] = {k: answer[k] for k in ("best_on_validation", "indistinguishable_from_best", "recommended",
                                             "recommended_cost_ratio", "compute_seconds")}  # fmt: skip
+    out["data_conversions"] = {kind: n for kind, n in data.get("conversions", {}).items() if n}
     return out
 
 
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     baselines = read_baselines(args.baselines_dir)
     check_same_test_set(results, baselines, args.baselines_dir)
     answer = choose({v: r["evidence"] for v, r in results.items()})
-    studies = research.read_studies(args.studies_dir, params, read_variant)
+    studies = research.read_studies(args.studies_dir, params, read_variant, baselines)
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
     tracking.connect(uri, params.mlflow.experiment)
 
@@ -254,13 +257,13 @@ def main(argv: list[str] | None = None) -> None:
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
         write_text(args.out / "report.html", html)
-        write_json(args.out / "summary.json", summary_metrics(results, tuning, baselines, answer))
+        write_json(args.out / "summary.json", summary_metrics(results, tuning, baselines, answer, data_summary))
         if args.thumbnail:
             _thumbnail(args.out / "figures" / files["convergence_epochs"], args.thumbnail)
         tracking.log_artifacts([args.out / name for name in ("report.md", "report.html", "summary.json")])
         tracking.log_artifacts(sorted((args.out / "figures").glob("*.png")), folder="figures")
     print(f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies"
-          + (f", studies: {', '.join(studies)}" if studies else "") + ")")  # fmt: skip
+          + (f", studies: {', '.join(research.ran(studies))}" if studies else "") + ")")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import report_diagnostics
+from pipeline.images import KINDS
 from pipeline.params import Params
 from pipeline.report_answer import answer_blocks, baseline_rows, unconverged, versus_pixels
 from pipeline.report_studies import study_blocks
@@ -208,7 +209,7 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         f"Data: `{data['source']}`, {data['num_classes']} classes, {totals['train']} train / {totals['val']} "
         f"validation / {totals['test']} test images ({params.data.train_per_class} / {params.data.val_per_class} / "
         f"{params.data.test_per_class} per class), drawn with seed {params.seed}; data sha256 "
-        f"`{data['data_sha256'][:12]}…`.",
+        f"`{data['data_sha256'][:12]}…`." + _conversions(data),
         f"Image size {params.data.image_size}×{params.data.image_size} (VGG16 was pretrained at 224×224; small "
         "inputs leave block5 a 1×1 map, which favours training more layers).",
         f"Fixed for every strategy and tune trial: up to {train.max_epochs} epochs, early stopping on validation "
@@ -228,6 +229,15 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         "Training paths: " + "; ".join(paths) + ".",
         *_strategy_options(params),
     ]
+
+
+def _conversions(data: dict) -> str:
+    """' Decoded as a viewer shows them: 41 16-bit images rescaled to 8 bits, ...' ('' if none)."""
+    counts = {kind: n for kind, n in data.get("conversions", {}).items() if n}
+    parts = [f"{n} {KINDS.get(kind, kind)}" for kind, n in counts.items()]
+    if data.get("upscaled"):
+        parts.append(f"{data['upscaled']} images upscaled to {data['image_size']}×{data['image_size']}")
+    return f' Decoded as an image viewer shows them: {", ".join(parts)} (README "Data").' if parts else ""
 
 
 def _strategy_options(params: Params) -> list[str]:

@@ -1,57 +1,134 @@
-"""The report's study sections: sample efficiency and freezing depth.
+"""The report's study sections: sample efficiency and freezing depth, under the main comparison's
+rules: the same training rule, reference baselines, and intervals over seeds and test images.
 
 Each section appears when its results exist: `read_studies` returns only what was run for the
 current params, `draw` lists its figures and `study_blocks` writes the text and tables (the
 block format of `pipeline.report_document`).
+
+  sample efficiency  every strategy at n training images per class, against the two baselines
+                     fitted on each seed's very subset (`pipeline.baselines --train-per-class`)
+  freezing depth     top k conv layers trained, every k tuned; against the main comparison's
+                     baselines (the same prepared data); the main answer's rule applied to the ks
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.answer import choose, read_correct, read_evidence
+from pipeline.errors import DataError
 from pipeline.figures import plt
-from pipeline.report_diagnostics import drift_heatmap, drift_text, mean_ci, mean_drift
-from pipeline.stats import paired_t_test, t_interval
+from pipeline.report_answer import BASELINE_NAMES, PIXELS, PROBE, unconverged
+from pipeline.report_diagnostics import drift_heatmap, drift_text, mean_drift
+from pipeline.stats import Interval, accuracy_interval, difference_interval
 from pipeline.vgg16 import BLOCKS, CONV_LAYERS
 
+BASELINE_STYLE = {PIXELS: ("black", "--", "pixels LR"), PROBE: ("dimgrey", ":", "linear probe")}
 
-def read_studies(studies_dir: Path, params, read_variant) -> dict:
-    """{"sample_efficiency": {variant: {n: result}}, "depth": {k: result}} for the sizes and depths
-    in params whose results exist (`read_variant(folder, name)` reads one result folder)."""
+
+def _cell(interval: Interval) -> str:
+    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def _signed(interval: Interval) -> str:
+    return f"{interval.mean:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
+def ran(studies: dict) -> list[str]:
+    """The names of the studies whose results `read_studies` found."""
+    return [name for name in ("sample_efficiency", "depth") if name in studies]
+
+
+def read_studies(studies_dir: Path, params, read_variant, baselines: dict | None = None) -> dict:
+    """{"sample_efficiency": {variant: {n: result}}, "sample_efficiency_baselines": {name: {n: ...}},
+    "depth": {k: result}, "depth_answer": ..., "depth_baselines": ...} for the sizes and depths in
+    params whose results exist. A result is `read_variant(folder, name)` plus `correct` (seeds x
+    test images, 0/1) and its `interval`; `baselines` are the main comparison's (`report.read_baselines`)."""
     out: dict = {}
+    sample_dir = Path(studies_dir) / "sample_efficiency"
+    sizes = sorted(params.studies.sample_efficiency.train_per_class)
     sample = {}
     for variant in params.variants:
         found = {}
-        for n in sorted(params.studies.sample_efficiency.train_per_class):
-            folder = studies_dir / "sample_efficiency" / variant
-            if (folder / f"n{n}" / "seeds").is_dir():
-                found[n] = read_variant(folder, f"n{n}")
+        for n in sizes:
+            if (sample_dir / variant / f"n{n}" / "seeds").is_dir():
+                found[n] = _with_correct(read_variant(sample_dir / variant, f"n{n}"), sample_dir / variant / f"n{n}")
         if found:
             sample[variant] = found
     if sample:
         out["sample_efficiency"] = sample
+        out["sample_efficiency_baselines"] = _read_sample_baselines(sample_dir / "baselines", sizes, sample)
+    depth_dir = Path(studies_dir) / "depth"
     depth = {}
     for k in sorted(params.studies.depth.k):
-        folder = studies_dir / "depth" / "train"
-        if (folder / f"top{k}" / "seeds").is_dir():
-            depth[k] = read_variant(folder, f"top{k}")
+        if (depth_dir / "train" / f"top{k}" / "seeds").is_dir():
+            result = read_variant(depth_dir / "train", f"top{k}")
+            result["evidence"] = read_evidence(depth_dir / "train", depth_dir / "tune", f"top{k}")
+            result["correct"] = result["evidence"]["correct"]
+            result["interval"] = accuracy_interval(result["correct"])
+            depth[k] = result
     if depth:
         out["depth"] = depth
+        if len(depth) > 1:
+            out["depth_answer"] = choose({f"top{k}": r["evidence"] for k, r in depth.items()})
+        labels = next(iter(depth.values()))["evidence"]["labels"]
+        out["depth_baselines"] = {
+            name: b for name, b in (baselines or {}).items() if np.array_equal(b["labels"], labels)
+        }
+    return out
+
+
+def _with_correct(result: dict, folder: Path) -> dict:
+    seeds = sorted(result["test_accuracy"])
+    files = [folder / "seeds" / str(s) / "test_predictions.csv" for s in seeds]
+    result["labels"], result["correct"] = read_correct(files)
+    result["interval"] = accuracy_interval(result["correct"])
+    return result
+
+
+def _read_sample_baselines(folder: Path, sizes: list[int], sample: dict) -> dict:
+    """{baseline: {n: {"correct", "interval", "C" per seed}}} for the sizes whose baselines stage
+    ran; a DataError when they predicted another test set than the study's strategies."""
+    labels = next(iter(next(iter(sample.values())).values()))["labels"]
+    out: dict = {}
+    for n in sizes:
+        path = folder / f"n{n}" / "metrics.json"
+        if not path.is_file():
+            continue
+        for name, record in json.loads(path.read_text()).items():
+            seeds = sorted(record["seeds"], key=int)
+            files = [folder / f"n{n}" / "predictions" / name / f"{s}.csv" for s in seeds]
+            found, correct = read_correct(files)
+            if not np.array_equal(found, labels):
+                raise DataError(f"{folder / f'n{n}'}: {name} was computed on another test set than the study's "
+                                f"strategies; rerun `dvc repro sample_efficiency_baselines@{n}`")  # fmt: skip
+            out.setdefault(name, {})[n] = {
+                "correct": correct,
+                "interval": accuracy_interval(correct),
+                "C": {int(s): record["seeds"][s]["C"] for s in seeds},
+            }
     return out
 
 
 # --- sample efficiency ------------------------------------------------------------------------
 
 
-def sample_efficiency_figure(sample: dict, palette: dict) -> plt.Figure:
+def sample_efficiency_figure(sample: dict, baselines: dict, palette: dict) -> plt.Figure:
     figure, axes = plt.subplots(figsize=(8, 5))
     for variant, by_size in sample.items():
         sizes = sorted(by_size)
-        intervals = [t_interval(list(by_size[n]["test_accuracy"].values())) for n in sizes]
+        intervals = [by_size[n]["interval"] for n in sizes]
         axes.plot(sizes, [i.mean for i in intervals], marker="o", color=palette[variant], label=variant)
-        if all(i.low is not None for i in intervals):
-            axes.fill_between(sizes, [max(0, i.low) for i in intervals], [min(1, i.high) for i in intervals],
-                              color=palette[variant], alpha=0.15)  # fmt: skip
+        axes.fill_between(sizes, [max(0, i.low) for i in intervals], [min(1, i.high) for i in intervals],
+                          color=palette[variant], alpha=0.15)  # fmt: skip
+    for name, by_size in baselines.items():
+        colour, style, label = BASELINE_STYLE.get(name, ("grey", "-.", name))
+        sizes = sorted(by_size)
+        axes.plot(sizes, [by_size[n]["interval"].mean for n in sizes], style, marker="x", color=colour,
+                  label=f"reference: {label}")  # fmt: skip
     axes.set_xscale("log")
     sizes = sorted({n for by_size in sample.values() for n in by_size})
     axes.set_xticks(sizes, [str(n) for n in sizes])
@@ -59,30 +136,30 @@ def sample_efficiency_figure(sample: dict, palette: dict) -> plt.Figure:
     axes.set_xlabel("training images per class (log scale)")
     axes.set_ylabel("test accuracy")
     axes.grid(alpha=0.3)
-    axes.legend(title="strategy")
-    axes.set_title("Sample efficiency: mean over seeds, band = 95% confidence interval")
+    axes.legend(title="strategy", fontsize=8)
+    axes.set_title("Sample efficiency: mean over seeds, band = 95% interval (seeds and test images)")
     figure.tight_layout()
     return figure
 
 
-def advantage_table(sample: dict, baseline: str) -> tuple[list[str], list[list[str]]]:
-    """Per strategy: paired accuracy difference to `baseline` at every size, and where the
-    advantage vanishes: the smallest size from which on no larger size shows a significant
-    advantage (95% CI of the paired difference above 0)."""
+def advantage_table(sample: dict, reference: dict, exclude: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Per strategy: its test accuracy minus the reference's at every size (`reference`: {n: seeds x
+    images 0/1}), paired on the test images, with the 95% interval over seeds and images; and
+    where a significant advantage (interval above 0) vanishes."""
     sizes = sorted({n for by_size in sample.values() for n in by_size})
     headers = ["strategy", *[f"Δ at n={n}" for n in sizes], "significant advantage vanishes at"]
     rows = []
     for variant, by_size in sample.items():
-        if variant == baseline or baseline not in sample:
+        if variant == exclude:
             continue
         cells, significant = [], {}
         for n in sizes:
-            if n not in by_size or n not in sample[baseline]:
+            if n not in by_size or n not in reference:
                 cells.append("—")
                 continue
-            d = paired_t_test(by_size[n]["test_accuracy"], sample[baseline][n]["test_accuracy"]).difference
-            significant[n] = d.low is not None and d.low > 0
-            cells.append(f"{d.mean:+.3f}" + ("" if d.low is None else f" [{d.low:+.3f}, {d.high:+.3f}]"))
+            d = difference_interval(by_size[n]["correct"], reference[n])
+            significant[n] = d.low > 0
+            cells.append(_signed(d))
         rows.append([f"**{variant}**", *cells, _vanishing_point(significant)])
     return headers, rows
 
@@ -100,13 +177,17 @@ def _vanishing_point(significant: dict[int, bool]) -> str:
     return f"n = {after} per class (last significant at n = {last})"
 
 
-def sample_efficiency_table(sample: dict) -> tuple[list[str], list[list[str]]]:
+def sample_efficiency_table(sample: dict, baselines: dict) -> tuple[list[str], list[list[str]]]:
     sizes = sorted({n for by_size in sample.values() for n in by_size})
-    headers = ["strategy", *[f"n={n}" for n in sizes]]
+    headers = ["strategy", *[f"n={n}" for n in sizes], "unconverged runs"]
     rows = [
-        [f"**{v}**", *[mean_ci(list(s[n]["test_accuracy"].values())) if n in s else "—" for n in sizes]]
+        [f"**{v}**", *[_cell(s[n]["interval"]) if n in s else "—" for n in sizes],
+         str(sum(len(unconverged(r)) for r in s.values()))]
         for v, s in sample.items()
-    ]
+    ]  # fmt: skip
+    for name, by_size in baselines.items():
+        cells = [_cell(by_size[n]["interval"]) if n in by_size else "—" for n in sizes]
+        rows.append([f"*reference: {BASELINE_NAMES.get(name, name)}*", *cells, "–"])
     return headers, rows
 
 
@@ -117,16 +198,19 @@ BLOCK_STARTS = {  # k at which the top k layers first cover a whole block (block
 }
 
 
-def depth_figure(depth: dict) -> plt.Figure:
+def depth_figure(depth: dict, baselines: dict) -> plt.Figure:
     ks = sorted(depth)
-    intervals = [t_interval(list(depth[k]["test_accuracy"].values())) for k in ks]
+    intervals = [depth[k]["interval"] for k in ks]
     trainable = [depth[k]["parameters"]["trainable"] for k in ks]
     figure, (acc_axes, param_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    yerr = None
-    if all(i.low is not None for i in intervals):
-        yerr = [[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]]
-    acc_axes.errorbar(ks, [i.mean for i in intervals], yerr=yerr, fmt="o-", capsize=4, color="tab:blue")
-    acc_axes.set_ylabel("test accuracy (mean, 95% CI)")
+    yerr = [[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]]
+    acc_axes.errorbar(ks, [i.mean for i in intervals], yerr=yerr, fmt="o-", capsize=4, color="tab:blue",
+                      label="top k trained")  # fmt: skip
+    for name, b in baselines.items():
+        colour, style, label = BASELINE_STYLE.get(name, ("grey", "-.", name))
+        acc_axes.axhline(b["test_accuracy"], color=colour, linestyle=style, label=f"reference: {label}")
+    acc_axes.legend(fontsize=8)
+    acc_axes.set_ylabel("test accuracy (mean, 95% interval)")
     param_axes.plot(ks, trainable, "s-", color="tab:grey")
     param_axes.set_yscale("log")
     param_axes.set_ylabel("trainable parameters (log scale)")
@@ -143,18 +227,52 @@ def depth_figure(depth: dict) -> plt.Figure:
     return figure
 
 
-def depth_table(depth: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["k", "trains from", "trainable parameters", "test accuracy (mean ± 95% CI)", "head_units",
-               "learning rate", *[f"drift {b}" for b in BLOCKS]]  # fmt: skip
+def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["k", "trains from", "trainable parameters", "seeds", "test accuracy (95% interval)",
+               "Δ vs pixels LR", "best val accuracy", "unconverged runs", "head_units", "learning rate",
+               *[f"drift {b}" for b in BLOCKS]]  # fmt: skip
+    pixels = baselines.get(PIXELS)
     rows = []
     for k in sorted(depth):
         r = depth[k]
         first = CONV_LAYERS[len(CONV_LAYERS) - k] if k else "(head only)"
         drift = mean_drift(r)
-        accuracy = mean_ci(list(r["test_accuracy"].values()))
-        rows.append([str(k), first, f"{r['parameters']['trainable']:,}", accuracy, str(r["head_units"]),
+        versus = _signed(difference_interval(r["correct"], pixels["correct"])) if pixels else "—"
+        rows.append([str(k), first, f"{r['parameters']['trainable']:,}", str(r["interval"].n), _cell(r["interval"]),
+                     versus, f"{r['evidence']['val_accuracy']:.3f}", str(len(unconverged(r))), str(r["head_units"]),
                      f"{r['learning_rate']:.2g}", *[drift_text(drift[b]) for b in BLOCKS]])  # fmt: skip
+    for name, b in baselines.items():
+        cells = {
+            "k": f"*reference: {BASELINE_NAMES.get(name, name)}*",
+            "test accuracy (95% interval)": f"{b['test_accuracy']:.3f} (deterministic)",
+            "best val accuracy": f"{b['val_accuracy']:.3f}",
+        }
+        rows.append([cells.get(h, "") for h in headers])
     return headers, rows
+
+
+def depth_answer_lines(answer: dict, depth: dict) -> list[str]:
+    """The main comparison's rule applied to the depths: best k on validation, the ks
+    indistinguishable from it on test, the cheapest of those in measured compute."""
+    best, recommended = answer["best_on_validation"], answer["recommended"]
+    tied = answer["indistinguishable_from_best"]
+    cost = answer["compute_seconds"]
+    differences = answer["differences_from_best"]
+    lines = [
+        f"Best on validation: k = {best[3:]}.",
+        "Indistinguishable from it on the test set (95% interval of the difference contains 0): "
+        + (", ".join(f"k = {v[3:]} ({differences[v]['mean']:+.3f} [{differences[v]['ci95_low']:+.3f}, "
+                     f"{differences[v]['ci95_high']:+.3f}])" for v in sorted(tied, key=lambda v: int(v[3:])))
+           if tied else "none")
+        + ".",
+    ]  # fmt: skip
+    if recommended != best:
+        lines.append(f"Cheapest of those in measured compute (tuning + one training run + feature extraction): "
+                     f"k = {recommended[3:]}, {cost[best] / cost[recommended]:.1f}× cheaper than k = {best[3:]} "
+                     f"({cost[recommended]:.0f} s vs {cost[best]:.0f} s).")  # fmt: skip
+    else:
+        lines.append(f"No indistinguishable k costs less compute than k = {best[3:]} ({cost[best]:.0f} s).")
+    return lines
 
 
 # --- figures and document blocks ----------------------------------------------------------------
@@ -164,46 +282,76 @@ def draw(studies: dict, palette: dict) -> dict:
     """{figure id: drawing function} for every study whose results exist."""
     drawings = {}
     if "sample_efficiency" in studies:
-        drawings["sample_efficiency"] = lambda: sample_efficiency_figure(studies["sample_efficiency"], palette)
+        sample, references = studies["sample_efficiency"], studies["sample_efficiency_baselines"]
+        drawings["sample_efficiency"] = lambda: sample_efficiency_figure(sample, references, palette)
     if "depth" in studies:
         depth = studies["depth"]
-        drawings["depth"] = lambda: depth_figure(depth)
+        drawings["depth"] = lambda: depth_figure(depth, studies["depth_baselines"])
         drawings["depth_drift"] = lambda: drift_heatmap(
             {f"k={k}": mean_drift(depth[k]) for k in sorted(depth)},
             "Freezing depth: final weight drift per block", "top k layers trained")  # fmt: skip
     return drawings
 
 
+STUDY_INTERVALS = (
+    "Intervals are the main comparison's: 95% over training seeds and test images, differences paired on "
+    "the test images and (conservatively) independent over seeds."
+)
+
+
 def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
     doc: list[tuple] = []
     if "sample_efficiency" in studies:
-        sample = studies["sample_efficiency"]
+        sample, references = studies["sample_efficiency"], studies["sample_efficiency_baselines"]
         seeds = list(params.studies.sample_efficiency.seeds)
         baseline = params.report.baseline
         doc += [
             ("h2", "Study: sample efficiency"),
             ("p", f"Test accuracy as the training set grows: each strategy retrained on n images per class "
                   f"(nested subsets of one pool; seeds {seeds}, each seed with its own draw of the subset), "
-                  f"the training rule (up to {params.train.max_epochs} epochs, early stopping), with the "
+                  f"under the training rule (up to {params.train.max_epochs} epochs, early stopping), with the "
                   "hyperparameters tuned on the main comparison's "
-                  f"{params.data.train_per_class} per class. Validation and test sets are the same for every n."),
-            ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% CI bands."),
-            ("table", *sample_efficiency_table(sample)),
-            ("h3", f"Where the advantage over {baseline} vanishes"),
-            ("p", f"Δ = paired difference in test accuracy to `{baseline}` (same seeds, same subsets), mean and "
-                  "95% CI. An advantage is significant where the interval lies above 0."),
-            ("table", *advantage_table(sample, baseline)),
+                  f"{params.data.train_per_class} per class. Validation and test sets are the same for every n. "
+                  "The reference rows are the two baselines fitted on each seed's very subset. "
+                  + STUDY_INTERVALS),
+            ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% bands."),
+            ("table", *sample_efficiency_table(sample, references)),
         ]  # fmt: skip
+        if PIXELS in references:
+            reference = {n: b["correct"] for n, b in references[PIXELS].items()}
+            doc += [
+                ("h3", "Against the pixel baseline"),
+                ("p", "Δ = test accuracy minus that of logistic regression on the pixels of the same training "
+                      "images (same seeds, same subsets), mean and 95% interval. Where the interval contains 0 "
+                      "the strategy is not shown to beat a linear model on raw pixels."),
+                ("table", *advantage_table(sample, reference)),
+            ]  # fmt: skip
+        if baseline in sample:
+            reference = {n: r["correct"] for n, r in sample[baseline].items()}
+            doc += [
+                ("h3", f"Where the advantage over {baseline} vanishes"),
+                ("p", f"Δ = test accuracy minus that of `{baseline}` (same seeds, same subsets), mean and 95% "
+                      "interval. An advantage is significant where the interval lies above 0."),
+                ("table", *advantage_table(sample, reference, exclude=baseline)),
+            ]  # fmt: skip
     if "depth" in studies:
+        depth = studies["depth"]
+        seeds = sorted({s for r in depth.values() for s in r["evidence"]["seeds"]})
         doc += [
             ("h2", "Study: freezing depth"),
             ("p", "The transferability curve: train the top k of VGG16's 13 conv layers (k = 0: frozen base, "
-                  "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies and "
-                  f"trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
-                  f"{list(params.studies.depth.seeds)}. Dotted "
-                  "lines: where k first covers a whole block."),
-            ("figure", files["depth"], "Test accuracy and trainable parameters vs k."),
-            ("table", *depth_table(studies["depth"])),
-            ("figure", files["depth_drift"], "Final weight drift per block for every k."),
+                  "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies "
+                  f"(`tune.n_trials` for a k trained on cached features, `tune.n_trials_end_to_end` for k = 13) "
+                  f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
+                  f"{seeds}. Reference lines: the main comparison's baselines on the same data. Dotted "
+                  "lines: where k first covers a whole block. " + STUDY_INTERVALS),
         ]  # fmt: skip
+        if "depth_answer" in studies:
+            doc += [("p", "The main answer's rule applied to the depths:"),
+                    ("list", depth_answer_lines(studies["depth_answer"], depth))]  # fmt: skip
+        doc += [
+            ("figure", files["depth"], "Test accuracy and trainable parameters vs k."),
+            ("table", *depth_table(depth, studies["depth_baselines"])),
+            ("figure", files["depth_drift"], "Final weight drift per block for every k."),
+        ]
     return doc

@@ -37,7 +37,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
-from pipeline.data import load_split, load_summary
+from pipeline.data import load_split, load_summary, nested_subset
 from pipeline.errors import ConfigError
 from pipeline.evaluation import epochs_to_target, evaluate, predictions_csv, robustness
 from pipeline.features import FeatureCache, extraction_batch_size
@@ -159,20 +159,6 @@ def _save_model(model, path: Path) -> None:
     clone.save(path)
 
 
-def nested_subset(labels: np.ndarray, per_class: int, seeds: list[int]) -> np.ndarray:
-    """Sorted row indices: the first `per_class` of each class in a shuffle seeded by `seeds`.
-    The shuffle does not depend on `per_class`, so smaller sizes are subsets of larger ones."""
-    rng = np.random.default_rng(seeds)
-    parts = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        if len(members) < per_class:
-            problem = f"{per_class} per class, but the pool holds only {len(members)} of class {label}"
-            raise ConfigError("studies.sample_efficiency.train_per_class", problem)
-        parts.append(members[:per_class])
-    return np.sort(np.concatenate(parts))
-
-
 def _setup(args, params: Params):
     """(params, variant, seeds, MLflow run-name prefix, study name or None) for the chosen mode."""
     if args.depth is not None:
@@ -192,10 +178,9 @@ def _load_data(args, params: Params):
         prepared = Path(args.prepared)
         splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"), load_split(prepared, "test"))
         return splits, load_summary(prepared)
-    from pipeline.prepare import prepare
+    from pipeline.prepare import sample_efficiency_pool
 
-    pool_size = max([args.train_per_class, *params.studies.sample_efficiency.train_per_class])
-    pool = prepare(dataclasses.replace(params.data, train_per_class=pool_size), params.seed)
+    pool = sample_efficiency_pool(params, args.train_per_class)
     return Splits(pool.splits["train"], pool.splits["val"], pool.splits["test"]), pool.summary
 
 

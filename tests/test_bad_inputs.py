@@ -149,6 +149,49 @@ def test_params(tmp_path, write_params, override, fragments):
     assert_nothing_written(out)
 
 
+def _valid_params_text() -> str:
+    return (REPO / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        pytest.param(
+            lambda: _valid_params_text().replace("  image_size: 32", "  image_size: [32", 1).encode(),
+            ["YAML syntax error", "line ", "opened at line", "fix the YAML there"], id="yaml_syntax_error",
+        ),
+        pytest.param(
+            lambda: _valid_params_text().replace("  image_size: 32", "\timage_size: 32", 1).encode(),
+            ["a tab in the indentation", "replace the tab with spaces"], id="tab_indentation",
+        ),
+        pytest.param(
+            lambda: _valid_params_text().replace("  image_size: 32", "  image_size: 32\n  image_size: 64", 1).encode(),
+            ["duplicate key 'image_size'", "silently keep only the last one", "delete one of them"],
+            id="duplicate_key",
+        ),
+        pytest.param(
+            lambda: (_valid_params_text() + "\nseed: 7\n").encode(),
+            ["duplicate key 'seed' (first at line", "delete one of them"], id="duplicate_top_level_section",
+        ),
+        pytest.param(lambda: b"- seed\n- data\n", ["holds a YAML list, not a mapping", "git checkout"], id="a_list"),
+        pytest.param(lambda: b"42\n", ["holds a YAML int, not a mapping"], id="a_scalar"),
+        pytest.param(lambda: b"", ["the file is empty", "git checkout -- params.yaml"], id="empty_file"),
+        pytest.param(lambda: b"# only a comment\n", ["the file is empty (or only comments)"], id="only_comments"),
+        pytest.param(
+            lambda: _valid_params_text().replace("# Every setting", "# \u00c9very setting", 1).encode("latin-1"),
+            ["line 1: byte 0xc9 is not UTF-8 text", "save the file as UTF-8"], id="not_utf8",
+        ),
+    ],
+)  # fmt: skip
+def test_params_file_malformed(tmp_path, content, fragments):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content())
+    out = tmp_path / "prepared"
+    message = assert_rejected(run_module("prepare", "--params", path, "--out", out), str(path), *fragments)
+    assert message.count("\n") == 0  # one line: file, line and fix together
+    assert_nothing_written(out)
+
+
 def test_params_error_through_dvc_repro(tmp_path):
     """The same message reaches the user through `dvc repro`, and DVC records no stage as done."""
     repo = tmp_path / "repo"

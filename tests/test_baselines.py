@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.baselines import C_GRID, fit_logistic_regression
+from pipeline.baselines import C_GRID, PIXELS, PROBE, fit, fit_logistic_regression
 from tests.conftest import REPO, make_tiny_project, stage_env
 
 
@@ -37,6 +37,33 @@ def test_regularisation_is_chosen_on_validation_loss_not_on_test():
     assert record["val_loss"] == pytest.approx(min(losses.values()))
     assert record["C"] < max(C_GRID)  # the weakest regularisation over-fits 20 images in 50 dimensions
     assert np.mean(predict(test[0]).argmax(axis=1) == test[1]) > 0.6  # chance: 0.5, Bayes: 0.77
+
+
+def test_a_training_subset_fits_as_if_the_data_held_only_those_rows(tmp_path):
+    """The sample-efficiency baselines train on a seed's rows of the pool: the same records and
+    probabilities as on data cut down to those rows beforehand (the probe standardised with the
+    statistics of the rows it trains on, not of the pool)."""
+    from pipeline.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    rng = np.random.default_rng(1)
+    labels = {
+        "train": np.repeat(np.arange(3), 20),
+        "val": np.repeat(np.arange(3), 10),
+        "test": np.repeat(np.arange(3), 10),
+    }
+    x = {name: {s: rng.normal(size=(len(y), 6)) + y[:, None] for s, y in labels.items()} for name in (PIXELS, PROBE)}
+    for name in x:
+        x[name]["train"][:30] += 5.0  # rows outside the subset shift the pool's statistics
+    splits = {s: (np.zeros((len(y), 1)), y) for s, y in labels.items()}
+    rows = np.sort(np.concatenate([np.flatnonzero(labels["train"] == c)[-4:] for c in range(3)]))
+    records, probabilities = fit(params, x, splits, ["a", "b", "c"], rows)
+    cut_x = {name: {**values, "train": values["train"][rows]} for name, values in x.items()}
+    cut_splits = {**splits, "train": (splits["train"][0][rows], labels["train"][rows])}
+    cut_records, cut_probabilities = fit(params, cut_x, cut_splits, ["a", "b", "c"])
+    assert records == cut_records and records[PROBE]["train_images"] == 12
+    for name in x:
+        np.testing.assert_array_equal(probabilities[name], cut_probabilities[name])
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ import mlflow
 import numpy as np
 import pytest
 
+from pipeline.baselines import C_GRID
 from pipeline.corruptions import BLUR_SIGMA_PER_32PX, CONTRAST_FACTOR, NOISE_SIGMA, corrupt
+from pipeline.data import nested_subset
+from pipeline.evaluation import read_predictions
 from pipeline.report_studies import _vanishing_point, advantage_table
-from pipeline.train import nested_subset
 from tests.conftest import REPO, make_tiny_project, stage_env
 
 # --- corruptions ------------------------------------------------------------------------------
@@ -86,21 +88,41 @@ def test_nested_subsets_take_n_per_class_and_grow_by_adding_images():
 # --- the advantage table ----------------------------------------------------------------------
 
 
-def _sample(diffs: dict[int, list[float]]) -> dict:
-    """scratch at 0.5 for every seed; `frozen` at 0.5 + the given per-seed differences."""
-    scratch = {n: {"test_accuracy": {s: 0.5 for s in range(1, len(d) + 1)}} for n, d in diffs.items()}
-    frozen = {n: {"test_accuracy": {s: 0.5 + x for s, x in enumerate(d, 1)}} for n, d in diffs.items()}
-    return {"scratch": scratch, "frozen": frozen}
+def _correct(accuracy: float, seed: int, images: int = 2000) -> np.ndarray:
+    """A 0/1 row with exactly accuracy x images ones, placed at random."""
+    row = np.zeros(images, dtype=np.int8)
+    row[np.random.default_rng(seed).permutation(images)[: round(accuracy * images)]] = 1
+    return row
+
+
+def _sample(accuracies: dict[int, list[float]]) -> tuple[dict, dict]:
+    """`frozen` at the given per-seed accuracies for every size; the reference at 0.5 for every seed."""
+    frozen = {n: {"correct": np.array([_correct(a, 10 * n + s) for s, a in enumerate(accs)])}
+              for n, accs in accuracies.items()}  # fmt: skip
+    reference = {n: np.array([_correct(0.5, 1000 + s) for s in range(len(accs))]) for n, accs in accuracies.items()}
+    return {"frozen": frozen}, reference
 
 
 def test_advantage_vanishes_after_the_last_significant_size():
-    sample = _sample({10: [0.20, 0.22, 0.21], 50: [0.10, 0.12, 0.11], 250: [0.05, -0.04, 0.01]})
-    headers, rows = advantage_table(sample, "scratch")
+    sample, reference = _sample({10: [0.70, 0.72, 0.71], 50: [0.60, 0.62, 0.61], 250: [0.51, 0.49, 0.50]})
+    headers, rows = advantage_table(sample, reference)
     assert headers == ["strategy", "Δ at n=10", "Δ at n=50", "Δ at n=250", "significant advantage vanishes at"]
     (row,) = rows
     assert row[0] == "**frozen**"
-    assert row[1].startswith("+0.210 [+0.")
+    assert row[1].startswith("+0.210 [+0.") and row[2].startswith("+0.110 [+0.")
+    assert row[3].startswith("+0.000 [-0.")
     assert row[-1] == "n = 250 per class (last significant at n = 50)"
+
+
+def test_advantage_interval_includes_the_test_images_noise():
+    """Every seed scores exactly 0.53 (no seed variance): on 400 test images the interval still has
+    the width of the images' sampling error (about ±0.07 for a difference of two ~50% accuracies)."""
+    frozen = {10: {"correct": np.array([_correct(0.53, s, images=400) for s in range(3)])}}
+    reference = {10: np.array([_correct(0.5, 100 + s, images=400) for s in range(3)])}
+    _, [row] = advantage_table({"frozen": frozen}, reference)
+    low, high = (float(x) for x in row[1].split("[")[1].rstrip("]").split(","))
+    assert low < 0 < high and high - low > 0.08
+    assert row[-1] == "no significant advantage at any size (10–10)"
 
 
 def test_advantage_that_persists_or_never_appears_is_said_so():
@@ -146,8 +168,11 @@ def studies_run(tmp_path_factory):
         out = str(root / "results/train" / variant)
         _run(root, "train", "--variant", variant, "--prepared", prepared, "--out", out, "--feature-cache", cache)
     studies = root / "results" / "studies"
+    _run(root, "baselines", "--prepared", prepared, "--feature-cache", cache, "--out", str(root / "results/baselines"))
     _run(root, "train", "--variant", "frozen", "--train-per-class", "3", "--no-model", "--feature-cache", cache,
          "--out", str(studies / "sample_efficiency/frozen/n3"))  # fmt: skip
+    _run(root, "baselines", "--train-per-class", "3", "--feature-cache", cache,
+         "--out", str(studies / "sample_efficiency/baselines/n3"))  # fmt: skip
     _run(root, "tune", "--depth", "1", "--prepared", prepared, "--feature-cache", cache,
          "--out", str(studies / "depth/tune/top1"))  # fmt: skip
     best = str(studies / "depth/tune/top1/best_params.json")
@@ -176,6 +201,39 @@ def test_sample_efficiency_stage_trains_each_seed_on_its_own_nested_subset(studi
     assert json.loads((folder / "metrics.json").read_text())["test_accuracy_mean"] == pytest.approx(
         (first + second) / 2
     )
+
+
+def test_sample_efficiency_baselines_fit_every_seed_on_the_same_test_images(studies_run):
+    root, _ = studies_run
+    folder = root / "results/studies/sample_efficiency/baselines/n3"
+    records = json.loads((folder / "metrics.json").read_text())
+    assert set(records) == {"pixels_logistic_regression", "frozen_linear_probe"}
+    trained = root / "results/studies/sample_efficiency/frozen/n3"
+    for name, record in records.items():
+        assert sorted(record["seeds"]) == ["1", "2"] and record["train_per_class"] == 3
+        assert all(r["train_images"] == 30 and r["C"] in C_GRID for r in record["seeds"].values())
+        assert record["test_accuracy_mean"] == pytest.approx(
+            np.mean([r["test_accuracy"] for r in record["seeds"].values()])
+        )
+        for seed in (1, 2):
+            labels, predicted = read_predictions(folder / "predictions" / name / f"{seed}.csv")
+            np.testing.assert_array_equal(
+                labels, read_predictions(trained / "seeds" / str(seed) / "test_predictions.csv")[0]
+            )
+            assert np.mean(predicted == labels) == record["seeds"][str(seed)]["test_accuracy"]
+    # the pixel baseline on seed 1's subset is exactly a fit on those rows of the pool
+    from pipeline.baselines import PIXELS, fit, pixels
+    from pipeline.data import nested_subset
+    from pipeline.params import load_params
+    from pipeline.prepare import sample_efficiency_pool
+
+    params = load_params(root / "params.yaml")
+    pool = sample_efficiency_pool(params, 3)
+    rows = nested_subset(pool.splits["train"][1], 3, [params.seed, 1])
+    x = {PIXELS: {s: pixels(images) for s, (images, _) in pool.splits.items()}}
+    expected, _ = fit(params, x, pool.splits, pool.class_names, rows)
+    assert expected[PIXELS]["test_accuracy"] == records[PIXELS]["seeds"]["1"]["test_accuracy"]
+    assert expected[PIXELS]["C"] == records[PIXELS]["seeds"]["1"]["C"]
 
 
 def test_depth_stages_train_exactly_the_top_k_layers(studies_run):
@@ -221,3 +279,9 @@ def test_report_shows_the_study_sections_and_figures(studies_run):
     assert "learning rate per block: block5 ×0.5" in text
     # n=1 was configured but not run: the table has n=3 only
     assert "| **frozen** | " in text and "n=3" in text and "n=1 " not in text
+    # the references: fitted on the study's subsets, and the main baselines beside the depths
+    assert "| *reference: logistic regression on pixels* | " in text
+    assert "### Against the pixel baseline" in text
+    depth = text[text.index("## Study: freezing depth") :]
+    assert "| *reference: convex linear probe on the frozen features* |" in depth
+    assert "(deterministic)" in depth and "Δ vs pixels LR" in depth
