@@ -360,6 +360,16 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _safe_load_unique(text: str):
+    """yaml.safe_load that also rejects duplicate keys (the loader is a SafeLoader subclass: plain
+    data only, no Python objects)."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 class _DuplicateKey(Exception):
     def __init__(self, key, first_line: int, line: int):
         self.key, self.first_line, self.line = key, first_line, line
@@ -384,7 +394,7 @@ def read_yaml(path: Path) -> dict:
             raise ConfigError(name, f"line {number}: a tab in the indentation; YAML indents with spaces only, "
                                     "replace the tab with spaces")  # fmt: skip
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+        raw = _safe_load_unique(text)
     except _DuplicateKey as error:
         duplicate = f"line {error.line}: duplicate key {error.key!r} (first at line {error.first_line})"
         fix = "YAML would silently keep only the last one, so delete one of them"

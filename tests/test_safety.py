@@ -34,6 +34,18 @@ def test_no_unsafe_loader_in_the_pipeline(pattern, why):
     assert not hits, f"{why}: {hits}"
 
 
+def test_params_loader_is_a_safe_loader():
+    """params.yaml is read by a SafeLoader subclass (it adds the duplicate-key check): a Python
+    object tag is refused like yaml.safe_load refuses it."""
+    import yaml
+
+    from pipeline.params import _safe_load_unique, _StrictLoader
+
+    assert issubclass(_StrictLoader, yaml.SafeLoader)
+    with pytest.raises(yaml.constructor.ConstructorError):
+        _safe_load_unique("seed: !!python/object/apply:os.system ['true']")
+
+
 def test_every_keras_model_load_names_safe_mode():
     calls = [
         (path.name, line.strip())
