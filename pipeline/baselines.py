@@ -43,7 +43,7 @@ from pipeline.evaluation import evaluate, predictions_csv
 from pipeline.params import Params, load_params
 
 PIXELS, PROBE = "pixels_logistic_regression", "frozen_linear_probe"
-LOGGED = ("test_accuracy", "test_macro_f1", "val_accuracy", "dimensions", "train_images")
+LOGGED = ("test_accuracy", "test_macro_f1", "val_accuracy")  # as evaluation/<name>, beside the strategies' runs
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MAX_ITER = 5000
 
@@ -155,8 +155,9 @@ def compute(params: Params, prepared: Path, cache_dir: str | None) -> tuple[dict
 
 
 def _log(name: str, record: dict, run_name: str, tags: dict) -> None:
-    with tracking.run(run_name, tags={**tags, "variant": name}, params={k: record[k] for k in ("C", "features")}):
-        tracking.log_metrics({k: v for k, v in record.items() if k in LOGGED})
+    settings = {k: record[k] for k in ("C", "features", "dimensions", "train_images")}
+    with tracking.run(run_name, tags={**tags, "variant": name}, params=settings):
+        tracking.log_metrics({f"evaluation/{k}": v for k, v in record.items() if k in LOGGED})
     print(f"[{run_name}] test accuracy {record['test_accuracy']:.4f} (validation {record['val_accuracy']:.4f}, "
           f"C={record['C']:g})", flush=True)  # fmt: skip
 

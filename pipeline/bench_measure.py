@@ -323,7 +323,7 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int) 
             study = studies.load_or_create(optuna.storages.InMemoryStorage(), variant,
                                            sampler=studies.BudgetSampler(params.seed, points))  # fmt: skip
             with mlflow.start_run(run_name=f"bench/{variant}") as parent:
-                objective = Objective(params, variant, context, parent.info.run_id, 0)
+                objective = Objective(params, variant, context, parent.info.run_id)
                 start = time.perf_counter()
                 study.optimize(objective, n_trials=n_trials)
                 seconds = time.perf_counter() - start

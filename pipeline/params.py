@@ -185,6 +185,7 @@ class MlflowParams:
     tracking_uri: str
     experiment: str
     registered_model: str
+    system_metrics: bool  # CPU, memory, disk of train and tune runs (MLflow's sampler, every second)
 
     def __post_init__(self):
         _check(

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     tags = {"stage": "register", "variant": variant, "seed": summary["best_seed"], **tracking.environment_tags()}
     selection = {"selection": chosen["rule"], "best_on_validation": chosen["best_on_validation"]}
     with tracking.run(f"register/{variant}", tags=tags, params=selection):
-        tracking.log_metrics({k: v for k, v in summary.items() if k != "seeds"})
+        tracking.log_metrics({f"registered/{k}": v for k, v in summary.items() if k != "seeds"})
         info = tracking.log_keras_model(model, params.mlflow.registered_model)
     record = {
         "variant": variant,

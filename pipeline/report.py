@@ -7,7 +7,8 @@ results under results/studies/ where they exist; never
 builds a network. Writes `--out` (reports/):
   report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
   figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
-  summary.json             per strategy test accuracy with its interval, `baselines`, `answer` (a DVC metric)
+  summary.json             per strategy test accuracy with its interval, `baselines`, `answer`, `data_conversions`
+  metrics.json             the DVC metric: per strategy test accuracy and interval, the baselines (numbers only)
 and logs them as the artifacts of one MLflow run `report`.
 """
 
@@ -130,7 +131,7 @@ def read_tuning(tune_dir: Path, variant: str) -> dict | None:
 
 
 def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, data: dict) -> dict:
-    """summary.json (a DVC metric): per strategy its test accuracy with the 95% interval over seeds
+    """summary.json: per strategy its test accuracy with the 95% interval over seeds
     and test images, then `baselines`, the `answer`, and `data_conversions` (how many prepared
     images needed each kind of decoding beyond plain 8-bit RGB; only kinds that occurred).
     Deterministic: timings only in `answer`."""
@@ -156,6 +157,20 @@ def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, 
     out["answer"] = {k: answer[k] for k in ("best_on_validation", "indistinguishable_from_best", "recommended",
                                             "recommended_cost_ratio", "compute_seconds")}  # fmt: skip
     out["data_conversions"] = {kind: n for kind, n in data.get("conversions", {}).items() if n}
+    return out
+
+
+def compared_metrics(summary: dict) -> dict:
+    """reports/metrics.json, the one DVC metrics file: per strategy the test accuracy and its 95%
+    interval, and the two baselines' test accuracy; numbers only, one row in `dvc exp show`."""
+    out = {
+        variant: {"test_acc": s["test_accuracy_mean"], "ci_low": s["test_accuracy_ci95_low"],
+                  "ci_high": s["test_accuracy_ci95_high"]}
+        for variant, s in summary.items()
+        if variant not in ("baselines", "answer", "data_conversions")
+    }  # fmt: skip
+    short = {"pixels_logistic_regression": "pixels_lr", "frozen_linear_probe": "linear_probe"}
+    out.update({short.get(name, name): b["test_accuracy"] for name, b in summary["baselines"].items()})
     return out
 
 
@@ -257,10 +272,13 @@ def main(argv: list[str] | None = None) -> None:
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
         write_text(args.out / "report.html", html)
-        write_json(args.out / "summary.json", summary_metrics(results, tuning, baselines, answer, data_summary))
+        summary = summary_metrics(results, tuning, baselines, answer, data_summary)
+        write_json(args.out / "summary.json", summary)
+        write_json(args.out / "metrics.json", compared_metrics(summary))
         if args.thumbnail:
             _thumbnail(args.out / "figures" / files["convergence_epochs"], args.thumbnail)
-        tracking.log_artifacts([args.out / name for name in ("report.md", "report.html", "summary.json")])
+        written = ("report.md", "report.html", "summary.json", "metrics.json")
+        tracking.log_artifacts([args.out / name for name in written])
         tracking.log_artifacts(sorted((args.out / "figures").glob("*.png")), folder="figures")
     print(f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies"
           + (f", studies: {', '.join(research.ran(studies))}" if studies else "") + ")")  # fmt: skip

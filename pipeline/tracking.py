@@ -9,6 +9,7 @@ truth; MLflow mirrors them for browsing and comparison.
 from __future__ import annotations
 
 import contextlib
+import logging
 import numbers
 import os
 import platform
@@ -23,12 +24,18 @@ from pathlib import Path
 
 import keras
 import mlflow
+import mlflow.system_metrics
 
 from pipeline.errors import PipelineError
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit per param value
 MAX_TAG_LENGTH = 5000
+SYSTEM_METRICS_SECONDS = 1  # 0.1 ms of CPU per sample (measured): short runs (a cached seed: ~2 s) still get samples
 _URL_PASSWORD = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]+@")
+
+
+# the system-metrics sampler announces every start and stop at INFO: two lines per run in the terminal
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 class TrackingError(PipelineError):
@@ -77,17 +84,23 @@ def connect(uri: str, experiment: str) -> str:
 
 
 @contextlib.contextmanager
-def run(name: str, *, tags: dict, params: dict | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+def run(
+    name: str, *, tags: dict, params: dict | None = None, parent_run_id: str | None = None, system_metrics: bool = False
+) -> Iterator[str]:
     """An MLflow run named `name`; yields its id. Ends FINISHED, FAILED on an exception, or
     KILLED on Ctrl-C / SIGTERM (the stages turn SIGTERM into KeyboardInterrupt).
 
     `parent_run_id` nests it under another run, also one opened by another process (tune
-    workers nest their trials under the study's run this way).
+    workers nest their trials under the study's run this way). `system_metrics` samples CPU,
+    memory and disk into `system/...` metrics every SYSTEM_METRICS_SECONDS while the run is open.
     """
     nested = mlflow.active_run() is not None  # in-process trials run inside the study's run
+    if system_metrics:
+        mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
     active = mlflow.start_run(
-        run_name=name, nested=nested, parent_run_id=parent_run_id, tags={"mlflow.source.name": _source_name()}
-    )
+        run_name=name, nested=nested, parent_run_id=parent_run_id, tags={"mlflow.source.name": _source_name()},
+        log_system_metrics=system_metrics,
+    )  # fmt: skip
     try:
         _redact_automatic_tags(active.info.run_id)
         set_tags(tags)
@@ -191,6 +204,43 @@ def log_keras_model(model: keras.Model, registered_name: str) -> dict:
     return {"model_uri": info.model_uri, "version": info.registered_model_version}
 
 
+def log_datasets(source: str, name: str, digests: dict[str, str]) -> None:
+    """The data a run trained and was evaluated on, as MLflow dataset inputs (the runs table's
+    Dataset column and filter): one per split, `digests` {context: digest} (e.g. {"training":
+    ..., "validation": ..., "test": ...}), all from `source` (a folder) under `name`."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path matches two registered local sources: either is right
+        warnings.simplefilter("ignore", UserWarning)
+        resolved = resolve_dataset_source(redact(source))
+    for context, digest in digests.items():
+        mlflow.log_input(MetaDataset(source=resolved, name=name, digest=digest[:16]), context=context)
+
+
+def dataset_name(summary: dict) -> str:
+    """The name runs' dataset inputs carry: the source and the prepared size ("fashion_mnist-32px")."""
+    return f"{summary['source']}-{summary['image_size']}px"
+
+
+def split_digests(summary: dict, train_index=None) -> dict[str, str]:
+    """{context: digest} of the prepared splits from the prepare stage's summary.json (sha256 of
+    images and labels); a training subset (the sample-efficiency study) gets its own digest."""
+    import hashlib
+
+    def digest(split: str) -> str:
+        sha = summary["sha256"][split]
+        return hashlib.sha256((sha["images"] + sha["labels"]).encode()).hexdigest()
+
+    out = {"training": digest("train"), "validation": digest("val"), "test": digest("test")}
+    if train_index is not None:
+        rows = ",".join(str(int(i)) for i in train_index)
+        out["training"] = hashlib.sha256(f"{out['training']}:{rows}".encode()).hexdigest()
+    return out
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -227,13 +277,52 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics (and `epoch_seconds`) to the active MLflow run with `step=epoch`,
-    1-based; `first_epoch` shifts steps so that several fit() calls share one axis."""
+# --- metric names -------------------------------------------------------------------------------
+#
+# MLflow's chart view makes one section per name prefix (everything before the last "/") and
+# orders sections alphabetically, ungrouped names last ("Model metrics"), system metrics after them
+# (MLflow 3.x `RunsChartsCardConfig.getBaseChartAndSectionConfigs`). The prefixes below are chosen
+# so that the sections read in review order, and the same names are used by tune trials, train
+# runs, the studies' runs and the baselines:
+#   curves/               per epoch: train_loss, train_accuracy, val_loss, val_accuracy
+#   evaluation/           the run's result: test_accuracy, test_macro_f1, best_val_accuracy,
+#                         best_epoch, epochs_run, stopped_early, epochs_to_target (baselines:
+#                         test_accuracy, test_macro_f1, val_accuracy; tune trials: best_*)
+#   evaluation/recall/    test recall per class, one section
+#   parameters/           trainable / non_trainable / total, trainable_<block>
+#   robustness/           accuracy under each corruption, mean_drop
+#   timing/               per epoch: epoch_seconds; per run: train_seconds, extraction_seconds, ...
+#   tuning/               the tune stage's study run: best_value, trials, epochs_run
+#   weight_drift/         per epoch: <block>; per run: final_<block>
+# Report and register runs log no curves/ or evaluation/ names: they never join the training charts.
 
-    def __init__(self, prefix: str = "", first_epoch: int = 1):
+CURVES = "curves/"
+
+
+def metric_part(name: str) -> str:
+    """A class name as one part of a metric name: MLflow's sections split at "/" (`T-shirt/top`
+    becomes `T-shirt_top`), and characters MLflow refuses in names become `_`."""
+    return re.sub(r"[^\w\-. ]", "_", name)
+
+
+def epoch_metric_name(key: str) -> str:
+    """A Keras epoch-log key (`loss`, `val_accuracy`, `drift_block5`, `epoch_seconds`) as logged."""
+    if key.startswith("drift_"):
+        return f"weight_drift/{key[len('drift_') :]}"
+    if key == "epoch_seconds":
+        return "timing/epoch_seconds"
+    if key.startswith("val_"):
+        return f"{CURVES}{key}"
+    return f"{CURVES}train_{key}"
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics (and `epoch_seconds`) to the active MLflow run with `step=epoch`, 1-based,
+    named by `epoch_metric_name`; `first_epoch` shifts steps so that several fit() calls share one
+    axis."""
+
+    def __init__(self, first_epoch: int = 1):
         super().__init__()
-        self.prefix = prefix
         self.first_epoch = first_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -242,4 +331,34 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
         metrics["epoch_seconds"] = time.perf_counter() - self._start
-        mlflow.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=epoch + self.first_epoch)
+        mlflow.log_metrics({epoch_metric_name(k): v for k, v in metrics.items()}, step=epoch + self.first_epoch)
+
+
+class ProgressLine(keras.callbacks.Callback):
+    """One terminal line per epoch instead of Keras's progress bars: the run, the epoch, train and
+    validation loss and accuracy, the epoch's seconds and an upper bound on the time left (every
+    remaining epoch up to max_epochs at the median epoch time; early stopping usually ends sooner)."""
+
+    def __init__(self, run_name: str, max_epochs: int):
+        super().__init__()
+        self.run_name, self.max_epochs, self.seconds = run_name, max_epochs, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.seconds.append(time.perf_counter() - self._start)
+        left = (self.max_epochs - epoch - 1) * sorted(self.seconds)[len(self.seconds) // 2]
+        values = ", ".join(f"{label} {logs[key]:.4f}" for key, label in (("loss", "loss"), ("accuracy", "acc"),
+                           ("val_loss", "val_loss"), ("val_accuracy", "val_acc")) if key in logs)  # fmt: skip
+        print(f"[{self.run_name}] epoch {epoch + 1}/{self.max_epochs}: {values}, {self.seconds[-1]:.1f}s "
+              f"(at most {_duration(left)} left)", flush=True)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

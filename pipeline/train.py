@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     if params.train.cache_features:
         ensure_writable(args.feature_cache, "--feature-cache")
     splits, summary = _load_data(args, params)
+    # what the runs trained on: the prepared folder, or for the study's pool the raw source
+    raw = params.data.directory or params.data.fashion_mnist_dir or params.data.source
+    data_source = str(Path(args.prepared).resolve()) if args.train_per_class is None else str(raw)
     class_names = summary["class_names"]
     weights_source = params.variant_weights(variant)
     weights = load_base_weights(weights_source)
@@ -219,7 +221,6 @@ def main(argv: list[str] | None = None) -> None:
     tracking.connect(uri, params.mlflow.experiment)  # fail fast, before any training
     environment = tracking.environment_tags()
     cache = FeatureCache(args.feature_cache)
-    verbose = 1 if sys.stdout.isatty() else 2
     robust = params.studies.robustness
     per_seed: dict[int, dict] = {}
     best_seed_val = -1.0
@@ -243,9 +244,17 @@ def main(argv: list[str] | None = None) -> None:
             if study:
                 tags["study"] = study
                 run_params["study"] = {"name": study, "train_per_class": args.train_per_class}
-            with tracking.run(run_name, tags={**tags, **environment}, params=run_params):
+            with tracking.run(run_name, tags={**tags, **environment}, params=run_params,
+                              system_metrics=params.mlflow.system_metrics):  # fmt: skip
+                tracking.log_datasets(data_source, tracking.dataset_name(summary),
+                                      tracking.split_digests(summary, seed_splits.train_index))  # fmt: skip
                 result = fit_variant(
-                    config, weights, seed_splits, summary["data_sha256"], cache, [tracking.EpochLogger()], verbose
+                    config,
+                    weights,
+                    seed_splits,
+                    summary["data_sha256"],
+                    cache,
+                    [tracking.EpochLogger(), tracking.ProgressLine(run_name, config.max_epochs)],
                 )
                 evaluation = evaluate(splits.test[1], result.test_probabilities, class_names)
                 metrics = seed_metrics(result, evaluation, config, params.report.target_accuracy)
@@ -281,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
                 best_seed_val = result.best_val_accuracy
                 _save_model(result.model, tmp / "model.keras")
         (tmp / "metrics.json").write_text(json.dumps(variant_summary(variant, per_seed), indent=2) + "\n")
+    accuracies = [m["test_accuracy"] for m in per_seed.values()]
+    seconds = sum(m["timing"]["train_seconds"] for m in per_seed.values())
+    print(f"[{prefix}] {len(per_seed)} seeds: test accuracy mean {np.mean(accuracies):.4f} (min {min(accuracies):.4f}, "
+          f"max {max(accuracies):.4f}), {seconds:.0f}s of training; written to {out}", flush=True)  # fmt: skip
 
 
 def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weights_source, summary, hyper):
@@ -307,20 +320,22 @@ def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weig
 def _log_seed(result, metrics: dict, evaluation: dict, seed_dir: Path, class_names: list[str], title: str) -> None:
     from pipeline.figures import confusion_matrix_figure, plt
 
-    tracking.log_metrics(
-        {k: v for k, v in metrics.items() if k not in ("timing", "parameters", "weight_drift", "robustness")}
-    )
-    tracking.log_metrics({f"params_{k}": v for k, v in metrics["parameters"].items() if k != "per_block"})
-    tracking.log_metrics(
-        {f"params_trainable_{b}": c["trainable"] for b, c in metrics["parameters"]["per_block"].items()}
-    )
-    tracking.log_metrics(metrics["timing"])
-    tracking.log_metrics({f"final_drift_{block}": value for block, value in metrics["weight_drift"].items()})
+    evaluation_keys = ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch", "epochs_run",
+                       "stopped_early", "epochs_to_target")  # fmt: skip
+    tracking.log_metrics({f"evaluation/{k}": int(metrics[k]) if k == "stopped_early" else metrics[k]
+                          for k in evaluation_keys})  # fmt: skip
+    recall = metrics["test_recall_per_class"]
+    tracking.log_metrics({f"evaluation/recall/{tracking.metric_part(name)}": v for name, v in recall.items()})
+    parameters = metrics["parameters"]
+    tracking.log_metrics({f"parameters/{k}": v for k, v in parameters.items() if k != "per_block"})
+    tracking.log_metrics({f"parameters/trainable_{b}": c["trainable"] for b, c in parameters["per_block"].items()})
+    tracking.log_metrics({f"timing/{k}": v for k, v in metrics["timing"].items()})
+    tracking.log_metrics({f"weight_drift/final_{block}": value for block, value in metrics["weight_drift"].items()})
     if "robustness" in metrics:
         robust = metrics["robustness"]
-        tracking.log_metrics({f"corrupted_accuracy_{k}": v for k, v in robust["accuracy"].items()})
-        tracking.log_metrics({"corrupted_mean_drop": robust["mean_drop"]})
-    tracking.log_metrics({"frozen_weights_unchanged": int(result.frozen_weights_unchanged)})
+        tracking.log_metrics({f"robustness/accuracy_{k}": v for k, v in robust["accuracy"].items()})
+        tracking.log_metrics({"robustness/mean_drop": robust["mean_drop"]})
+    tracking.log_metrics({"parameters/frozen_weights_unchanged": int(result.frozen_weights_unchanged)})
     tracking.log_artifacts(sorted(seed_dir.iterdir()))
     figure = confusion_matrix_figure(evaluation["confusion_matrix"], class_names, f"{title}: test confusion matrix")
     tracking.log_figure(figure, "confusion_matrix.png")

@@ -77,9 +77,9 @@ def study_identity(params: Params, variant: str, weights_sha256: str | None, dat
 class Objective:
     """One trial: suggest, train with `fit_variant`, log a nested MLflow run, return the value."""
 
-    def __init__(self, params: Params, variant: str, context: dict, parent_run_id: str, verbose: int):
+    def __init__(self, params: Params, variant: str, context: dict, parent_run_id: str):
         self.params, self.variant, self.context = params, variant, context
-        self.parent_run_id, self.verbose = parent_run_id, verbose
+        self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
         tune = self.params.tune
@@ -95,11 +95,15 @@ class Objective:
         name = f"tune/{self.variant}/trial-{index}"
         tags = {"stage": "tune", "variant": self.variant, "trial": index, "study": trial.study.study_name}
         keras.backend.clear_session()  # trials build models in a loop: free the previous graph
-        with tracking.run(name, tags=tags, params=trial.params, parent_run_id=self.parent_run_id):
+        with tracking.run(name, tags=tags, params=trial.params, parent_run_id=self.parent_run_id,
+                          system_metrics=self.params.mlflow.system_metrics):  # fmt: skip
+            digests = tracking.split_digests(self.context["summary"])
+            del digests["test"]  # trials never see the test split
+            tracking.log_datasets(self.context["prepared"], tracking.dataset_name(self.context["summary"]), digests)
             try:
                 result = fit_variant(
                     config, self.context["weights"], self.context["splits"], self.context["data_sha256"],
-                    self.context["cache"], [tracking.EpochLogger()], self.verbose,
+                    self.context["cache"], [tracking.EpochLogger(), tracking.ProgressLine(name, config.max_epochs)],
                 )  # fmt: skip
             except NonFiniteLossError:
                 trial.set_user_attr(studies.FAILED_ON_ITS_OWN, "non-finite loss")
@@ -110,8 +114,9 @@ class Objective:
             trial.set_user_attr("stopped_early", result.stopped_early)
             trial.set_user_attr("train_seconds", result.train_seconds)
             tracking.set_tags({"state": "COMPLETE"})
-            tracking.log_metrics({"value": result.best_val_accuracy, "best_epoch": result.best_epoch,
-                                  "epochs_run": len(result.history)})  # fmt: skip
+            tracking.log_metrics({"evaluation/best_val_accuracy": result.best_val_accuracy,
+                                  "evaluation/best_epoch": result.best_epoch,
+                                  "evaluation/epochs_run": len(result.history)})  # fmt: skip
         return result.best_val_accuracy
 
 
@@ -135,6 +140,7 @@ def _context(params: Params, variant: str, prepared: Path, feature_cache: str) -
     return {
         "summary": summary, "class_names": summary["class_names"], "data_sha256": summary["data_sha256"],
         "weights": weights, "splits": splits, "cache": FeatureCache(feature_cache),
+        "prepared": str(Path(prepared).resolve()),
     }  # fmt: skip
 
 
@@ -149,8 +155,7 @@ def _open_study(params: Params, variant: str, out: Path, context: dict) -> optun
 
 
 def run_trials(study, params: Params, variant: str, context: dict, n_trials: int, parent_run_id: str) -> None:
-    verbose = 0
-    objective = Objective(params, variant, context, parent_run_id, verbose)
+    objective = Objective(params, variant, context, parent_run_id)
     study.optimize(
         objective,
         n_trials=n_trials,
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             _spawn_workers(args, quotas, parent_run_id)
         best = write_outputs(study, args.out, params, args.variant)
         tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
-        tracking.log_metrics({"best_value": best["value"], "trials": best["budget"]["trials_run"],
-                              "epochs_run": best["budget"]["epochs_run"]})  # fmt: skip
+        tracking.log_metrics({"tuning/best_value": best["value"], "tuning/trials": best["budget"]["trials_run"],
+                              "tuning/epochs_run": best["budget"]["epochs_run"]})  # fmt: skip
         if best["learning_rate_at_edge"]:
             tracking.set_tags({"learning_rate_at_edge": best["learning_rate_at_edge"]})
         outputs = [

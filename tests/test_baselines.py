@@ -108,5 +108,5 @@ def test_baselines_are_mlflow_runs_tagged_as_baselines(baselines_run):
     records = json.loads((root / "baselines" / "metrics.json").read_text())
     for run in runs:
         name = run.info.run_name.split("/")[1]
-        assert run.data.metrics["test_accuracy"] == pytest.approx(records[name]["test_accuracy"])
+        assert run.data.metrics["evaluation/test_accuracy"] == pytest.approx(records[name]["test_accuracy"])
         assert float(run.data.params["C"]) == records[name]["C"]

@@ -58,7 +58,7 @@ def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_
     assert runs["train/full/seed-1"].info.status == "FINISHED"
     assert runs["train/full/seed-2"].info.status == "KILLED"
     assert runs["train/full/seed-2"].data.tags["failure_reason"].startswith("interrupted")
-    history = client.get_metric_history(runs["train/full/seed-2"].info.run_id, "val_accuracy")
+    history = client.get_metric_history(runs["train/full/seed-2"].info.run_id, "curves/val_accuracy")
     assert [m.step for m in history][:1] == [1]  # the epochs before the signal stay recorded
 
 
@@ -115,9 +115,9 @@ def test_train_stage_logs_to_a_real_mlflow_server_over_http(tmp_path, mlflow_ser
     assert run.info.run_name == "train/frozen/seed-1"
     assert run.info.status == "FINISHED"
     seed_metrics = json.loads((project / "results" / "frozen" / "seeds" / "1" / "metrics.json").read_text())
-    assert run.data.metrics["test_accuracy"] == pytest.approx(seed_metrics["test_accuracy"])
-    assert run.data.metrics["params_trainable"] == seed_metrics["parameters"]["trainable"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert run.data.metrics["evaluation/test_accuracy"] == pytest.approx(seed_metrics["test_accuracy"])
+    assert run.data.metrics["parameters/trainable"] == seed_metrics["parameters"]["trainable"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/val_accuracy")] == [1, 2]
     assert run.data.params["trainable"] == "none"
     assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"
     # artifacts went through the server into its artifact destination, not a local ./mlruns

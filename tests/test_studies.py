@@ -257,7 +257,7 @@ def test_two_phase_strategy_records_phases_and_drift_in_history_and_mlflow(studi
     client = mlflow.MlflowClient()
     name = "attributes.run_name = 'train/partial/seed-1'"
     (run,) = mlflow.search_runs(experiment_names=["vgg16-freezing"], filter_string=name, output_format="list")
-    steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "drift_block5")]
+    steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "weight_drift/block5")]
     assert [s for s, _ in steps] == [1, 2] and steps[0][1] == 0.0 and steps[1][1] > 0
     assert run.data.params["warmup_epochs"] == "1" and run.data.params["lr_multipliers.block5"] == "0.5"
     names = {r.info.run_name: r.data.tags.get("study") for r in mlflow.search_runs(

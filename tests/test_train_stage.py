@@ -105,9 +105,11 @@ def test_mlflow_has_one_finished_run_per_seed_with_curves_counts_and_artifacts(s
     assert run.data.tags["weights_sha256"].startswith("4502df9d")
     assert len(run.data.tags["data_sha256"]) == 64
     assert run.data.params["train.max_epochs"] == "2" and run.data.params["model.head_units"] == "8"
-    assert run.data.metrics["params_trainable_block5"] == 2_359_808
-    assert run.data.metrics["params_non_trainable"] == 12_354_880 + 2 * 512 + 1  # + the head's mean, variance, count
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert run.data.metrics["parameters/trainable_block5"] == 2_359_808
+    assert (
+        run.data.metrics["parameters/non_trainable"] == 12_354_880 + 2 * 512 + 1
+    )  # + the head's mean, variance, count
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "curves/val_accuracy")]
     assert steps == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
@@ -117,6 +119,40 @@ def test_mlflow_has_one_finished_run_per_seed_with_curves_counts_and_artifacts(s
         "confusion_matrix.png",
         "model_summary.txt",
     } <= artifacts
+
+
+def test_runs_read_well_in_mlflow_and_in_the_terminal(stage_run):
+    """Metric sections in review order (MLflow sorts sections alphabetically: `curves` first), the
+    prepared splits as dataset inputs, system metrics, and a terminal with one line per epoch and
+    none of TensorFlow's start-up noise."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import split_digests
+
+    root, _, result = stage_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'train/last_layers/seed-1'")
+    names = set(run.data.metrics)
+    assert all("/" in name for name in names)  # nothing in MLflow's catch-all "Model metrics" section
+    sections = sorted({name.rsplit("/", 1)[0] for name in names if not name.startswith("system/")})
+    assert sections == ["curves", "evaluation", "evaluation/recall", "parameters", "robustness", "timing",
+                        "weight_drift"]  # fmt: skip
+    assert {n for n in names if n.startswith("curves/")} == {
+        "curves/train_loss", "curves/train_accuracy", "curves/val_loss", "curves/val_accuracy"}  # fmt: skip
+    assert "evaluation/recall/T-shirt_top" in names and sum(n.startswith("evaluation/recall/") for n in names) == 10
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= names
+    summary = json.loads((root / "prepared" / "summary.json").read_text())
+    expected = split_digests(summary)
+    found = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert found == {("fashion_mnist-32px", expected[c][:16], c) for c in ("training", "validation", "test")}
+    assert {json.loads(d.dataset.source)["uri"] for d in run.inputs.dataset_inputs} == {"~/prepared"}
+    epochs = [line.split("] epoch ")[1].split(":")[0] for line in result.stdout.splitlines() if "] epoch " in line]
+    assert epochs == ["1/2", "2/2", "1/2", "2/2"]  # two seeds, one line per epoch
+    assert "[train/last_layers] 2 seeds: test accuracy mean" in result.stdout
+    for noise in ("cuInit", "absl::InitializeLog", "cudart_stub", "oneDNN custom operations", "system_metrics_monitor"):
+        assert noise not in result.stderr + result.stdout
 
 
 def test_unknown_variant_exits_2_naming_the_defined_ones(stage_run):
@@ -144,6 +180,10 @@ def test_register_logs_and_registers_the_best_strategys_model(stage_run):
     assert registered.returncode == 0, registered.stderr[-3000:]
     record = json.loads((root / "registered.json").read_text())
     assert record["variant"] == "last_layers" and record["version"] == 1
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("vgg16-freezing").experiment_id],
+                               "attributes.run_name = 'register/last_layers'")  # fmt: skip
+    assert run.data.metrics and all(name.startswith("registered/") for name in run.data.metrics)  # not a curve
     assert record["registered_model"] == "vgg16-freezing-best"
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     try:

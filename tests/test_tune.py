@@ -150,7 +150,7 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == [f"tune/frozen/trial-{i}" for i in range(3)]
     assert {r.data.tags["state"] for r in children} <= {"COMPLETE", "PRUNED"}
-    assert parent.data.metrics["best_value"] == pytest.approx(best["value"])
+    assert parent.data.metrics["tuning/best_value"] == pytest.approx(best["value"])
     # the train stage reads them
     from pipeline.train import hyperparameters
 

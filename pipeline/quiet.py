@@ -1,0 +1,95 @@
+"""A quiet terminal on machines without a GPU: TensorFlow's start-up noise, filtered line by line.
+
+Importing TensorFlow 2.21 on a CPU-only machine prints, before its own log level applies
+(TF_CPP_MIN_LOG_LEVEL does not reach these), lines such as
+
+    E0000 ... cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: ...
+    I0000 ... cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
+
+which read like failures. `install()` (called by `pipeline/__init__.py`) wraps the first import of
+`tensorflow` in every pipeline process: while TensorFlow loads and probes its devices, the
+process's stderr (file descriptor 2) goes to a temporary file; afterwards every line of it that
+is not one of NOISE is written to the real stderr. Nothing else is touched: on a machine with an
+NVIDIA device, or with PIPELINE_TF_LOGS=1, TensorFlow prints everything as usual, and any other
+line (a real error, a warning) passes through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|\] oneDNN custom operations are on\."
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
+    r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU instructions"
+    r"|^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.$"
+)
+
+
+def has_nvidia_device() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def install() -> None:
+    """Filter TensorFlow's start-up noise in this process (see the module docstring)."""
+    if os.environ.get("PIPELINE_TF_LOGS") == "1" or has_nvidia_device() or "tensorflow" in sys.modules:
+        return
+    if not any(isinstance(finder, _QuietTensorFlow) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlow())
+
+
+@contextlib.contextmanager
+def filtered_stderr():
+    """Send file descriptor 2 to a temporary file inside the block, then forward its non-NOISE lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not NOISE.search(line)]  # fmt: skip
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _QuietTensorFlow(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` through the other finders and wraps its loader in `filtered_stderr`."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once per process
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with filtered_stderr():
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()  # the CUDA probe, which prints the cuInit line
