@@ -6,9 +6,11 @@ model.keras), the tune records (`--tune-dir`, for the compute account) and param
 *validation*, or the cheapest strategy whose test accuracy is statistically indistinguishable
 from it. Writes `--out` (results/registered.json): the variant, seed, model URI and version.
 
-Load the registered model elsewhere with
-    import pipeline.model  # registers the in-model VGG16 preprocessing layer
-    mlflow.keras.load_model("models:/<mlflow.registered_model>/<version>")
+The registered model is an MLflow pyfunc model (`pipeline/serving.py`, the project's code shipped
+inside it) with a signature and an input example; its version carries a description and tags
+(strategy, seeds, accuracy with interval, data sha256, weights, hyperparameters) and the alias
+`champion` moves to it. Load it from any folder with
+    mlflow.pyfunc.load_model("models:/<mlflow.registered_model>@champion").predict(images_uint8)
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from pipeline import tracking
 from pipeline.answer import choose, read_evidence
 from pipeline.atomic import ensure_writable, write_json
 from pipeline.cli import run_stage
+from pipeline.data import load_split, load_summary
 from pipeline.errors import DataError
 from pipeline.params import load_params
+from pipeline.stats import accuracy_interval
+
+EXAMPLE_IMAGES = 3  # test images stored with the model as its input example
 
 
 def read_summaries(train_dir: Path, variants: list[str]) -> dict[str, dict]:
@@ -40,27 +46,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
     parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="class names, example images")
     parser.add_argument("--out", type=Path, default=Path("results/registered.json"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
     ensure_writable(args.out.parent, "--out")
     summaries = read_summaries(args.train_dir, list(params.variants))
-    chosen = choose({v: read_evidence(args.train_dir, args.tune_dir, v) for v in params.variants})
+    evidence = {v: read_evidence(args.train_dir, args.tune_dir, v) for v in params.variants}
+    chosen = choose(evidence)
     variant = chosen["recommended"]
     summary = summaries[variant]
+    model_path = args.train_dir / variant / "model.keras"
+    if not model_path.is_file():
+        raise DataError(f"{model_path} not found; rerun `dvc repro train@{variant}`")
+    run = json.loads((args.train_dir / variant / "seeds" / str(summary["best_seed"]) / "metrics.json").read_text())
+    card = model_card(params, variant, summary, evidence[variant], chosen, load_summary(args.prepared), run)
 
     uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
     tracking.connect(uri, params.mlflow.experiment)
-    import keras
-
-    import pipeline.model  # noqa: F401  registers VGG16Preprocess before loading
-
-    model = keras.models.load_model(args.train_dir / variant / "model.keras", safe_mode=True)
     tags = {"stage": "register", "variant": variant, "seed": summary["best_seed"], **tracking.environment_tags()}
     selection = {"selection": chosen["rule"], "best_on_validation": chosen["best_on_validation"]}
+    examples = load_split(args.prepared, "test")[0][:EXAMPLE_IMAGES]
     with tracking.run(f"register/{variant}", tags=tags, params=selection):
         tracking.log_metrics({f"registered/{k}": v for k, v in summary.items() if k != "seeds"})
-        info = tracking.log_keras_model(model, params.mlflow.registered_model)
+        info = tracking.log_classifier(
+            model_path, args.prepared / "classes.json", examples, params.mlflow.registered_model, card
+        )
     record = {
         "variant": variant,
         "seed": summary["best_seed"],
@@ -74,7 +85,37 @@ def main(argv: list[str] | None = None) -> None:
         "model_uri": info["model_uri"],
     }
     write_json(args.out, record)
-    print(f"registered {variant} (seed {summary['best_seed']}) as {params.mlflow.registered_model} v{info['version']}")
+    name = params.mlflow.registered_model
+    alias = f"models:/{name}@{tracking.CHAMPION}"
+    print(f"registered {variant} (seed {summary['best_seed']}) as {name} v{info['version']}, alias "
+          f"{tracking.CHAMPION}: load it with mlflow.pyfunc.load_model('{alias}')")  # fmt: skip
+
+
+def model_card(params, variant: str, summary: dict, evidence: dict, chosen: dict, data: dict, run: dict) -> dict:
+    """The registry version's description and tags: what the model is, how good, from what
+    (`run`: the registered seed's metrics.json)."""
+    seed = summary["best_seed"]
+    interval = accuracy_interval(evidence["correct"])
+    size = data["image_size"]
+    trainable = params.variant(variant).trainable
+    description = (
+        f"VGG16 with the `{variant}` freezing strategy (trainable: {trainable}), the model of seed {seed} (the best "
+        f"validation accuracy of its {len(evidence['seeds'])} seeds). Chosen by the rule: {chosen['rule']}; best on "
+        f"validation: {chosen['best_on_validation']}. Test accuracy over seeds {interval.mean:.3f} "
+        f"[{interval.low:.3f}, {interval.high:.3f}] (95%, seeds and {evidence['correct'].shape[1]} test images). "
+        f"Input: RGB images, uint8 0..255, shape (n, {size}, {size}, 3). Output: `predicted_class` and one "
+        "probability column per class."
+    )
+    tags = {
+        "strategy": variant, "seed": seed, "seeds": len(evidence["seeds"]),
+        "val_accuracy_mean": f"{evidence['val_accuracy']:.4f}", "test_accuracy_mean": f"{interval.mean:.4f}",
+        "test_accuracy_ci95": f"[{interval.low:.4f}, {interval.high:.4f}]",
+        "data_source": data["source"], "data_sha256": data["data_sha256"], "image_size": size,
+        "class_names": json.dumps(data["class_names"]), "weights": params.variant_weights(variant),
+        "trainable": json.dumps(trainable), "head_units": run["head_units"], "learning_rate": run["learning_rate"],
+        "max_epochs": run["max_epochs"], "best_epoch": run["best_epoch"],
+    }  # fmt: skip
+    return {"description": description, "tags": tags}
 
 
 if __name__ == "__main__":

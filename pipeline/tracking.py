@@ -9,6 +9,7 @@ truth; MLflow mirrors them for browsing and comparison.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import numbers
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,12 +32,15 @@ from pipeline.errors import PipelineError
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit per param value
 MAX_TAG_LENGTH = 5000
+CHAMPION = "champion"  # the registry alias that follows the newest registration
 SYSTEM_METRICS_SECONDS = 1  # 0.1 ms of CPU per sample (measured): short runs (a cached seed: ~2 s) still get samples
 _URL_PASSWORD = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]+@")
 
 
 # the system-metrics sampler announces every start and stop at INFO: two lines per run in the terminal
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+# and artifact transfers draw progress bars (the register stage logs a model): off unless asked for
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class TrackingError(PipelineError):
@@ -186,30 +191,64 @@ def log_figure(figure, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
 
 
-def log_keras_model(model: keras.Model, registered_name: str) -> dict:
-    """Log `model` (Keras flavour) to the active run and register it; returns uri and version.
+def log_classifier(
+    keras_model_path: Path, class_names_path: Path, example_images, registered_name: str, model_card: dict
+) -> dict:
+    """Log the trained model as an MLflow pyfunc model (`pipeline/serving.py`: images in, class
+    names and probabilities out; the `pipeline` package shipped as its code, so it loads from any
+    folder), with a signature and an input example, register it under `registered_name`, describe
+    and tag the new version with `model_card` ({"description": ..., "tags": {...}}), and point the
+    alias `champion` at it. Returns {"model_uri", "version"}.
 
     Explicit pip requirements skip MLflow's requirement inference, which loads the model in a
     subprocess (~15 s for VGG16).
     """
-    import mlflow.keras
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    import pipeline.model  # noqa: F401  registers VGG16Preprocess before loading
+    from pipeline import serving
+
+    model = keras.models.load_model(keras_model_path, safe_mode=True)
+    class_names = json.loads(Path(class_names_path).read_text())
+    example = np.asarray(example_images, dtype=np.uint8)
+    signature = infer_signature(example, serving.predictions_table(model, class_names, example))
+    info = _log_pyfunc(keras_model_path, class_names_path, example, signature, registered_name)
+    client = mlflow.MlflowClient()
+    version = info.registered_model_version
+    client.update_model_version(registered_name, version, description=model_card["description"])
+    for key, value in model_card["tags"].items():
+        client.set_model_version_tag(registered_name, version, key, redact(str(value))[:MAX_TAG_LENGTH])
+    client.set_registered_model_alias(registered_name, CHAMPION, version)
+    return {"model_uri": info.model_uri, "version": version}
+
+
+def _log_pyfunc(keras_model_path, class_names_path, example, signature, registered_name: str):
+    """`serving.py` as a models-from-code pyfunc model, the `pipeline` package as its code."""
+    import numpy as np
+    import pandas as pd
     import tensorflow as tf
 
-    info = mlflow.keras.log_model(
-        model,
+    from pipeline import serving
+
+    package = Path(serving.__file__).parent
+    return mlflow.pyfunc.log_model(
         name="model",
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        python_model=str(Path(serving.__file__)),
+        artifacts={"keras_model": str(keras_model_path), "class_names": str(class_names_path)},
+        code_paths=[str(package)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
+                          f"keras=={keras.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"],
         registered_model_name=registered_name,
-    )
-    return {"model_uri": info.model_uri, "version": info.registered_model_version}
+    )  # fmt: skip
 
 
 def log_datasets(source: str, name: str, digests: dict[str, str]) -> None:
     """The data a run trained and was evaluated on, as MLflow dataset inputs (the runs table's
     Dataset column and filter): one per split, `digests` {context: digest} (e.g. {"training":
     ..., "validation": ..., "test": ...}), all from `source` (a folder) under `name`."""
-    import warnings
-
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 

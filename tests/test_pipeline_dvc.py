@@ -105,7 +105,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     assert statuses == {"FINISHED"}
 
     metrics = subprocess.run(["dvc", "metrics", "show"], cwd=repo, env=env, capture_output=True, text=True)
-    assert "results/train/partial/metrics.json" in metrics.stdout and "test_accuracy_mean" in metrics.stdout
+    # one metrics file, numbers only: the strategies' test accuracy and interval, the baselines
+    assert "reports/metrics.json" in metrics.stdout and "partial.test_acc" in metrics.stdout
+    assert "pixels_lr" in metrics.stdout and "results/" not in metrics.stdout and "figures" not in metrics.stdout
 
     second = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
@@ -213,7 +215,11 @@ def test_each_study_runs_with_its_one_documented_command(project):
     assert sum(top13["parameters"]["per_block"][b]["non_trainable"] for b in conv) == 0
     assert top13["training_path"] == "end-to-end"
     assert set(top13["weight_drift"].values()) != {0.0} and set(top0["weight_drift"].values()) == {0.0}
+    for n in (1, 3):
+        references = json.loads((studies / "sample_efficiency" / "baselines" / f"n{n}" / "metrics.json").read_text())
+        assert sorted(references["pixels_logistic_regression"]["seeds"]) == ["1", "2"]
     text = (repo / "reports" / "report.md").read_text()
     assert "## Study: sample efficiency" in text and "## Study: freezing depth" in text
+    assert "### Against the pixel baseline" in text
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout

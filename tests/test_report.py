@@ -123,11 +123,25 @@ def report(tmp_path_factory):
 
 def test_report_writes_its_outputs_and_leaves_other_files(report):
     _, out = report
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "summary.json", "figures", "benchmark.md"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "summary.json", "metrics.json", "figures",
+                                               "benchmark.md"}  # fmt: skip
     names = {p.name for p in (out / "figures").iterdir()}
     assert {"convergence_epochs.png", "convergence_seconds.png", "train_vs_val.png", "test_accuracy.png",
             "accuracy_vs_trainable.png", "parameters.png", "tuning.png", "confusion_best.png",
             "confusion_scratch.png"} <= names  # fmt: skip
+
+
+def test_dvc_metrics_file_holds_only_numbers_from_the_summary(report):
+    """reports/metrics.json, the one DVC metrics file: one number per column, ~20 columns, each
+    equal to the summary's value (`dvc metrics show` / `dvc exp show` print one readable row)."""
+    _, out = report
+    metrics, summary = (json.loads((out / name).read_text()) for name in ("metrics.json", "summary.json"))
+    flat = {f"{k}.{kk}": vv for k, v in metrics.items() for kk, vv in (v.items() if isinstance(v, dict) else [])}
+    flat.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    assert all(isinstance(v, float) for v in flat.values()) and len(flat) <= 20
+    assert flat["partial.test_acc"] == summary["partial"]["test_accuracy_mean"]
+    assert flat["partial.ci_low"] == summary["partial"]["test_accuracy_ci95_low"]
+    assert flat["pixels_lr"] == summary["baselines"]["pixels_logistic_regression"]["test_accuracy"] == 0.65
 
 
 def test_summary_has_intervals_baselines_and_the_answer_chosen_on_validation(report):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,36 +169,119 @@ def test_unknown_variant_exits_2_naming_the_defined_ones(stage_run):
     assert not (root / "results" / "half").exists()
 
 
-def test_register_logs_and_registers_the_best_strategys_model(stage_run):
-    import keras
-    import mlflow.keras
-
-    import pipeline.model  # noqa: F401  registers VGG16Preprocess
-    from pipeline.data import load_split
-
+@pytest.fixture(scope="module")
+def registered(stage_run):
     root, params_path, result = stage_run
     assert result.returncode == 0
-    registered = subprocess.run(
-        [sys.executable, "-m", "pipeline.register", "--params", str(params_path),
-         "--train-dir", str(root / "results"), "--out", str(root / "registered.json")],
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.register", "--params", str(params_path), "--train-dir", str(root / "results"),
+         "--prepared", str(root / "prepared"), "--out", str(root / "registered.json")],
         cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert registered.returncode == 0, registered.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root, run
+
+
+def test_register_registers_the_recommended_model_with_a_card_and_the_champion_alias(registered):
+    import mlflow
+
+    root, run = registered
     record = json.loads((root / "registered.json").read_text())
     assert record["variant"] == "last_layers" and record["version"] == 1
-    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("vgg16-freezing").experiment_id],
-                               "attributes.run_name = 'register/last_layers'")  # fmt: skip
-    assert run.data.metrics and all(name.startswith("registered/") for name in run.data.metrics)  # not a curve
     assert record["registered_model"] == "vgg16-freezing-best"
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    assert "mlflow.pyfunc.load_model('models:/vgg16-freezing-best@champion')" in run.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [logged] = client.search_runs([client.get_experiment_by_name("vgg16-freezing").experiment_id],
+                                  "attributes.run_name = 'register/last_layers'")  # fmt: skip
+    assert logged.data.metrics and all(name.startswith("registered/") for name in logged.data.metrics)  # no curves
+    version = client.get_model_version_by_alias("vgg16-freezing-best", "champion")
+    assert str(version.version) == "1"
+    summary = json.loads((root / "results" / "last_layers" / "metrics.json").read_text())
+    seed_metrics = json.loads(
+        (root / "results/last_layers/seeds" / str(summary["best_seed"]) / "metrics.json").read_text()
+    )
+    assert version.tags["strategy"] == "last_layers" and version.tags["seed"] == str(summary["best_seed"])
+    assert version.tags["seeds"] == "2" and version.tags["head_units"] == str(seed_metrics["head_units"])
+    assert version.tags["data_sha256"] == json.loads((root / "prepared/summary.json").read_text())["data_sha256"]
+    assert version.tags["weights"] == "hed" and version.tags["test_accuracy_ci95"].startswith("[")
+    assert json.loads(version.tags["class_names"])[0] == "T-shirt/top"
+    assert "Input: RGB images, uint8 0..255, shape (n, 32, 32, 3)" in version.description
+
+
+LOAD_ANYWHERE = """
+import json, sys
+import numpy as np
+import mlflow
+model = mlflow.pyfunc.load_model("models:/vgg16-freezing-best@champion")
+assert "pipeline" not in sys.modules or sys.modules["pipeline"].__file__.find("/code/") > 0, "imported the repo"
+images = np.load(sys.argv[1])["images"][:5]
+table = model.predict(images)
+signature = model.metadata.signature
+print(json.dumps({"columns": list(table.columns), "classes": table["predicted_class"].tolist(),
+                  "probabilities": table.iloc[:, 1:].to_numpy().tolist(),
+                  "input": str(signature.inputs), "example": model.metadata.saved_input_example_info is not None,
+                  "pipeline_from": sys.modules["pipeline"].__file__}))
+"""
+
+
+def test_registered_model_loads_from_any_folder_and_predicts_like_the_trained_one(registered, tmp_path):
+    """A fresh interpreter in a folder outside the repository (no `pipeline` on its path) loads
+    the champion with MLflow's own client: the shipped code, the signature, the class names, and
+    the probabilities of the trained Keras model."""
+    import keras
+
+    import pipeline.model  # noqa: F401  registers VGG16Preprocess (for the reference predictions only)
+    from pipeline.data import load_split
+
+    root, _ = registered
+    env = {k: v for k, v in stage_env(root).items() if k != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", LOAD_ANYWHERE, str(root / "prepared" / "test.npz")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    out = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert "/code/pipeline/" in out["pipeline_from"]  # the model's own copy of the code, not the repository's
+    class_names = json.loads((root / "prepared" / "classes.json").read_text())
+    assert out["columns"] == ["predicted_class", *class_names]
+    assert "uint8" in out["input"] and "(-1, 32, 32, 3)" in out["input"] and out["example"]
+    model = keras.models.load_model(root / "results" / "last_layers" / "model.keras", safe_mode=True)
+    images = load_split(root / "prepared", "test")[0][:5]
+    expected = model.predict(images.astype("float32"), verbose=0)
+    np.testing.assert_allclose(np.array(out["probabilities"]), expected, atol=1e-6)
+    assert out["classes"] == [class_names[i] for i in expected.argmax(axis=1)]
+    assert "cuInit" not in loaded.stderr and "Downloading artifacts" not in loaded.stderr
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_class_names(registered):
+    """`mlflow models serve` (the README's command) on 127.0.0.1: one image POSTed to
+    /invocations comes back with its class name and the probabilities."""
+    from pipeline.data import load_split
+
+    root, _ = registered
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/vgg16-freezing-best@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        # the server starts `uvicorn` by name: the virtualenv's bin folder must be on PATH (README: activate it)
+        env={**stage_env(root), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        from_registry = mlflow.keras.load_model("models:/vgg16-freezing-best/1")
+        _wait_for(f"http://127.0.0.1:{port}/ping", seconds=180)
+        image = load_split(root / "prepared", "test")[0][:1]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": image.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
     finally:
-        mlflow.set_tracking_uri(None)
-    from_dvc = keras.models.load_model(root / "results" / "last_layers" / "model.keras", safe_mode=True)
-    images, _ = load_split(root / "prepared", "test")
-    np.testing.assert_allclose(from_registry.predict(images, verbose=0), from_dvc.predict(images, verbose=0), atol=1e-6)
+        server.terminate()
+        server.wait(timeout=30)
+    [prediction] = answer["predictions"]
+    class_names = json.loads((root / "prepared" / "classes.json").read_text())
+    assert prediction["predicted_class"] in class_names
+    assert sum(prediction[name] for name in class_names) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_run, tmp_path):
@@ -244,3 +333,72 @@ def test_logged_params_tags_and_artifacts_hold_no_home_path(stage_run, tmp_path)
         texts = [p for p in folder.rglob("*") if p.suffix in (".json", ".csv", ".txt", ".yaml", "") and p.is_file()]
         assert len(texts) >= (4 if run.info.run_name.startswith("train/") else 0)
         assert not [p.name for p in texts if str(root) in p.read_text()]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it where apt works)"
+)
+def test_mlflow_ui_opens_a_run_on_its_training_curves_and_lists_the_dataset(stage_run):
+    """The real MLflow UI in headless Chromium: a train run's chart view lists the `curves`
+    section before the others, and the runs table shows the dataset. With MLFLOW_UI_SCREENSHOT
+    set, the run's charts are saved there (the README's picture)."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    root, _, result = stage_run
+    assert result.returncode == 0
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'train/last_layers/seed-1'")
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health")
+        base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/runs/{run.info.run_id}/model-metrics")
+            page.get_by_text("curves", exact=True).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)  # charts render after their section headers
+            text = page.inner_text("body")
+            if os.environ.get("MLFLOW_UI_SCREENSHOT"):
+                page.screenshot(path=os.environ["MLFLOW_UI_SCREENSHOT"])
+            page.goto(f"{base}/runs")
+            page.get_by_text("train/last_layers/seed-1").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)
+            table = page.inner_text("body")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    sections = [name for name in ("curves", "evaluation", "parameters", "timing", "weight_drift") if name in text]
+    assert sections[0] == "curves", sections
+    positions = [text.index(name) for name in sections]
+    assert positions == sorted(positions), dict(zip(sections, positions, strict=True))
+    assert "fashion_mnist-32px" in table  # the Dataset column
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
