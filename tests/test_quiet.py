@@ -1,0 +1,47 @@
+"""TensorFlow's start-up noise is filtered line by line at the file-descriptor level; everything
+else written to stderr in that window (a real error) still reaches the terminal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from pipeline.quiet import NOISE, filtered_stderr
+from tests.conftest import REPO
+
+NOISY = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1795871750.265697   29188 port.cc:153] oneDNN custom operations are on. You may see slightly",
+    "I0000 00:00:1795871750.266030   29188 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
+    "not be used.",
+    "E0000 00:00:1795871753.471443   29188 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed "
+    "call to cuInit: UNKNOWN ERROR (303)",
+    "I0000 00:00:1795871750.307785   29188 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use "
+    "available CPU instructions in performance-critical operations.",
+    "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
+    "appropriate compiler flags.",
+]
+
+
+def test_noise_lines_are_dropped_and_everything_else_passes(capfd):
+    with filtered_stderr():
+        for line in NOISY:
+            os.write(2, (line + "\n").encode())
+        os.write(2, b"E0000 something.cc:12] a real failure: out of memory\n")
+        os.write(2, b"a warning line\n")
+    err = capfd.readouterr().err
+    assert err == "E0000 something.cc:12] a real failure: out of memory\na warning line\n"
+    assert all(NOISE.search(line) for line in NOISY)
+
+
+def test_a_pipeline_process_imports_tensorflow_quietly():
+    """Without TF_CPP_MIN_LOG_LEVEL: importing the package, then TensorFlow, prints nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS")}
+    code = "import pipeline, tensorflow as tf; tf.constant(1.0) + 1; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout == "ok\n"
+    if not any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):  # with a GPU, TensorFlow's lines stay
+        assert result.stderr == "", result.stderr
