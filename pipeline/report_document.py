@@ -232,12 +232,12 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
 
 
 def _conversions(data: dict) -> str:
-    """' Decoded as a viewer shows them: 41 16-bit images rescaled to 8 bits, ...' ('' if none)."""
+    """' Decoding (README "Data"): 41 16-bit images rescaled to 8 bits, ...' ('' if nothing was converted)."""
     counts = {kind: n for kind, n in data.get("conversions", {}).items() if n}
     parts = [f"{n} {KINDS.get(kind, kind)}" for kind, n in counts.items()]
     if data.get("upscaled"):
         parts.append(f"{data['upscaled']} images upscaled to {data['image_size']}×{data['image_size']}")
-    return f' Decoded as an image viewer shows them: {", ".join(parts)} (README "Data").' if parts else ""
+    return f' Decoding (README "Data"): {", ".join(parts)}.' if parts else ""
 
 
 def _strategy_options(params: Params) -> list[str]:

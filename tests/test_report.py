@@ -258,3 +258,16 @@ def test_baselines_from_another_test_set_stop_the_report_with_the_fix(report, tm
     assert result.returncode == 2
     assert "another test set (50 images, the strategies have 200); rerun `dvc repro baselines`" in result.stderr
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_data_caveat_names_every_kind_of_image_conversion_in_one_line():
+    from pipeline.images import KINDS
+    from pipeline.report_document import _conversions
+
+    data = {"conversions": {**dict.fromkeys(KINDS, 0), "high_bit_depth_16": 41, "exif_orientation": 2},
+            "upscaled": 3, "image_size": 32}  # fmt: skip
+    assert _conversions(data) == (
+        ' Decoding (README "Data"): 41 16-bit images rescaled to 8 bits, 2 images rotated or flipped upright by '
+        "their EXIF orientation, 3 images upscaled to 32×32."
+    )
+    assert _conversions({"conversions": dict.fromkeys(KINDS, 0), "upscaled": 0, "image_size": 32}) == ""
