@@ -183,6 +183,7 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
         _, status, rusage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
     clean_seconds = time.perf_counter() - start
+    (work / "dvc_repro.log").write_text("".join(log))  # the terminal output a user sees, kept with --keep
     if process.returncode != 0:
         raise RuntimeError(f"dvc repro failed in {repo}:\n{''.join(log[-60:])}")
     noop, _ = timed(lambda: subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True),
@@ -212,5 +213,6 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
     if keep:
         shutil.rmtree(keep, ignore_errors=True)
         shutil.move(str(repo), keep)
+        shutil.move(str(work / "dvc_repro.log"), keep / "dvc_repro.log")
     shutil.rmtree(work, ignore_errors=True)
     return result
