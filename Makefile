@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-tune bench-e2e bench-numerics dashboard clean
+.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-tune bench-e2e bench-numerics dashboard team-up team-down clean
 
 install: $(STAMP)
 
@@ -94,6 +94,16 @@ variants: install
 # optional extra: a web UI for the Optuna studies (`optuna-dashboard results/tune/<variant>/study.journal`)
 dashboard: install
 	$(BIN)/pip install --quiet --no-deps optuna-dashboard==0.21.0 bottle==0.13.4
+
+# the local team stack (README "Running on several machines"): PostgreSQL for the Optuna studies and
+# an MLflow server on it, both on 127.0.0.1; data in .team/, the environment to use in .team/env
+TEAM_PG_PORT ?= 5433
+TEAM_MLFLOW_PORT ?= 5000
+team-up: install
+	$(BIN)/python -m pipeline.team_stack up --dir .team --pg-port $(TEAM_PG_PORT) --mlflow-port $(TEAM_MLFLOW_PORT)
+
+team-down: install
+	$(BIN)/python -m pipeline.team_stack down --dir .team
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -160,9 +161,10 @@ class TuneParams:
     n_workers: int
     trials_per_process: int  # a long study restarts its process after this many trials (memory)
     startup_trials: int  # space-filling design points before TPE models the space
+    heartbeat_seconds: int  # database storage: a worker silent for 4 heartbeats has its trial failed and rerun
 
     def __post_init__(self):
-        for name in ("n_trials", "n_trials_end_to_end", "n_workers", "trials_per_process"):
+        for name in ("n_trials", "n_trials_end_to_end", "n_workers", "trials_per_process", "heartbeat_seconds"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "it must be at least 1")
         _check(self.startup_trials >= 1, "startup_trials", self.startup_trials, "it must be at least 1")
         units = list(self.head_units)
@@ -177,6 +179,13 @@ class TuneParams:
             "storage",
             self.storage,
             "use 'journal' (a local file, several processes) or a database URL such as postgresql://user@host/db",
+        )
+        _check(
+            urlsplit(self.storage).password is None,
+            "storage",
+            self.storage.replace(f":{urlsplit(self.storage).password}@", ":***@"),
+            "the URL holds a password, which params.yaml would put in git and dvc.lock; remove it from the URL and "
+            "give it in the environment (PGPASSWORD, or a ~/.pgpass file) as README \"Running on several machines\" shows",
         )
 
 

@@ -8,7 +8,9 @@ study in the same storage, while raising `n_trials` continues the existing one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import warnings
 import zlib
 from pathlib import Path
 
@@ -19,15 +21,48 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 FAILED_ON_ITS_OWN = "failed_on_its_own"  # user attr: the trial's hyperparameters failed (NaN loss)
+BUDGET_INDEX = "budget_index"  # user attr: the trial's place in the budget (see BudgetSampler)
+OVER_BUDGET = "over_budget"  # user attr: started after other workers had used the budget; never trained
+STALE_AFTER_HEARTBEATS = 4  # RDB storage: a trial whose worker was silent this many heartbeats is failed
 
 
-def open_storage(storage: str, journal_path: Path):
-    """'journal' -> a JournalStorage file (safe for several processes on one machine);
-    anything else is an RDB URL (postgresql://..., sqlite:///...) for many machines."""
+class OverBudget(Exception):
+    """A worker asked for a trial just after the others had taken the last places in the budget."""
+
+
+def open_storage(storage: str, journal_path: Path, heartbeat_seconds: int):
+    """'journal' -> a JournalStorage file (several processes on one machine, no heartbeat: the
+    coordinator knows every worker); anything else is an RDB URL (postgresql://..., sqlite:///...)
+    for many machines, with a heartbeat: the trial of a worker that stops (killed, crashed, its
+    machine lost) is failed after STALE_AFTER_HEARTBEATS silent heartbeats and rerun by another."""
     if storage == "journal":
         journal_path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(journal_path)))
-    return storage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since Optuna 2.9
+        return optuna.storages.RDBStorage(
+            storage,
+            engine_kwargs={"pool_pre_ping": True},  # a connection dropped by the server is replaced, not an error
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=STALE_AFTER_HEARTBEATS * heartbeat_seconds,
+        )
+
+
+def has_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage records heartbeats (an RDB storage made by `open_storage`)."""
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
+def fail_stale(study: optuna.Study) -> int:
+    """RDB storage: fail the RUNNING trials whose worker stopped sending heartbeats, so that their
+    places in the budget are free again; returns how many. Journal storage: nothing (0)."""
+    if not has_heartbeat(study):
+        return 0
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return len(before - {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))})
 
 
 def study_name(variant: str, identity: dict) -> str:
@@ -66,12 +101,14 @@ def design(seed: int, variant: str, head_units: list[int], learning_rate: tuple[
 
 class BudgetSampler(optuna.samplers.BaseSampler):
     """Trial k of the budget gets design point k while k < len(design), else a TPE draw seeded by
-    (seed, k); k counts the trials finished (or running elsewhere) before it.
+    (seed, k). k is the trial's place in the budget: the smallest place not held by a finished or
+    running trial (stored as the user attr `budget_index` the moment it is taken).
 
     So a trial's parameters depend only on the seed and the results before it: after an interrupt,
     the trial that was cut off is drawn again with its own parameters, and a resumed study ends with
     the same trials as an uninterrupted one (a re-created seeded TPESampler would restart its random
-    stream and replay other draws).
+    stream and replay other draws). With several workers, trials started at the same moment get
+    different places (see `budget_place`), and the place of a failed worker's trial is taken again.
     """
 
     def __init__(self, seed: int, design_points: list[dict]):
@@ -80,8 +117,8 @@ class BudgetSampler(optuna.samplers.BaseSampler):
         self._tpe: optuna.samplers.TPESampler | None = None
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        k = len(finished_trials(study)) + sum(t.number != trial.number for t in others)
+        k = budget_place(study.get_trials(deepcopy=False), trial.number)
+        study._storage.set_trial_user_attr(trial._trial_id, BUDGET_INDEX, k)  # visible to the other workers now
         self.budget_index[trial.number] = k
         self._tpe = optuna.samplers.TPESampler(seed=self.seed * 100_003 + k, n_startup_trials=len(self.design))
 
@@ -104,22 +141,47 @@ class BudgetSampler(optuna.samplers.BaseSampler):
             self._tpe.after_trial(study, trial, state, values)
 
 
+def budget_place(trials: list[optuna.trial.FrozenTrial], number: int) -> int:
+    """The budget place of trial `number` (RUNNING, just created): the places held by finished
+    trials and by running trials that already took one are out; the running trials still without
+    a place take the free ones in order of their trial numbers. Every worker computes the same
+    answer whichever of two simultaneous trials looks first."""
+    held = {
+        t.user_attrs[BUDGET_INDEX]
+        for t in trials
+        if BUDGET_INDEX in t.user_attrs and (counts_against_budget(t) or t.state == TrialState.RUNNING)
+    }
+    waiting = sorted(t.number for t in trials if t.state == TrialState.RUNNING and BUDGET_INDEX not in t.user_attrs)
+    free = (k for k in itertools.count() if k not in held)
+    return next(itertools.islice(free, waiting.index(number), None))
+
+
+def counts_against_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """Complete, pruned, or failed because of its own hyperparameters (NaN loss). Trials
+    interrupted, crashed or stopped from outside do not count: their place is taken again."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        trial.state == TrialState.FAIL and bool(trial.user_attrs.get(FAILED_ON_ITS_OWN))
+    )
+
+
+def open_places(study: optuna.Study, budget: int) -> int:
+    """Places of the budget not taken by a finished or running trial (of any worker)."""
+    trials = study.get_trials(deepcopy=False)
+    return max(0, budget - sum(counts_against_budget(t) or t.state == TrialState.RUNNING for t in trials))
+
+
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that used up budget: complete, pruned, or failed because of their own
     hyperparameters (NaN loss). Trials interrupted or crashed from outside do not count:
     the next run repeats them."""
-    return [
-        trial
-        for trial in study.get_trials(deepcopy=False)
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (trial.state == TrialState.FAIL and trial.user_attrs.get(FAILED_ON_ITS_OWN))
-    ]
+    return [trial for trial in study.get_trials(deepcopy=False) if counts_against_budget(trial)]
 
 
 def fail_stale_running(study: optuna.Study) -> int:
     """Mark RUNNING trials left behind by a killed process as FAIL; returns how many.
 
-    Only for a coordinator that knows no other worker is running on this study.
+    Only for a coordinator that knows no other worker is running on this study (journal storage:
+    the workers are its own processes); with RDB storage `fail_stale` goes by the heartbeat.
     """
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:

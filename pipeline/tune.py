@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -77,21 +78,28 @@ def study_identity(params: Params, variant: str, weights_sha256: str | None, dat
 class Objective:
     """One trial: suggest, train with `fit_variant`, log a nested MLflow run, return the value."""
 
-    def __init__(self, params: Params, variant: str, context: dict, parent_run_id: str):
+    def __init__(self, params: Params, variant: str, context: dict, parent_run_id: str | None):
         self.params, self.variant, self.context = params, variant, context
         self.parent_run_id = parent_run_id
+        self.budget = params.tune_trials(variant)
 
     def __call__(self, trial: optuna.Trial) -> float:
         tune = self.params.tune
+        index = trial.study.sampler.budget_index[trial.number]
+        if index >= self.budget:
+            trial.set_user_attr(studies.OVER_BUDGET, True)
+            raise studies.OverBudget(
+                f"place {index} of a budget of {self.budget}: other workers took the last places "
+                "while this trial started; it did not train"
+            )
         head_units = trial.suggest_categorical("head_units", list(tune.head_units))
         learning_rate = trial.suggest_float("learning_rate", *tune.learning_rate, log=True)
         config = RunConfig.from_params(
             self.params, self.variant, head_units=head_units, learning_rate=learning_rate,
             num_classes=len(self.context["class_names"]), seed=self.params.seed,
         )  # fmt: skip
-        index = trial.study.sampler.budget_index[trial.number]
-        trial.set_user_attr("budget_index", index)
         trial.set_user_attr("worker_pid", os.getpid())
+        trial.set_user_attr("worker_host", socket.gethostname())
         name = f"tune/{self.variant}/trial-{index}"
         tags = {"stage": "tune", "variant": self.variant, "trial": index, "study": trial.study.study_name}
         keras.backend.clear_session()  # trials build models in a loop: free the previous graph
@@ -146,7 +154,7 @@ def _context(params: Params, variant: str, prepared: Path, feature_cache: str) -
 
 def _open_study(params: Params, variant: str, out: Path, context: dict) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
-    storage = studies.open_storage(params.tune.storage, out / "study.journal")
+    storage = studies.open_storage(params.tune.storage, out / "study.journal", params.tune.heartbeat_seconds)
     identity = study_identity(params, variant, context["weights"].sha256, context["data_sha256"])
     tune = params.tune
     points = studies.design(params.seed, variant, list(tune.head_units), tune.learning_rate, tune.startup_trials)
@@ -154,15 +162,38 @@ def _open_study(params: Params, variant: str, out: Path, context: dict) -> optun
     return studies.load_or_create(storage, studies.study_name(variant, identity), sampler=sampler)
 
 
-def run_trials(study, params: Params, variant: str, context: dict, n_trials: int, parent_run_id: str) -> None:
+def run_trials(study, params: Params, variant: str, context: dict, parent_run_id: str | None,
+               max_trials: int | None = None) -> int:  # fmt: skip
+    """Run trials while the study's budget has open places (shared with every other worker on the
+    storage), at most `max_trials`; returns how many this process started."""
     objective = Objective(params, variant, context, parent_run_id)
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        catch=(NonFiniteLossError,),
-        callbacks=[_print_trial(variant, time.perf_counter())],
-        show_progress_bar=sys.stderr.isatty(),
-    )
+    callback = _print_trial(variant, time.perf_counter())
+    started = 0
+    while max_trials is None or started < max_trials:
+        studies.fail_stale(study)  # a dead worker's place is open again
+        if studies.open_places(study, objective.budget) == 0:
+            break
+        study.optimize(objective, n_trials=1, catch=(NonFiniteLossError, studies.OverBudget), callbacks=[callback])
+        started += 1
+    return started
+
+
+def finish_study(study, params: Params, variant: str, context: dict, parent_run_id: str) -> None:
+    """RDB storage: the coordinator's share is done; run any place that opens again (a worker that
+    died: its trial fails after the heartbeat's grace period) and wait for the trials that other
+    workers are still running, so that the outputs are written from the complete study."""
+    announced = False
+    while True:
+        run_trials(study, params, variant, context, parent_run_id)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if not announced:
+            grace = studies.STALE_AFTER_HEARTBEATS * params.tune.heartbeat_seconds
+            print(f"[tune/{variant}] waiting for {len(running)} trial(s) running in other workers "
+                  f"(a worker silent for {grace} s is failed and its trial rerun here)", flush=True)  # fmt: skip
+            announced = True
+        time.sleep(params.tune.heartbeat_seconds)
 
 
 def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
@@ -193,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, help="default: results/tune/<variant>")
     parser.add_argument("--feature-cache", default=".cache/features")
-    parser.add_argument("--worker", action="store_true", help="join the study and run --n-trials trials")
-    parser.add_argument("--n-trials", type=int, help="with --worker: trials this worker runs")
-    parser.add_argument("--parent-run-id", help="with --worker: the MLflow run of the study")
+    parser.add_argument("--worker", action="store_true",
+                        help="join the study and run trials while its budget has open places")  # fmt: skip
+    parser.add_argument("--n-trials", type=int, help="with --worker: at most this many trials")
+    parser.add_argument("--parent-run-id", help="with --worker: the MLflow run of the study (the coordinator's)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.depth is not None:
@@ -211,23 +243,29 @@ def main(argv: list[str] | None = None) -> None:
     study = _open_study(params, args.variant, args.out, context)
 
     if args.worker:
-        if args.n_trials is None or args.n_trials < 1:
-            raise PipelineError("--worker needs --n-trials K (K >= 1): the number of trials this worker runs")
-        run_trials(study, params, args.variant, context, args.n_trials, args.parent_run_id)
+        if args.n_trials is not None and args.n_trials < 1:
+            raise PipelineError(f"--n-trials {args.n_trials}: give K >= 1 (the most trials this worker runs), or omit it")
+        started = run_trials(study, params, args.variant, context, args.parent_run_id, args.n_trials)
+        print(f"[tune/{args.variant}] worker done: {started} trial(s) started here; "
+              f"{len(studies.finished_trials(study))} of {params.tune_trials(args.variant)} done in the study",
+              flush=True)  # fmt: skip
         return
 
-    stale = studies.fail_stale_running(study)
+    # journal: the coordinator starts every worker, so a RUNNING trial now was cut off; RDB: only
+    # trials whose worker stopped sending heartbeats (others may be running on other machines)
+    stale = studies.fail_stale(study) if studies.has_heartbeat(study) else studies.fail_stale_running(study)
     done = len(studies.finished_trials(study))
-    n_trials = params.tune_trials(args.variant)
-    remaining = max(0, n_trials - done)
+    remaining = studies.open_places(study, params.tune_trials(args.variant))
+    elsewhere = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
     print(f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
+          + (f", {elsewhere} running in other workers" if elsewhere else "")
           + (f" ({stale} interrupted trial(s) will be repeated)" if stale else ""), flush=True)  # fmt: skip
     tags = {"stage": "tune", "variant": args.variant, "study": study.study_name, **tracking.environment_tags()}
     with tracking.run(f"tune/{args.variant}", tags=tags, params={"tune": vars(params.tune)}) as parent_run_id:
         quotas = studies.split_quota(remaining, params.tune.n_workers)
         per_process = params.tune.trials_per_process
         if len(quotas) == 1 and quotas[0] <= per_process:
-            run_trials(study, params, args.variant, context, quotas[0], parent_run_id)
+            run_trials(study, params, args.variant, context, parent_run_id, quotas[0])
         elif len(quotas) == 1:
             # Keras keeps most of every trained model's memory (keras-team/keras#17458, ~200 MB per
             # VGG16): a long study runs in fresh worker processes, one after another
@@ -235,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                 _spawn_workers(args, [chunk], parent_run_id)
         elif quotas:
             _spawn_workers(args, quotas, parent_run_id)
+        if studies.has_heartbeat(study):
+            finish_study(study, params, args.variant, context, parent_run_id)
         best = write_outputs(study, args.out, params, args.variant)
         tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
         tracking.log_metrics({"tuning/best_value": best["value"], "tuning/trials": best["budget"]["trials_run"],

@@ -36,7 +36,7 @@ def _tune_command(root, params_path, variant="frozen"):
 
 
 def _study(root, variant="frozen"):
-    storage = studies.open_storage("journal", root / "tune" / variant / "study.journal")
+    storage = studies.open_storage("journal", root / "tune" / variant / "study.journal", heartbeat_seconds=1)
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(storage=storage, study_name=summary.study_name)
 
