@@ -185,7 +185,7 @@ class TuneParams:
             "storage",
             self.storage.replace(f":{urlsplit(self.storage).password}@", ":***@"),
             "the URL holds a password, which params.yaml would put in git and dvc.lock; remove it from the URL and "
-            "give it in the environment (PGPASSWORD, or a ~/.pgpass file) as README \"Running on several machines\" shows",
+            'give it in the environment (PGPASSWORD, or a ~/.pgpass file): README "Running on several machines"',
         )
 
 

@@ -93,7 +93,8 @@ class Postgres:
         ids = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []} if account else {}
         proc = subprocess.run(command, capture_output=True, text=True, cwd=self.root, **ids)
         if check and proc.returncode != 0:
-            raise PipelineError(f"{Path(command[0]).name} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+            output = (proc.stderr or proc.stdout)[-2000:]
+            raise PipelineError(f"{Path(command[0]).name} failed ({proc.returncode}): {output}")
         return proc
 
     def initialise(self, password: str) -> None:
@@ -208,11 +209,12 @@ def up(root: Path, pg_port: int, mlflow_port: int) -> Path:
     env_file = root / "env"
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     pid_file = root / "mlflow.pid"
+    artifacts, log = root / "mlartifacts", root / "mlflow.log"
     if not _healthy(tracking_uri):
         env = {**os.environ, "PGPASSFILE": str(pgpass)}
-        server = start_mlflow_server(postgres.url("mlflow"), root / "mlartifacts", mlflow_port, root / "mlflow.log", env)
+        server = start_mlflow_server(postgres.url("mlflow"), artifacts, mlflow_port, log, env)
         pid_file.write_text(f"{server.pid}\n")
-    print(f"MLflow: {tracking_uri} (runs in PostgreSQL, artifacts in {root / 'mlartifacts'}, log {root / 'mlflow.log'})")
+    print(f"MLflow: {tracking_uri} (runs in PostgreSQL, artifacts in {artifacts}, log {log})")
     env_file.write_text(
         "# source this file: the pipeline then tracks to the team's MLflow server and finds the database password\n"
         f"export PGPASSFILE={pgpass}\n"

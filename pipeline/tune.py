@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         if args.n_trials is not None and args.n_trials < 1:
-            raise PipelineError(f"--n-trials {args.n_trials}: give K >= 1 (the most trials this worker runs), or omit it")
+            raise PipelineError(f"--n-trials {args.n_trials}: give K >= 1 (at most K trials in this worker) or omit it")
         started = run_trials(study, params, args.variant, context, args.parent_run_id, args.n_trials)
         print(f"[tune/{args.variant}] worker done: {started} trial(s) started here; "
               f"{len(studies.finished_trials(study))} of {params.tune_trials(args.variant)} done in the study",
