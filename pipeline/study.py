@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import warnings
 import zlib
 from pathlib import Path
@@ -46,6 +47,20 @@ def open_storage(storage: str, journal_path: Path, heartbeat_seconds: int):
             heartbeat_interval=heartbeat_seconds,
             grace_period=STALE_AFTER_HEARTBEATS * heartbeat_seconds,
         )
+
+
+def snapshot_to_journal(study: optuna.Study, journal_path: Path) -> None:
+    """Database storage: copy the finished study into `journal_path` (a JournalStorage file,
+    replaced whole): the tune stage's DVC output, so the study travels with `dvc push` and opens
+    in optuna-dashboard like a local one."""
+    partial = journal_path.with_name(journal_path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    optuna.copy_study(
+        from_study_name=study.study_name,
+        from_storage=study._storage,
+        to_storage=JournalStorage(JournalFileBackend(str(partial))),
+    )
+    os.replace(partial, journal_path)
 
 
 def has_heartbeat(study: optuna.Study) -> bool:

@@ -13,7 +13,8 @@ Writes into `--out` (results/tune/<variant>):
   trials.csv         one row per trial: params, state, value, best epoch, epochs run, seconds
   figures/           optimization history, parameter importances, head_units x learning_rate
   study.journal      the Optuna study (persistent: an interrupted study resumes, only the
-                     missing trials run); with `tune.storage` a database URL it lives there.
+                     missing trials run); with `tune.storage` a database URL the study lives
+                     there and this file is a copy of it, written once the study is complete.
 MLflow: a parent run `tune/<variant>` and one nested run per trial.
 
 `--depth K` tunes the depth sweep's strategy `top<K>` (the top K conv layers train) instead
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             _spawn_workers(args, quotas, parent_run_id)
         if studies.has_heartbeat(study):
             finish_study(study, params, args.variant, context, parent_run_id)
+        if params.tune.storage != "journal":
+            studies.snapshot_to_journal(study, args.out / "study.journal")
         best = write_outputs(study, args.out, params, args.variant)
         tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
         tracking.log_metrics({"tuning/best_value": best["value"], "tuning/trials": best["budget"]["trials_run"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -113,6 +114,80 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date." in second.stdout
+
+
+def _dvc(repo: Path, env: dict, *args: str, timeout: int = 900) -> str:
+    run = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"dvc {' '.join(args)}: {(run.stdout + run.stderr)[-4000:]}"
+    return run.stdout
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under results/ (models, journals, per-seed files), by relative path."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted((root / "results").rglob("*"))
+        if path.is_file() and not path.name.endswith(".lock")
+    }
+
+
+@pytest.fixture(scope="module")
+def pushed(project, tmp_path_factory):
+    """The project committed to git and pushed, with the run cache, to a shared-folder DVC remote
+    (README "Running on several machines"; S3 or SSH remotes differ only in the URL)."""
+    repo, env, _, first = project
+    assert first.returncode == 0
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    _dvc(repo, env, "remote", "add", "--default", "shared", str(remote))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "results")
+    _dvc(repo, env, "push", "--run-cache")
+    return repo, env
+
+
+def _clone(repo: Path, target: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(repo), str(target)], check=True, capture_output=True)
+    return target
+
+
+def test_a_fresh_clone_pulls_every_output_and_repro_runs_nothing(pushed, tmp_path):
+    repo, env = pushed
+    clone = _clone(repo, tmp_path / "colleague")
+    _dvc(clone, env, "pull")
+    assert "Data and pipelines are up to date." in _dvc(clone, env, "status")
+    repro = _dvc(clone, env, "repro")
+    assert "Running stage" not in repro and "Data and pipelines are up to date." in repro
+    assert _file_digests(clone) == _file_digests(repo)  # models, per-seed files and the Optuna journals
+    variants = {path.parent.name for path in (clone / "results" / "tune").glob("*/study.journal")}
+    assert variants == {path.name for path in (repo / "results" / "train").iterdir()}  # tuning travels too
+
+
+def test_a_training_run_on_one_machine_is_restored_on_another_from_the_run_cache(pushed, tmp_path):
+    """A GPU box trains one strategy under a changed setting and pushes with the run cache; a
+    colleague who makes the same change gets that training restored, not rerun."""
+    repo, env = pushed
+
+    def change_setting(clone: Path) -> None:
+        raw = yaml.safe_load((clone / "params.yaml").read_text())
+        raw["report"]["target_accuracy"] = 0.05  # read by every train@ stage
+        (clone / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    gpu_box = _clone(repo, tmp_path / "gpu-box")
+    _dvc(gpu_box, env, "pull")
+    change_setting(gpu_box)
+    trained = _dvc(gpu_box, env, "repro", "train@frozen")
+    assert "Running stage 'train@frozen'" in trained
+    _dvc(gpu_box, env, "push", "--run-cache")
+
+    laptop = _clone(repo, tmp_path / "laptop")
+    change_setting(laptop)
+    restored = _dvc(laptop, env, "repro", "--pull", "train@frozen")
+    assert "Stage 'train@frozen' is cached - skipping run, checking out outputs" in restored
+    assert "Running stage" not in restored
+    frozen = {k: v for k, v in _file_digests(laptop).items() if k.startswith("results/train/frozen/")}
+    assert frozen and frozen == {k: v for k, v in _file_digests(gpu_box).items() if k in frozen}
+    seed = json.loads((laptop / "results" / "train" / "frozen" / "seeds" / "1" / "metrics.json").read_text())
+    assert seed["target_accuracy"] == 0.05  # the results of the new setting, not the committed ones
 
 
 def _results(repo: Path) -> dict[str, object]:

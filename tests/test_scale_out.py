@@ -134,6 +134,15 @@ def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a
         winner.params["head_units"], winner.params["learning_rate"], winner.user_attrs[studies.BUDGET_INDEX]
     )  # fmt: skip
     assert best["budget"]["trials_run"] == budget
+    snapshot = optuna.load_study(
+        study_name=best["study"],
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(machines[0] / "tune" / "study.journal"))
+        ),
+    )  # the DVC output: a copy of the database's study
+    assert [(t.number, t.state, t.value, t.params) for t in snapshot.trials] == [
+        (t.number, t.state, t.value, t.params) for t in trials
+    ]
     rows = (machines[0] / "tune" / "trials.csv").read_text().splitlines()
     assert len(rows) == budget + 1 and all(",COMPLETE," in row for row in rows[1:])
 
