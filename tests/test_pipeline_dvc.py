@@ -218,7 +218,7 @@ def test_dvc_repro_force_reproduces_every_result_bit_for_bit(project):
     before = _results(repo)
     assert len(before) > 20
     for journal in (repo / "results" / "tune").glob("*/study.journal"):
-        journal.unlink()  # persisted outside DVC's cache: otherwise --force would reuse the trials
+        journal.unlink()  # persistent (DVC keeps it under --force): otherwise --force would reuse the trials
     forced = subprocess.run(["dvc", "repro", "--force"], cwd=repo, env=env, capture_output=True, text=True,
                             timeout=1800)  # fmt: skip
     assert forced.returncode == 0, (forced.stdout + forced.stderr)[-4000:]
