@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+
+from pipeline.errors import PipelineError
 
 FAILED_ON_ITS_OWN = "failed_on_its_own"  # user attr: the trial's hyperparameters failed (NaN loss)
 BUDGET_INDEX = "budget_index"  # user attr: the trial's place in the budget (see BudgetSampler)
@@ -39,14 +42,22 @@ def open_storage(storage: str, journal_path: Path, heartbeat_seconds: int):
     if storage == "journal":
         journal_path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(journal_path)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since Optuna 2.9
-        return optuna.storages.RDBStorage(
-            storage,
-            engine_kwargs={"pool_pre_ping": True},  # a connection dropped by the server is replaced, not an error
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=STALE_AFTER_HEARTBEATS * heartbeat_seconds,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since 2.9
+            return optuna.storages.RDBStorage(
+                storage,
+                engine_kwargs={"pool_pre_ping": True},  # a connection the server dropped is replaced, not an error
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=STALE_AFTER_HEARTBEATS * heartbeat_seconds,
+            )
+    except sqlalchemy.exc.SQLAlchemyError as error:  # refused, unknown host or database, wrong password
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
+        raise PipelineError(
+            f"tune.storage {storage}: cannot open the study database ({reason}); start the server "
+            "(`make team-up` for the local team stack), check host, port and database name in the URL, "
+            "and give the password in the environment (PGPASSWORD or PGPASSFILE)"
+        ) from None
 
 
 def snapshot_to_journal(study: optuna.Study, journal_path: Path) -> None:

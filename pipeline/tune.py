@@ -54,7 +54,8 @@ def _code_sha256() -> str:
     import pipeline
 
     digest = hashlib.sha256()
-    for module in ("training.py", "model.py", "features.py", "weights.py", "vgg16.py", "tune.py", "study.py"):
+    modules = ("training.py", "drift.py", "model.py", "features.py", "weights.py", "vgg16.py", "tune.py", "study.py")
+    for module in modules:
         digest.update((Path(pipeline.__file__).parent / module).read_bytes())
     return digest.hexdigest()
 

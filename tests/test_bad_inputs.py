@@ -149,6 +149,34 @@ def test_params(tmp_path, write_params, override, fragments):
     assert_nothing_written(out)
 
 
+def test_params_storage_url_with_a_password_is_refused_without_repeating_it(tmp_path, write_params):
+    path = write_params({"tune": {"storage": "postgresql://optuna:hunter2@db-host/optuna"}})
+    out = tmp_path / "prepared"
+    message = assert_rejected(
+        run_module("prepare", "--params", path, "--out", out),
+        "tune.storage: 'postgresql://optuna:***@db-host/optuna'", "the URL holds a password", "PGPASSWORD",
+    )  # fmt: skip
+    assert "hunter2" not in message
+    assert_nothing_written(out)
+
+
+def test_tune_storage_database_unreachable(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params, prepared = make_tiny_project(
+        tmp_path,
+        {"frozen": {"trainable": "none"}},
+        {"tune": {"storage": f"postgresql://optuna@127.0.0.1:{port}/optuna"}},
+    )
+    out = tmp_path / "tune"
+    proc = run_module("tune", "--variant", "frozen", "--params", params, "--prepared", prepared, "--out", out,
+                      "--feature-cache", tmp_path / "cache", env=stage_env(tmp_path))  # fmt: skip
+    assert_rejected(proc, f"tune.storage postgresql://optuna@127.0.0.1:{port}/optuna: cannot open the study database",
+                    "Connection refused", "make team-up", "PGPASSWORD")  # fmt: skip
+    assert_nothing_written(out / "best_params.json")
+
+
 def _valid_params_text() -> str:
     return (REPO / "params.yaml").read_text()
 
