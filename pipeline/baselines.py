@@ -77,12 +77,12 @@ def frozen_features(params: Params, splits: dict, data_sha256: str, cache_dir: s
     """The frozen strategy's pooled features for each split: the conv base's block5_pool output,
     flattened or averaged (`model.pooling`), from the shared feature cache when enabled."""
     from pipeline import features
-    from pipeline.model import build_model
+    from pipeline.model import BARE_HEAD, build_model
     from pipeline.weights import load_base_weights
 
     weights = load_base_weights(params.model.weights)
     model = build_model(image_size=params.data.image_size, num_classes=2, trainable_layers=frozenset(),
-                        base_weights=weights.arrays)  # fmt: skip
+                        base_weights=weights.arrays, **BARE_HEAD)  # fmt: skip
     prefix = features.split_model(model, "block5_pool").prefix
     batch = features.extraction_batch_size(params.data.image_size)
     cache = features.FeatureCache(cache_dir) if cache_dir and weights.sha256 else None

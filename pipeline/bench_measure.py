@@ -106,10 +106,14 @@ def conv_flops(model) -> dict[str, int]:
 
 def forward_throughput(params: Params, weights, images: np.ndarray, matmul: dict, repeats: int) -> dict:
     from pipeline.features import extraction_batch_size, predict, split_model
-    from pipeline.model import build_model
+    from pipeline.model import BARE_HEAD, build_model
 
     model = build_model(
-        image_size=params.data.image_size, num_classes=10, trainable_layers=frozenset(), base_weights=weights.arrays
+        image_size=params.data.image_size,
+        num_classes=10,
+        trainable_layers=frozenset(),
+        base_weights=weights.arrays,
+        **BARE_HEAD,
     )
     base = split_model(model, "block5_pool").prefix
     flops = sum(conv_flops(model).values())
@@ -166,7 +170,7 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     model = build_model(
         image_size=config.image_size, num_classes=config.num_classes, trainable_layers=config.trainable_layers,
         base_weights=weights.arrays, pooling=config.pooling, head_units=config.head_units, dropout=config.dropout,
-        head_norm=config.head_norm,
+        head_norm=config.head_norm, augmentation=False,
     )  # fmt: skip
     compile_model(model, config.learning_rate, config.trainable_layers)
     (x_train, y_train), (x_val, y_val) = splits.train, splits.val
@@ -257,9 +261,16 @@ def flop_bound(params: Params, num_classes: int, splits) -> dict[str, float]:
     for variant in params.variants:
         trainable = resolve_trainable(params.variant(variant).trainable)
         model = build_model(
-            image_size=params.data.image_size, num_classes=num_classes, trainable_layers=trainable,
-            base_weights=None, pooling=params.model.pooling, head_units=params.model.head_units,
-        )  # fmt: skip
+            image_size=params.data.image_size,
+            num_classes=num_classes,
+            trainable_layers=trainable,
+            base_weights=None,
+            pooling=params.model.pooling,
+            head_units=params.model.head_units,
+            dropout=0.0,  # FLOPs of the trained layers: dropout and the feature normalisation add none
+            augmentation=False,
+            head_norm="none",
+        )
         flops = layer_flops(model)
         names = [layer.name for layer in model.layers]
         trained = {name for name in flops if name in trainable or name not in conv_flops(model)}  # + the head
@@ -279,21 +290,32 @@ def _warm_feature_cache(params: Params, variant: str, context: dict) -> None:
     """Compute the strategy's cached features before timing trials, so that neither study pays
     the one-time extraction."""
     from pipeline.features import cache_key, cut_layer, extraction_batch_size, split_model
-    from pipeline.model import build_model
+    from pipeline.model import BARE_HEAD, build_model
     from pipeline.training import RunConfig
 
     weights = context["weights"]
-    config = RunConfig.from_params(params, variant, head_units=0, learning_rate=1e-4,
-                                   num_classes=len(context["class_names"]), seed=0)  # fmt: skip
+    config = RunConfig.from_params(
+        params, variant, head_units=0, learning_rate=1e-4, num_classes=len(context["class_names"]), seed=0
+    )
     cut = cut_layer(
-        build_model(image_size=config.image_size, num_classes=config.num_classes,
-                    trainable_layers=config.trainable_layers, base_weights=None),
+        build_model(
+            image_size=config.image_size,
+            num_classes=config.num_classes,
+            trainable_layers=config.trainable_layers,
+            base_weights=None,
+            **BARE_HEAD,
+        ),
         config.trainable_layers,
-    )  # fmt: skip
+    )
     if cut is None or weights.sha256 is None or not config.cache_features:
         return
-    model = build_model(image_size=config.image_size, num_classes=config.num_classes,
-                        trainable_layers=config.trainable_layers, base_weights=weights.arrays)  # fmt: skip
+    model = build_model(
+        image_size=config.image_size,
+        num_classes=config.num_classes,
+        trainable_layers=config.trainable_layers,
+        base_weights=weights.arrays,
+        **BARE_HEAD,
+    )
     prefix = split_model(model, cut).prefix
     key = cache_key(context["data_sha256"], weights.sha256, cut, config.image_size, config.precision)
     for split, (images, _) in (("train", context["splits"].train), ("val", context["splits"].val)):

@@ -30,11 +30,13 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     file, then one epoch of head training streamed from it, with peak memory sampled."""
 
     from pipeline.features import cut_layer, split_model
-    from pipeline.model import build_model, compile_model
+    from pipeline.model import BARE_HEAD, build_model, compile_model
     from pipeline.training import STREAM_BYTES, _batches, seed_everything
     from pipeline.vgg16 import resolve_trainable
 
-    model = build_model(image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None)
+    model = build_model(
+        image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD
+    )
     disk = {}
     for variant in params.variants:
         cut = cut_layer(model, resolve_trainable(params.variant(variant).trainable))
@@ -59,9 +61,16 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     labels = rng.integers(0, 10, size=train_images)
     seed_everything(0)
     full = build_model(
-        image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None,
-        pooling=params.model.pooling, head_units=params.model.head_units, dropout=params.model.dropout,
-    )  # fmt: skip
+        image_size=image_size,
+        num_classes=10,
+        trainable_layers=frozenset(),
+        base_weights=None,
+        pooling=params.model.pooling,
+        head_units=params.model.head_units,
+        dropout=params.model.dropout,
+        augmentation=False,
+        head_norm="none",
+    )
     head = split_model(full, "block5_pool").suffix  # what the frozen strategy trains on cached features
     compile_model(head, params.train.learning_rate, frozenset())
     dataset = _batches(features, labels, params.train.batch_size, 0, shuffle=True)
@@ -97,7 +106,7 @@ def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: 
     import tensorflow as tf
 
     from pipeline.features import cut_layer, split_model
-    from pipeline.model import build_model, compile_model
+    from pipeline.model import BARE_HEAD, build_model, compile_model
     from pipeline.vgg16 import resolve_trainable
 
     out = {}
@@ -105,9 +114,16 @@ def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: 
         trainable = resolve_trainable(params.variant(variant).trainable)
         keras.backend.clear_session()
         model = build_model(
-            image_size=image_size, num_classes=10, trainable_layers=trainable, base_weights=None,
-            pooling=params.model.pooling, head_units=params.model.head_units, dropout=params.model.dropout,
-        )  # fmt: skip
+            image_size=image_size,
+            num_classes=10,
+            trainable_layers=trainable,
+            base_weights=None,
+            pooling=params.model.pooling,
+            head_units=params.model.head_units,
+            dropout=params.model.dropout,
+            augmentation=False,
+            head_norm="none",
+        )
         cut = cut_layer(model, trainable)
         cached = cut is not None and params.variant_weights(variant) != "none"
         part = split_model(model, cut).suffix if cached else model
@@ -122,7 +138,9 @@ def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: 
         print(f"[bench] {image_size}px {variant}: {out[variant]['train']:.3f} s/image training", flush=True)
     if any(v["cached"] for v in out.values()):
         keras.backend.clear_session()
-        model = build_model(image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None)
+        model = build_model(
+            image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD
+        )
         prefix = split_model(model, "block5_pool").prefix
         x = tf.random.stateless_uniform((batch, image_size, image_size, 3), seed=(1, 2), maxval=255.0)
         prefix(x, training=False)

@@ -29,6 +29,7 @@ def variant_rows(params: Params, num_classes: int) -> list[dict]:
             head_units=params.model.head_units,
             dropout=params.model.dropout,
             head_norm=params.model.head_norm,
+            augmentation=False,
         )
         rows.append(
             {

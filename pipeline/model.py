@@ -31,17 +31,22 @@ class VGG16Preprocess(keras.layers.Layer):
         return keras.applications.vgg16.preprocess_input(images)
 
 
+# The smallest head (Flatten -> Dense(classes), nothing else), for callers that use only the
+# conv base (feature extraction, benchmarks). Not a default: a run's head comes from params.yaml.
+BARE_HEAD = {"pooling": "flatten", "head_units": 0, "dropout": 0.0, "augmentation": False, "head_norm": "none"}
+
+
 def build_model(
     *,
     image_size: int,
     num_classes: int,
     trainable_layers: frozenset[str],
     base_weights: dict[str, list[np.ndarray]] | None,
-    pooling: str = "flatten",
-    head_units: int = 0,
-    dropout: float = 0.0,
-    augmentation: bool = False,
-    head_norm: str = "none",
+    pooling: str,
+    head_units: int,
+    dropout: float,
+    augmentation: bool,
+    head_norm: str,
 ) -> keras.Model:
     """Build (not compile) the classifier.
 

@@ -50,13 +50,13 @@ class RunConfig:
     min_delta: float
     batch_size: int
     seed: int
-    head_norm: str = "none"
-    augmentation: bool = False
-    cache_features: bool = True
-    jit_compile: bool = False
-    mixed_precision: bool = False
-    warmup_epochs: int = 0  # head-only epochs before `trainable_layers` train (within `max_epochs`)
-    lr_multipliers: tuple[tuple[str, float], ...] = ()  # (block, factor on learning_rate)
+    head_norm: str
+    augmentation: bool
+    cache_features: bool
+    jit_compile: bool
+    mixed_precision: bool
+    warmup_epochs: int  # head-only epochs before `trainable_layers` train (within `max_epochs`)
+    lr_multipliers: tuple[tuple[str, float], ...]  # (block, factor on learning_rate)
 
     @classmethod
     def from_params(cls, params, variant: str, *, head_units: int, learning_rate: float, num_classes: int,

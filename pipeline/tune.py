@@ -36,8 +36,8 @@ from pathlib import Path
 import keras
 import optuna
 
+from pipeline import code_deps, tracking
 from pipeline import study as studies
-from pipeline import tracking
 from pipeline.atomic import ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
@@ -50,13 +50,11 @@ from pipeline.weights import load_base_weights
 
 
 def _code_sha256() -> str:
-    """The source of the modules that decide a trial's value: a change there is a new study."""
-    import pipeline
-
+    """The source of the stage's code, the same files dvc.yaml declares for it (code_deps): a
+    change there is a new study."""
     digest = hashlib.sha256()
-    modules = ("training.py", "drift.py", "model.py", "features.py", "weights.py", "vgg16.py", "tune.py", "study.py")
-    for module in modules:
-        digest.update((Path(pipeline.__file__).parent / module).read_bytes())
+    for path in code_deps.stage_files("tune"):
+        digest.update(path.encode() + b"\0" + (code_deps.PACKAGE.parent / path).read_bytes())
     return digest.hexdigest()
 
 

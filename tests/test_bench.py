@@ -11,14 +11,14 @@ import sys
 import pytest
 
 from pipeline import bench_measure, bench_report
-from pipeline.model import build_model
+from pipeline.model import BARE_HEAD, build_model
 from pipeline.params import load_params
 from pipeline.training import Splits
 from tests.conftest import REPO, make_tiny_project, stage_env
 
 
 def test_vgg16_conv_flops_match_the_published_15_3_gmacs_at_224():
-    model = build_model(image_size=224, num_classes=10, trainable_layers=frozenset(), base_weights=None)
+    model = build_model(image_size=224, num_classes=10, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD)
     flops = bench_measure.conv_flops(model)
     assert len(flops) == 13
     assert sum(flops.values()) / 2 == pytest.approx(15.35e9, rel=0.005)

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import WeightsError
 from pipeline.model import (
+    BARE_HEAD,
     VGG16Preprocess,
     build_model,
     check_trainable,
@@ -27,7 +28,11 @@ BLOCK_SIZES = {"block1": 38_720, "block2": 221_440, "block3": 1_475_328, "block4
 
 def _build(trainable=frozenset(), image_size=32, num_classes=10, weights=None, **head):
     return build_model(
-        image_size=image_size, num_classes=num_classes, trainable_layers=trainable, base_weights=weights, **head
+        image_size=image_size,
+        num_classes=num_classes,
+        trainable_layers=trainable,
+        base_weights=weights,
+        **{**BARE_HEAD, **head},
     )
 
 

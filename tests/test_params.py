@@ -89,3 +89,30 @@ def test_trainable_spec_resolves_blocks_and_layers():
     assert len(CONV_LAYERS) == 13
     assert resolve_trainable(["block5"]) == frozenset(BLOCKS["block5"])
     assert resolve_trainable(["block4_conv3", "block5"]) == {"block4_conv3", *BLOCKS["block5"]}
+
+
+def test_every_default_in_the_code_equals_params_yaml():
+    """params.yaml is the one place a default lives: a dataclass default that a key of params.yaml
+    also sets must equal it (else deleting the key would silently change the run)."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from pipeline.params import Params, _convert
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    checked = []
+
+    def walk(cls, mapping, prefix):
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            key, value = f"{prefix}{field.name}", mapping.get(field.name, dataclasses.MISSING)
+            if dataclasses.is_dataclass(hints[field.name]) and isinstance(value, dict):
+                walk(hints[field.name], value, f"{key}.")
+            elif value is not dataclasses.MISSING and field.default is not dataclasses.MISSING:
+                assert field.default == _convert(hints[field.name], value, key), f"{key}: code {field.default!r}"
+                checked.append(key)
+
+    walk(Params, raw, "")
+    assert "studies.robustness.enabled" in checked and "data.skip_unreadable" in checked

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import features
-from pipeline.model import build_model
+from pipeline.model import BARE_HEAD, build_model
 from pipeline.training import TIMING_COLUMNS, NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.vgg16 import BLOCKS, resolve_trainable
 
@@ -30,7 +30,8 @@ def _config(spec, **overrides):
     values = dict(
         image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
         head_units=16, dropout=0.2, learning_rate=1e-4, max_epochs=2, patience=100, min_delta=0.0, batch_size=8,
-        seed=3, head_norm="batchnorm",
+        seed=3, head_norm="batchnorm", augmentation=False, cache_features=True, jit_compile=False,
+        mixed_precision=False, warmup_epochs=0, lr_multipliers=(),
     )  # fmt: skip
     values.update(overrides)
     return RunConfig(**values)
@@ -44,7 +45,7 @@ def _without_timing(history):
 def test_split_model_predicts_like_the_full_model(hed, tiny_splits, spec):
     model = build_model(
         image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=hed.arrays,
-        head_units=16, dropout=0.2,
+        head_units=16, dropout=0.2, pooling="flatten", augmentation=False, head_norm="none",
     )  # fmt: skip
     cut = features.cut_layer(model, resolve_trainable(spec))
     split = features.split_model(model, cut)
@@ -58,7 +59,9 @@ def test_split_model_predicts_like_the_full_model(hed, tiny_splits, spec):
 
 def test_cut_points_follow_the_first_trainable_layer(hed):
     def cut(spec):
-        model = build_model(image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=None)
+        model = build_model(
+            image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=None, **BARE_HEAD
+        )
         return features.cut_layer(model, resolve_trainable(spec))
 
     assert cut("none") == "block5_pool"
@@ -194,7 +197,9 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path, monkeypatch, shuffle
 
 
 def test_cached_features_file_equals_the_prefix_output(tmp_path, hed, tiny_splits):
-    model = build_model(image_size=32, num_classes=3, trainable_layers=frozenset(), base_weights=hed.arrays)
+    model = build_model(
+        image_size=32, num_classes=3, trainable_layers=frozenset(), base_weights=hed.arrays, **BARE_HEAD
+    )
     prefix = features.split_model(model, "block4_pool").prefix
     images = tiny_splits.train[0]
     cache = features.FeatureCache(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.drift import block_drift
 from pipeline.features import FeatureCache
-from pipeline.model import build_model, compile_model
+from pipeline.model import BARE_HEAD, build_model, compile_model
 from pipeline.training import TIMING_COLUMNS, RunConfig, Splits, fit_variant
 from pipeline.vgg16 import BLOCKS, resolve_trainable
 
@@ -36,7 +36,8 @@ def _config(spec, **overrides):
     values = dict(
         image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
         head_units=16, dropout=0.2, learning_rate=3e-4, max_epochs=3, patience=100, min_delta=0.0, batch_size=8,
-        seed=5,
+        seed=5, head_norm="none", augmentation=False, cache_features=True, jit_compile=False, mixed_precision=False,
+        warmup_epochs=0, lr_multipliers=(),
     )  # fmt: skip
     values.update(overrides)
     return RunConfig(**values)
@@ -85,7 +86,7 @@ def test_final_weight_drift_is_measured_from_the_weights_and_exactly_zero_for_fr
 
 
 def test_block_drift_of_a_model_against_itself_is_zero_and_scales_linearly():
-    model = build_model(image_size=32, num_classes=2, trainable_layers=frozenset(), base_weights=None)
+    model = build_model(image_size=32, num_classes=2, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD)
     start = {b: [w.copy() for n in layers for w in model.get_layer(n).get_weights()] for b, layers in BLOCKS.items()}
     assert set(block_drift(model, start).values()) == {0.0}
     layer = model.get_layer("block2_conv1")
@@ -106,8 +107,17 @@ def test_blockwise_learning_rate_scales_the_first_adam_step_of_that_block_only(h
     deltas = []
     for multipliers in (None, {"block5": 0.1}):
         keras.utils.set_random_seed(0)
-        model = build_model(image_size=32, num_classes=2, trainable_layers=layers, base_weights=hed.arrays,
-                            head_units=0)  # fmt: skip
+        model = build_model(
+            image_size=32,
+            num_classes=2,
+            trainable_layers=layers,
+            base_weights=hed.arrays,
+            head_units=0,
+            pooling="flatten",
+            dropout=0.0,
+            augmentation=False,
+            head_norm="none",
+        )
         before = {v.path: np.array(v.numpy()) for v in model.trainable_weights}
         compile_model(model, 1e-3, layers, multipliers=multipliers)
         model.train_on_batch(x, y)
