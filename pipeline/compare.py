@@ -3,9 +3,8 @@
     python -m pipeline.compare OLD NEW     # OLD, NEW: repository roots (or copies) after `dvc repro`
 
 Compares every JSON and CSV file under results/ plus reports/summary.json and
-reports/metrics.json, file by file, after removing what measures time or names a registry entry:
-JSON keys holding "seconds", `timing` objects, `model_uri` / `version` (a new MLflow model
-version on every registration), CSV columns holding "seconds". Not compared: models and figures
+reports/metrics.json, file by file, after removing what measures time or names a registry entry
+or a study: JSON keys holding "seconds" and those in VOLATILE_KEYS, CSV columns holding "seconds". Not compared: models and figures
 (binary files with timestamps; the models are compared through `test_predictions.csv`, every
 test image's prediction) and the Optuna journals (timestamps; `trials.csv` has every trial).
 Prints the files that differ or exist on one side only; exit 0 when none, 1 otherwise.
@@ -21,7 +20,13 @@ import sys
 from pathlib import Path
 
 REPORT_FILES = ("reports/summary.json", "reports/metrics.json")
-VOLATILE_KEYS = ("timing", "model_uri", "version")
+VOLATILE_KEYS = (
+    "timing",  # wall-clock measurements
+    "recommended_cost_ratio",  # a ratio of measured compute seconds
+    "model_uri",  # a new MLflow model on every registration
+    "version",  # its registry version
+    "study",  # the Optuna study's name hashes the stage's code: any code change renames it
+)
 
 
 def comparable_files(root: Path) -> list[str]:
