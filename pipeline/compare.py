@@ -4,9 +4,10 @@
 
 Compares every JSON and CSV file under results/ plus reports/summary.json and
 reports/metrics.json, file by file, after removing what measures time or names a registry entry
-or a study: JSON keys holding "seconds" and those in VOLATILE_KEYS, CSV columns holding "seconds". Not compared: models and figures
-(binary files with timestamps; the models are compared through `test_predictions.csv`, every
-test image's prediction) and the Optuna journals (timestamps; `trials.csv` has every trial).
+or a study: JSON keys holding "seconds" and those in VOLATILE_KEYS, CSV columns holding "seconds".
+Not compared: models and figures (binary files with timestamps; the models are compared through
+`test_predictions.csv`, every test image's prediction) and the Optuna journals (timestamps;
+`trials.csv` has every trial).
 Prints the files that differ or exist on one side only; exit 0 when none, 1 otherwise.
 """
 
