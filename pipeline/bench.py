@@ -70,15 +70,17 @@ def run_sections(args) -> dict:
         )
     if "large" in sections:
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-large-", dir=cache.parent) as work:
-            out["large_study"] = large_study(params, args.large_images, args.large_size, Path(work),
-                                             args.synthetic_images)  # fmt: skip
+            out["large_study"] = large_study(
+                params, args.large_images, args.large_size, Path(work), args.synthetic_images
+            )
     return out
 
 
 def _commit() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     return "unknown"
 
 
@@ -88,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of the short measurements")
-    parser.add_argument("--sections", default="compute,strategies,large",
-                        help="comma-separated subset of compute,strategies,large (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--sections",
+        default="compute,strategies,large",
+        help="comma-separated subset of compute,strategies,large (default: all)",
+    )
     parser.add_argument("--tune-trials", type=int, default=3)
     parser.add_argument("--large-images", type=int, default=10_000, help="size of the estimated large study")
     parser.add_argument("--large-size", type=int, default=224)
@@ -117,9 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         summary = load_summary(args.prepared)
         splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
         rows = numerics_options(
-            params, lambda v: load_base_weights(params.variant_weights(v)), splits, summary["data_sha256"],
-            len(summary["class_names"]), epochs=3,
-        )  # fmt: skip
+            params,
+            lambda v: load_base_weights(params.variant_weights(v)),
+            splits,
+            summary["data_sha256"],
+            len(summary["class_names"]),
+            epochs=3,
+        )
         write_json(args.out / "benchmark_numerics.json", {**header, "rows": rows})
     elif args.tune:
         params = load_params(args.params)
@@ -137,8 +146,18 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as scratch:
             for section in args.sections.split(","):
                 part = Path(scratch) / f"{section}.json"
-                command = [sys.executable, "-m", "pipeline.bench", *(argv or sys.argv[1:]), "--sections", section,
-                           "--section-out", str(part), "--cache-dir", str(Path(scratch) / "cache")]  # fmt: skip
+                command = [
+                    sys.executable,
+                    "-m",
+                    "pipeline.bench",
+                    *(argv or sys.argv[1:]),
+                    "--sections",
+                    section,
+                    "--section-out",
+                    str(part),
+                    "--cache-dir",
+                    str(Path(scratch) / "cache"),
+                ]
                 subprocess.run(command, check=True)
                 bench.update(json.loads(part.read_text()))
         bench["seconds"] = time.perf_counter() - start

@@ -123,11 +123,16 @@ def forward_throughput(params: Params, weights, images: np.ndarray, matmul: dict
         seconds, output = timed(lambda bs=batch_size: predict(base, images, bs), repeats)
         reference = output if reference is None else reference
         per_second = len(images) / seconds["median"]
-        rows.append({
-            "batch_size": batch_size, "images": len(images), "seconds": seconds, "images_per_second": per_second,
-            "efficiency": per_second * flops / (matmul["gflops"] * 1e9),
-            "identical_to_first": bool(np.array_equal(output, reference)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "images": len(images),
+                "seconds": seconds,
+                "images_per_second": per_second,
+                "efficiency": per_second * flops / (matmul["gflops"] * 1e9),
+                "identical_to_first": bool(np.array_equal(output, reference)),
+            }
+        )
     return {"image_size": params.data.image_size, "gflop_per_image": flops / 1e9, "batches": rows}
 
 
@@ -142,9 +147,13 @@ def _config(params: Params, variant: str, num_classes: int, seed: int, epochs: i
     from pipeline.training import RunConfig
 
     config = RunConfig.from_params(
-        params, variant, head_units=params.model.head_units, learning_rate=params.train.learning_rate,
-        num_classes=num_classes, seed=seed,
-    )  # fmt: skip
+        params,
+        variant,
+        head_units=params.model.head_units,
+        learning_rate=params.train.learning_rate,
+        num_classes=num_classes,
+        seed=seed,
+    )
     return dataclasses.replace(config, max_epochs=epochs, patience=epochs + 1)
 
 
@@ -168,16 +177,27 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     start = time.perf_counter()
     seed_everything(config.seed)
     model = build_model(
-        image_size=config.image_size, num_classes=config.num_classes, trainable_layers=config.trainable_layers,
-        base_weights=weights.arrays, pooling=config.pooling, head_units=config.head_units, dropout=config.dropout,
-        head_norm=config.head_norm, augmentation=False,
-    )  # fmt: skip
+        image_size=config.image_size,
+        num_classes=config.num_classes,
+        trainable_layers=config.trainable_layers,
+        base_weights=weights.arrays,
+        pooling=config.pooling,
+        head_units=config.head_units,
+        dropout=config.dropout,
+        head_norm=config.head_norm,
+        augmentation=False,
+    )
     compile_model(model, config.learning_rate, config.trainable_layers)
     (x_train, y_train), (x_val, y_val) = splits.train, splits.val
     model.fit(
-        x_train.astype(np.float32), y_train, batch_size=config.batch_size, epochs=config.max_epochs,
-        validation_data=(x_val.astype(np.float32), y_val), callbacks=[EpochTimer()], verbose=0,
-    )  # fmt: skip
+        x_train.astype(np.float32),
+        y_train,
+        batch_size=config.batch_size,
+        epochs=config.max_epochs,
+        validation_data=(x_val.astype(np.float32), y_val),
+        callbacks=[EpochTimer()],
+        verbose=0,
+    )
     predict(model, splits.test[0], config.batch_size)
     return time.perf_counter() - start, epochs
 
@@ -213,19 +233,28 @@ def strategy_timings(params: Params, weights_for, splits, data_sha: str, num_cla
             warm_run = time.perf_counter() - start
         pipeline_epochs = [row["epoch_seconds"] for row in cold.history]
         row = {
-            "variant": variant, "path": cold.path, "epochs": epochs,
-            "naive_epoch": stats(naive_epochs[1:]), "pipeline_epoch": stats(pipeline_epochs[1:]),
-            "naive_first_epoch": naive_epochs[0], "pipeline_first_epoch": pipeline_epochs[0],
-            "naive_run": naive_run, "pipeline_run_cold": cold_run, "pipeline_run_warm": warm_run,
+            "variant": variant,
+            "path": cold.path,
+            "epochs": epochs,
+            "naive_epoch": stats(naive_epochs[1:]),
+            "pipeline_epoch": stats(pipeline_epochs[1:]),
+            "naive_first_epoch": naive_epochs[0],
+            "pipeline_first_epoch": pipeline_epochs[0],
+            "naive_run": naive_run,
+            "pipeline_run_cold": cold_run,
+            "pipeline_run_warm": warm_run,
             "feature_seconds": cold.feature_seconds,
-        }  # fmt: skip
+        }
         row["epoch_speedup"] = row["naive_epoch"]["median"] / row["pipeline_epoch"]["median"]
         row["run_speedup_cold"] = naive_run / cold_run
         row["run_speedup_warm"] = naive_run / warm_run if warm_run else None
         row["budget"] = _budget(params, variant, row)
         rows.append(row)
-        print(f"[bench] {variant}: epoch {row['naive_epoch']['median']:.2f}s naive vs "
-              f"{row['pipeline_epoch']['median']:.2f}s pipeline ({row['epoch_speedup']:.1f}x)", flush=True)  # fmt: skip
+        print(
+            f"[bench] {variant}: epoch {row['naive_epoch']['median']:.2f}s naive vs "
+            f"{row['pipeline_epoch']['median']:.2f}s pipeline ({row['epoch_speedup']:.1f}x)",
+            flush=True,
+        )
     return rows
 
 
@@ -243,8 +272,13 @@ def _budget(params: Params, variant: str, row: dict) -> dict:
         "pipeline_epoch"
     ]["median"]
     pipeline = row["feature_seconds"] + runs * pipeline_overhead + epochs * row["pipeline_epoch"]["median"]
-    return {"runs": runs, "epochs": epochs, "naive_seconds": naive, "pipeline_seconds": pipeline,
-            "speedup": naive / pipeline}  # fmt: skip
+    return {
+        "runs": runs,
+        "epochs": epochs,
+        "naive_seconds": naive,
+        "pipeline_seconds": pipeline,
+        "speedup": naive / pipeline,
+    }
 
 
 def flop_bound(params: Params, num_classes: int, splits) -> dict[str, float]:
@@ -342,18 +376,28 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int) 
             context = _context(params, variant, prepared, str(cache_root / variant))
             _warm_feature_cache(params, variant, context)
             points = studies.design(params.seed, variant, list(tune.head_units), tune.learning_rate, n_trials)
-            study = studies.load_or_create(optuna.storages.InMemoryStorage(), variant,
-                                           sampler=studies.BudgetSampler(params.seed, points))  # fmt: skip
+            study = studies.load_or_create(
+                optuna.storages.InMemoryStorage(), variant, sampler=studies.BudgetSampler(params.seed, points)
+            )
             with mlflow.start_run(run_name=f"bench/{variant}") as parent:
                 objective = Objective(params, variant, context, parent.info.run_id)
                 start = time.perf_counter()
                 study.optimize(objective, n_trials=n_trials)
                 seconds = time.perf_counter() - start
             epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in study.trials)
-            rows.append({"variant": variant, "trials": n_trials, "seconds": seconds,
-                         "trials_per_minute": 60 * n_trials / seconds, "epochs_run": epochs_run})  # fmt: skip
-            print(f"[bench] tune {variant}: {rows[-1]['trials_per_minute']:.1f} trials/min, {epochs_run} epochs",
-                  flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "variant": variant,
+                    "trials": n_trials,
+                    "seconds": seconds,
+                    "trials_per_minute": 60 * n_trials / seconds,
+                    "epochs_run": epochs_run,
+                }
+            )
+            print(
+                f"[bench] tune {variant}: {rows[-1]['trials_per_minute']:.1f} trials/min, {epochs_run} epochs",
+                flush=True,
+            )
     return rows
 
 
@@ -385,7 +429,14 @@ def numerics_options(params: Params, weights_for, splits, data_sha: str, num_cla
             reference = reference or val
             change = max(abs(a - b) for a, b in zip(val, reference, strict=True))
             epoch = stats([row["epoch_seconds"] for row in result.history][1:])
-            rows.append({"variant": variant, "option": label, "epoch": epoch, "val_accuracy": val,
-                         "max_val_accuracy_change": change})  # fmt: skip
+            rows.append(
+                {
+                    "variant": variant,
+                    "option": label,
+                    "epoch": epoch,
+                    "val_accuracy": val,
+                    "max_val_accuracy_change": change,
+                }
+            )
             print(f"[bench] {variant} {label}: {rows[-1]['epoch']['median']:.2f} s/epoch", flush=True)
     return rows

@@ -75,9 +75,12 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
         scratch = next((r for r in bench["strategies"] if r["variant"] == "scratch"), None)
         if scratch:
             overhead = scratch["pipeline_epoch"]["median"] / scratch["naive_epoch"]["median"] - 1
-            lines += ["", f"Pipeline overhead (scratch, the same model trained end to end both ways): "
-                      f"{scratch['pipeline_epoch']['median']:.2f} s vs {scratch['naive_epoch']['median']:.2f} s "
-                      f"per epoch, **{overhead:+.1%}** (goal: within 10%)."]  # fmt: skip
+            lines += [
+                "",
+                f"Pipeline overhead (scratch, the same model trained end to end both ways): "
+                f"{scratch['pipeline_epoch']['median']:.2f} s vs {scratch['naive_epoch']['median']:.2f} s "
+                f"per epoch, **{overhead:+.1%}** (goal: within 10%).",
+            ]
     if tune:
         t0 = tune["rows"][0]
         lines += [
@@ -94,8 +97,10 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
             "|---|---:|---:|---:|---:|",
         ]
         for row in tune["rows"]:
-            lines.append(f"| {row['variant']} | {row['trials']} | {row['epochs_run']} | {row['seconds']:.0f} | "
-                         f"{row['trials_per_minute']:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {row['variant']} | {row['trials']} | {row['epochs_run']} | {row['seconds']:.0f} | "
+                f"{row['trials_per_minute']:.1f} |"
+            )
     if bench and bench.get("large_study"):
         ls = bench["large_study"]
         syn = ls["synthetic"]
@@ -109,8 +114,11 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
             "|---|---|---|---:|",
         ]
         for variant, d in ls["disk"].items():
-            lines.append(f"| {variant} | {d['cut']} | {tuple(d['shape'])} | {d['gb']:.1f} |" if d
-                         else f"| {variant} | — (trains end to end) | — | 0 |")  # fmt: skip
+            lines.append(
+                f"| {variant} | {d['cut']} | {tuple(d['shape'])} | {d['gb']:.1f} |"
+                if d
+                else f"| {variant} | — (trains end to end) | — | 0 |"
+            )
         lines += [
             "",
             f"Synthetic run: frozen-strategy features of {syn['train_images']:,} images "
@@ -139,8 +147,10 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
             ]
             for variant, cost in ls["study_cost"].items():
                 per = ls["per_image"][variant]
-                lines.append(f"| {variant} | {per['train']:.3f} | {per['forward']:.3f} | {cost['epoch_hours']:.2f} "
-                             f"| {cost['extraction_hours']:.2f} | {cost['hours']:.0f} |")  # fmt: skip
+                lines.append(
+                    f"| {variant} | {per['train']:.3f} | {per['forward']:.3f} | {cost['epoch_hours']:.2f} "
+                    f"| {cost['extraction_hours']:.2f} | {cost['hours']:.0f} |"
+                )
             total = sum(c["hours"] for c in ls["study_cost"].values())
             lines += ["", f"All strategies: about {total:.0f} hours ({total / 24:.1f} days) on this 2-core machine."]
     if e2e:
@@ -171,8 +181,10 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
         for variant, t in e2e["tuning"].items():
             edge = f" (at the {t['learning_rate_at_edge']} edge)" if t.get("learning_rate_at_edge") else ""
             rate = t.get("learning_rate", float("nan"))
-            lines.append(f"| {variant} | {t['trials']} | {t['epochs_run']} | {t['trial_seconds']:.0f} | "
-                         f"{t['trials_per_minute']:.1f} | {rate:.2g}{edge} |")  # fmt: skip
+            lines.append(
+                f"| {variant} | {t['trials']} | {t['epochs_run']} | {t['trial_seconds']:.0f} | "
+                f"{t['trials_per_minute']:.1f} | {rate:.2g}{edge} |"
+            )
     if numerics:
         lines += [
             "",
@@ -188,6 +200,8 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
         reference: dict[str, float] = {}
         for row in numerics["rows"]:
             base = reference.setdefault(row["variant"], row["epoch"]["median"])
-            lines.append(f"| {row['variant']} | {row['option']} | {_fmt(row['epoch'])} | "
-                         f"{row['epoch']['median'] / base:.2f}x | {row['max_val_accuracy_change']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {row['variant']} | {row['option']} | {_fmt(row['epoch'])} | "
+                f"{row['epoch']['median'] / base:.2f}x | {row['max_val_accuracy_change']:.3f} |"
+            )
     return "\n".join(lines) + "\n"

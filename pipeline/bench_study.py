@@ -81,21 +81,39 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     path.unlink()
     per_image = per_image_seconds(params, image_size)
     return {
-        "per_image": per_image, "study": FULL_STUDY, "study_cost": study_cost(per_image, FULL_STUDY),
-        "images": images_total, "image_size": image_size, "disk": disk, "disk_free_gb": free_gb,
+        "per_image": per_image,
+        "study": FULL_STUDY,
+        "study_cost": study_cost(per_image, FULL_STUDY),
+        "images": images_total,
+        "image_size": image_size,
+        "disk": disk,
+        "disk_free_gb": free_gb,
         "synthetic": {
-            "train_images": train_images, "shape": list(shape), "file_gb": train_images * int(np.prod(shape)) * 4 / 1e9,
-            "write_seconds": write_seconds, "epoch_seconds": epoch_seconds,
+            "train_images": train_images,
+            "shape": list(shape),
+            "file_gb": train_images * int(np.prod(shape)) * 4 / 1e9,
+            "write_seconds": write_seconds,
+            "epoch_seconds": epoch_seconds,
             "streamed": train_images * int(np.prod(shape)) * 4 > STREAM_BYTES,
-            "rss_anon_before_mb": memory.before["RssAnon"], "rss_anon_peak_mb": memory.peak["RssAnon"],
-            "rss_file_before_mb": memory.before["RssFile"], "rss_file_peak_mb": memory.peak["RssFile"],
+            "rss_anon_before_mb": memory.before["RssAnon"],
+            "rss_anon_peak_mb": memory.peak["RssAnon"],
+            "rss_file_before_mb": memory.before["RssFile"],
+            "rss_file_peak_mb": memory.peak["RssFile"],
         },
-    }  # fmt: skip
+    }
 
 
 # A study worth running on a GPU, costed on this machine from measured per-image seconds
-FULL_STUDY = {"train_per_class": 700, "val_per_class": 150, "test_per_class": 150, "classes": 10, "epochs": 20,
-              "seeds": 5, "tune_trials": 20, "tune_epochs": 5}  # fmt: skip
+FULL_STUDY = {
+    "train_per_class": 700,
+    "val_per_class": 150,
+    "test_per_class": 150,
+    "classes": 10,
+    "epochs": 20,
+    "seeds": 5,
+    "tune_trials": 20,
+    "tune_epochs": 5,
+}
 
 
 def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: int = 2) -> dict:
@@ -153,8 +171,9 @@ def study_cost(per_image: dict, study: dict) -> dict[str, dict]:
     """Hours per strategy for `study` from per-image seconds: tuning (trials x tune epochs) and
     training (seeds x epochs) passes over train + val, a test prediction per run, and, for the
     cached strategies, one feature extraction of every image."""
-    n_train, n_val, n_test = (study[k] * study["classes"] for k in ("train_per_class", "val_per_class",
-                                                                      "test_per_class"))  # fmt: skip
+    n_train, n_val, n_test = (
+        study[k] * study["classes"] for k in ("train_per_class", "val_per_class", "test_per_class")
+    )
     runs = study["tune_trials"] + study["seeds"]
     epochs = study["tune_trials"] * study["tune_epochs"] + study["seeds"] * study["epochs"]
     out = {}
@@ -182,17 +201,28 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
             continue
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
-    git_env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-               "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}  # fmt: skip
+    git_env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@localhost",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@localhost",
+    }
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench copy"]):
         subprocess.run(["git", *args], cwd=repo, env=git_env, check=True, capture_output=True)
     usage = work / "usage.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    env.update({"PIPELINE_USAGE_LOG": str(usage), "DVC_NO_ANALYTICS": "1",
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})  # fmt: skip
+    env.update(
+        {
+            "PIPELINE_USAGE_LOG": str(usage),
+            "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        }
+    )
     start = time.perf_counter()
-    with subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as process:  # fmt: skip
+    with subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
         log = []
         for line in process.stdout:
             log.append(line)
@@ -204,8 +234,9 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
     (work / "dvc_repro.log").write_text("".join(log))  # the terminal output a user sees, kept with --keep
     if process.returncode != 0:
         raise RuntimeError(f"dvc repro failed in {repo}:\n{''.join(log[-60:])}")
-    noop, _ = timed(lambda: subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True),
-                    noop_repeats)  # fmt: skip
+    noop, _ = timed(
+        lambda: subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True), noop_repeats
+    )
     stages = []
     for line in usage.read_text().splitlines():
         record = json.loads(line)
@@ -217,17 +248,25 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
         with open(best_path.parent / "trials.csv") as f:
             seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
         budget = best["budget"]
-        tuning[best["variant"]] = {"trials": budget["trials_run"], "epochs_run": budget["epochs_run"],
-                                   "trial_seconds": seconds, "trials_per_minute": 60 * budget["trials_run"] / seconds,
-                                   "learning_rate": best["learning_rate"],
-                                   "learning_rate_at_edge": best["learning_rate_at_edge"]}  # fmt: skip
+        tuning[best["variant"]] = {
+            "trials": budget["trials_run"],
+            "epochs_run": budget["epochs_run"],
+            "trial_seconds": seconds,
+            "trials_per_minute": 60 * budget["trials_run"] / seconds,
+            "learning_rate": best["learning_rate"],
+            "learning_rate_at_edge": best["learning_rate_at_edge"],
+        }
     result = {
         "tuning": tuning,
-        "clean_seconds": clean_seconds, "noop_seconds": noop,
-        "peak_rss_mb_all_stages": rusage.ru_maxrss / 1024, "stages": stages,
-        "results": {str(p.relative_to(repo)): json.loads(p.read_text())
-                    for p in sorted((repo / "results" / "train").glob("*/metrics.json"))},
-    }  # fmt: skip
+        "clean_seconds": clean_seconds,
+        "noop_seconds": noop,
+        "peak_rss_mb_all_stages": rusage.ru_maxrss / 1024,
+        "stages": stages,
+        "results": {
+            str(p.relative_to(repo)): json.loads(p.read_text())
+            for p in sorted((repo / "results" / "train").glob("*/metrics.json"))
+        },
+    }
     if keep:
         shutil.rmtree(keep, ignore_errors=True)
         shutil.move(str(repo), keep)

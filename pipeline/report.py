@@ -52,8 +52,16 @@ def read_variant(train_dir: Path, variant: str) -> dict:
     seeds_dir = train_dir / variant / "seeds"
     if not seeds_dir.is_dir():
         raise DataError(f"{seeds_dir} not found; run `dvc repro train@{variant}` first")
-    result = {"histories": {}, "test_accuracy": {}, "macro_f1": {}, "epochs_to_target": {}, "seconds_per_epoch": {},
-              "weight_drift": {}, "robustness": {}, "convergence": {}}  # fmt: skip
+    result = {
+        "histories": {},
+        "test_accuracy": {},
+        "macro_f1": {},
+        "epochs_to_target": {},
+        "seconds_per_epoch": {},
+        "weight_drift": {},
+        "robustness": {},
+        "convergence": {},
+    }
     confusion = None
     for seed_dir in sorted(seeds_dir.iterdir(), key=lambda p: int(p.name)):
         seed = int(seed_dir.name)
@@ -76,11 +84,14 @@ def read_variant(train_dir: Path, variant: str) -> dict:
         matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
         confusion = matrix if confusion is None else confusion + matrix
         result.update(
-            parameters=metrics["parameters"], head_units=metrics["head_units"],
-            learning_rate=metrics["learning_rate"], training_path=metrics["training_path"],
+            parameters=metrics["parameters"],
+            head_units=metrics["head_units"],
+            learning_rate=metrics["learning_rate"],
+            training_path=metrics["training_path"],
             target_accuracy=metrics["target_accuracy"],
-            warmup_epochs=metrics.get("warmup_epochs", 0), train_images=metrics.get("train_images"),
-        )  # fmt: skip
+            warmup_epochs=metrics.get("warmup_epochs", 0),
+            train_images=metrics.get("train_images"),
+        )
     if not result["histories"]:
         raise DataError(f"{seeds_dir} holds no seed results; rerun `dvc repro train@{variant}`")
     result["confusion"] = confusion.tolist()
@@ -152,10 +163,20 @@ def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, 
             "learning_rate": result["learning_rate"],
             "learning_rate_at_edge": tune["best"].get("learning_rate_at_edge") if tune else None,
         }
-    out["baselines"] = {name: {k: b[k] for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "C")}
-                        for name, b in baselines.items()}  # fmt: skip
-    out["answer"] = {k: answer[k] for k in ("best_on_validation", "indistinguishable_from_best", "recommended",
-                                            "recommended_cost_ratio", "compute_seconds")}  # fmt: skip
+    out["baselines"] = {
+        name: {k: b[k] for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "C")}
+        for name, b in baselines.items()
+    }
+    out["answer"] = {
+        k: answer[k]
+        for k in (
+            "best_on_validation",
+            "indistinguishable_from_best",
+            "recommended",
+            "recommended_cost_ratio",
+            "compute_seconds",
+        )
+    }
     out["data_conversions"] = {kind: n for kind, n in data.get("conversions", {}).items() if n}
     return out
 
@@ -164,11 +185,14 @@ def compared_metrics(summary: dict) -> dict:
     """reports/metrics.json, the one DVC metrics file: per strategy the test accuracy and its 95%
     interval, and the two baselines' test accuracy; numbers only, one row in `dvc exp show`."""
     out = {
-        variant: {"test_acc": s["test_accuracy_mean"], "ci_low": s["test_accuracy_ci95_low"],
-                  "ci_high": s["test_accuracy_ci95_high"]}
+        variant: {
+            "test_acc": s["test_accuracy_mean"],
+            "ci_low": s["test_accuracy_ci95_low"],
+            "ci_high": s["test_accuracy_ci95_high"],
+        }
         for variant, s in summary.items()
         if variant not in ("baselines", "answer", "data_conversions")
-    }  # fmt: skip
+    }
     short = {"pixels_logistic_regression": "pixels_lr", "frozen_linear_probe": "linear_probe"}
     out.update({short.get(name, name): b["test_accuracy"] for name, b in summary["baselines"].items()})
     return out
@@ -241,10 +265,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
     parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
-    parser.add_argument("--baselines-dir", type=Path, default=Path("results/baselines"),
-                        help="the baselines stage's results (reference rows when they exist)")  # fmt: skip
-    parser.add_argument("--studies-dir", type=Path, default=Path("results/studies"),
-                        help="the studies' results (sections appear for those that exist)")  # fmt: skip
+    parser.add_argument(
+        "--baselines-dir",
+        type=Path,
+        default=Path("results/baselines"),
+        help="the baselines stage's results (reference rows when they exist)",
+    )
+    parser.add_argument(
+        "--studies-dir",
+        type=Path,
+        default=Path("results/studies"),
+        help="the studies' results (sections appear for those that exist)",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--thumbnail", type=Path, help="also write a small copy of the convergence figure here")
     args = parser.parse_args(argv)
@@ -280,8 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         written = ("report.md", "report.html", "summary.json", "metrics.json")
         tracking.log_artifacts([args.out / name for name in written])
         tracking.log_artifacts(sorted((args.out / "figures").glob("*.png")), folder="figures")
-    print(f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies"
-          + (f", studies: {', '.join(research.ran(studies))}" if studies else "") + ")")  # fmt: skip
+    print(
+        f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies"
+        + (f", studies: {', '.join(research.ran(studies))}" if studies else "")
+        + ")"
+    )
 
 
 if __name__ == "__main__":

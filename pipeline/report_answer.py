@@ -23,8 +23,11 @@ def _signed(interval) -> str:
 def unconverged(result: dict) -> list[int]:
     """Seeds whose best epoch lies in the last 25% of max_epochs while patience never ran out:
     still improving when the budget ended (raise train.max_epochs)."""
-    return [seed for seed, c in result["convergence"].items()
-            if not c["stopped_early"] and c["best_epoch"] > 0.75 * c["max_epochs"]]  # fmt: skip
+    return [
+        seed
+        for seed, c in result["convergence"].items()
+        if not c["stopped_early"] and c["best_epoch"] > 0.75 * c["max_epochs"]
+    ]
 
 
 def head_only(results: dict) -> list[str]:
@@ -61,12 +64,16 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
         + ".",
     ]
     if recommended == best:
-        lines.append(f"**Recommended: `{best}`**: no indistinguishable strategy costs less compute "
-                     f"({cost[best]:.0f} s measured: tuning + one training run + feature extraction).")  # fmt: skip
+        lines.append(
+            f"**Recommended: `{best}`**: no indistinguishable strategy costs less compute "
+            f"({cost[best]:.0f} s measured: tuning + one training run + feature extraction)."
+        )
     else:
-        lines.append(f"**Recommended: `{recommended}`**: as accurate as `{best}` within the intervals and "
-                     f"{cost[best] / cost[recommended]:.1f}× cheaper in measured compute ({cost[recommended]:.0f} s "
-                     f"vs {cost[best]:.0f} s: tuning + one training run + feature extraction).")  # fmt: skip
+        lines.append(
+            f"**Recommended: `{recommended}`**: as accurate as `{best}` within the intervals and "
+            f"{cost[best] / cost[recommended]:.1f}× cheaper in measured compute ({cost[recommended]:.0f} s "
+            f"vs {cost[best]:.0f} s: tuning + one training run + feature extraction)."
+        )
     doc: list[tuple] = [("h2", "Answer"), ("list", lines)]
     checks = []
     pixels = versus_pixels(results, baselines)
@@ -74,27 +81,35 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
         reference = baselines[PIXELS]["test_accuracy"]
         beat = [v for v, (_, verdict) in pixels.items() if verdict == "beats it"]
         rest = [f"`{v}` ({verdict}, {_signed(d)})" for v, (d, verdict) in pixels.items() if verdict != "beats it"]
-        checks.append(f"Pixel baseline ({BASELINE_NAMES[PIXELS]}): test accuracy {reference:.3f}. Strategies that "
-                      f"beat it with an interval excluding 0: {', '.join(f'`{v}`' for v in beat) or 'none'}"
-                      + (f"; the others: {'; '.join(rest)}." if rest else "."))  # fmt: skip
+        checks.append(
+            f"Pixel baseline ({BASELINE_NAMES[PIXELS]}): test accuracy {reference:.3f}. Strategies that "
+            f"beat it with an interval excluding 0: {', '.join(f'`{v}`' for v in beat) or 'none'}"
+            + (f"; the others: {'; '.join(rest)}." if rest else ".")
+        )
     for variant in head_only(results) if PROBE in baselines else []:
         probe, frozen = baselines[PROBE]["test_accuracy"], results[variant]["interval"].mean
         features = baselines[PROBE].get("features", "the frozen base")
-        checks.append(f"`{variant}` (a head trained by Adam under the training rule on the frozen base) reaches "
-                      f"{frozen:.3f}; the convex probe on the same features ({features}), solved to optimality, "
-                      f"{probe:.3f} (gap "
-                      f"{frozen - probe:+.3f}). A large negative gap would mean the head is under-trained, not that "
-                      "the features are weak.")  # fmt: skip
+        checks.append(
+            f"`{variant}` (a head trained by Adam under the training rule on the frozen base) reaches "
+            f"{frozen:.3f}; the convex probe on the same features ({features}), solved to optimality, "
+            f"{probe:.3f} (gap "
+            f"{frozen - probe:+.3f}). A large negative gap would mean the head is under-trained, not that "
+            "the features are weak."
+        )
     flagged = {v: seeds for v, seeds in unconverged.items() if seeds}
     if flagged:
-        checks.append("**Not converged** (best epoch in the last 25% of `train.max_epochs` and patience never ran "
-                      "out: still improving when the budget ended): "
-                      + "; ".join(f"`{v}` seeds {seeds}" for v, seeds in flagged.items())
-                      + ". Raise `train.max_epochs` and rerun before trusting these rows.")  # fmt: skip
+        checks.append(
+            "**Not converged** (best epoch in the last 25% of `train.max_epochs` and patience never ran "
+            "out: still improving when the budget ended): "
+            + "; ".join(f"`{v}` seeds {seeds}" for v, seeds in flagged.items())
+            + ". Raise `train.max_epochs` and rerun before trusting these rows."
+        )
     else:
         runs = sum(len(r["convergence"]) for r in results.values())
-        checks.append(f"Convergence: all {runs} runs either stopped early (patience ran out) or kept an epoch before "
-                      "the last 25% of `train.max_epochs`.")  # fmt: skip
+        checks.append(
+            f"Convergence: all {runs} runs either stopped early (patience ran out) or kept an epoch before "
+            "the last 25% of `train.max_epochs`."
+        )
     edges = {
         v: t["best"]["learning_rate_at_edge"] for v, t in tuning.items() if t and t["best"].get("learning_rate_at_edge")
     }

@@ -46,8 +46,15 @@ def drift_heatmap(rows: dict[str, dict[str, float]], title: str, row_label: str)
     axes.set_ylabel(row_label)
     top = values.max() if values.size else 0
     for (row, col), value in np.ndenumerate(values):
-        axes.text(col, row, drift_text(value), ha="center", va="center", fontsize=8,
-                  color="white" if top and value > 0.6 * top else "black")  # fmt: skip
+        axes.text(
+            col,
+            row,
+            drift_text(value),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if top and value > 0.6 * top else "black",
+        )
     figure.colorbar(image, ax=axes, label="||W − W0|| / ||W0||")
     axes.set_title(title)
     figure.tight_layout()
@@ -94,11 +101,14 @@ def robustness_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
     rows = []
     for variant, per_seed in robust.items():
         seeds = list(per_seed.values())
-        rows.append([
-            f"**{variant}**", mean_ci([s["clean_accuracy"] for s in seeds]),
-            *[mean_ci([s["accuracy"][k] for s in seeds]) for k in kinds],
-            mean_ci([s["mean_drop"] for s in seeds]),
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"**{variant}**",
+                mean_ci([s["clean_accuracy"] for s in seeds]),
+                *[mean_ci([s["accuracy"][k] for s in seeds]) for k in kinds],
+                mean_ci([s["mean_drop"] for s in seeds]),
+            ]
+        )
     return headers, rows
 
 
@@ -126,8 +136,8 @@ def draw(results: dict, palette: dict) -> dict:
     drawings = {}
     if any(r.get("weight_drift") for r in results.values()):
         drawings["weight_drift"] = lambda: drift_heatmap(
-            {v: mean_drift(r) for v, r in results.items()}, "Final weight drift per block (mean over seeds)",
-            "strategy")  # fmt: skip
+            {v: mean_drift(r) for v, r in results.items()}, "Final weight drift per block (mean over seeds)", "strategy"
+        )
         if any(any(mean_drift(r).values()) for r in results.values()):
             drawings["weight_drift_epochs"] = lambda: drift_curves(results, palette)
     if any(r.get("robustness") for r in results.values()):
@@ -140,12 +150,15 @@ def blocks(params, results: dict, files: dict) -> list[tuple]:
     if "weight_drift" in files:
         doc += [
             ("h2", "Weight drift"),
-            ("p", "How far training moved each block of the conv base: ‖W − W₀‖ / ‖W₀‖ of the block's kernels and "
-                  "biases, W₀ the weights before the first step (pretrained, or the random initialisation for "
-                  "scratch), at the kept (best validation) epoch. Frozen blocks are exactly 0 (measured, not "
-                  "assumed). Per-epoch values are in each run's history.csv and MLflow (`drift_<block>`)."),
+            (
+                "p",
+                "How far training moved each block of the conv base: ‖W − W₀‖ / ‖W₀‖ of the block's kernels and "
+                "biases, W₀ the weights before the first step (pretrained, or the random initialisation for "
+                "scratch), at the kept (best validation) epoch. Frozen blocks are exactly 0 (measured, not "
+                "assumed). Per-epoch values are in each run's history.csv and MLflow (`drift_<block>`).",
+            ),
             ("figure", files["weight_drift"], "Final drift per strategy and block (mean over seeds)."),
-        ]  # fmt: skip
+        ]
         if "weight_drift_epochs" in files:
             doc.append(("figure", files["weight_drift_epochs"], "Drift per epoch of the blocks that train."))
     table = robustness_table(results)
@@ -153,10 +166,13 @@ def blocks(params, results: dict, files: dict) -> list[tuple]:
         robust = params.studies.robustness
         doc += [
             ("h2", "Robustness to corrupted inputs"),
-            ("p", f"Every trained model evaluated on corrupted copies of the test set ({', '.join(robust.corruptions)}"
-                  f" at severity {robust.severity} of 5, noise seeded {robust.seed}: the same images for every "
-                  "strategy). Accuracy mean ± 95% CI over seeds; the drop is clean minus corrupted accuracy."),
+            (
+                "p",
+                f"Every trained model evaluated on corrupted copies of the test set ({', '.join(robust.corruptions)}"
+                f" at severity {robust.severity} of 5, noise seeded {robust.seed}: the same images for every "
+                "strategy). Accuracy mean ± 95% CI over seeds; the drop is clean minus corrupted accuracy.",
+            ),
             ("table", *table),
             ("figure", files["robustness"], "Clean and corrupted test accuracy per strategy."),
-        ]  # fmt: skip
+        ]
     return doc

@@ -42,10 +42,23 @@ def _to_target(result: dict) -> str:
     return f"{np.mean(reached):.1f} ({len(reached)}/{n} seeds)"
 
 
-COMPARISON_HEADERS = ["strategy", "test accuracy (mean, 95% CI)", "macro-F1", "seeds", "test images",
-                      "− pixel baseline (95% CI)", "trainable", "non-trainable", "total", "s / epoch",
-                      "best epoch / epochs run", "epochs to target", "compute s", "head_units",
-                      "learning rate"]  # fmt: skip
+COMPARISON_HEADERS = [
+    "strategy",
+    "test accuracy (mean, 95% CI)",
+    "macro-F1",
+    "seeds",
+    "test images",
+    "− pixel baseline (95% CI)",
+    "trainable",
+    "non-trainable",
+    "total",
+    "s / epoch",
+    "best epoch / epochs run",
+    "epochs to target",
+    "compute s",
+    "head_units",
+    "learning rate",
+]
 
 
 def comparison_table(results: dict, tuning: dict, baselines: dict) -> tuple[list[str], list[list[str]]]:
@@ -57,13 +70,25 @@ def comparison_table(results: dict, tuning: dict, baselines: dict) -> tuple[list
         conv = r["convergence"].values()
         epochs = f"{np.mean([c['best_epoch'] for c in conv]):.1f} / {np.mean([c['epochs_run'] for c in conv]):.1f}"
         versus = f"{pixels[variant][0].mean:+.3f} ({pixels[variant][1]})" if variant in pixels else ""
-        rows.append([
-            f"**{variant}**", _ci(r["interval"]), f"{np.mean(list(r['macro_f1'].values())):.3f}", str(len(e["seeds"])),
-            str(e["correct"].shape[1]), versus, f"{p['trainable']:,}", f"{p['non_trainable']:,}", f"{p['total']:,}",
-            f"{np.median(list(r['seconds_per_epoch'].values())):.2f}", epochs, _to_target(r),
-            f"{e['compute_seconds']:.0f}",
-            f"{r['head_units']}{tuned}", f"{r['learning_rate']:.2g}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"**{variant}**",
+                _ci(r["interval"]),
+                f"{np.mean(list(r['macro_f1'].values())):.3f}",
+                str(len(e["seeds"])),
+                str(e["correct"].shape[1]),
+                versus,
+                f"{p['trainable']:,}",
+                f"{p['non_trainable']:,}",
+                f"{p['total']:,}",
+                f"{np.median(list(r['seconds_per_epoch'].values())):.2f}",
+                epochs,
+                _to_target(r),
+                f"{e['compute_seconds']:.0f}",
+                f"{r['head_units']}{tuned}",
+                f"{r['learning_rate']:.2g}",
+            ]
+        )
     return COMPARISON_HEADERS, rows + baseline_rows(baselines, COMPARISON_HEADERS)
 
 
@@ -75,8 +100,13 @@ def paired_table(results: dict, baseline: str) -> tuple[list[str], list[list[str
         if variant == baseline:
             continue
         d = difference_interval(r["evidence"]["correct"], reference["correct"])
-        rows.append([f"**{variant}**", f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]",
-                     f"{len(r['evidence']['seeds'])} / {len(reference['seeds'])}"])  # fmt: skip
+        rows.append(
+            [
+                f"**{variant}**",
+                f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]",
+                f"{len(r['evidence']['seeds'])} / {len(reference['seeds'])}",
+            ]
+        )
     return headers, rows
 
 
@@ -86,15 +116,31 @@ def convergence_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for variant, r in results.items():
         flagged = set(unconverged(r))
         for seed, c in r["convergence"].items():
-            rows.append([f"**{variant}**", str(seed), str(c["best_epoch"]), str(c["epochs_run"]), str(c["max_epochs"]),
-                         "yes" if c["stopped_early"] else "no",
-                         "**no: raise train.max_epochs**" if seed in flagged else "yes"])  # fmt: skip
+            rows.append(
+                [
+                    f"**{variant}**",
+                    str(seed),
+                    str(c["best_epoch"]),
+                    str(c["epochs_run"]),
+                    str(c["max_epochs"]),
+                    "yes" if c["stopped_early"] else "no",
+                    "**no: raise train.max_epochs**" if seed in flagged else "yes",
+                ]
+            )
     return headers, rows
 
 
 def tuning_table(tuning: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["strategy", "trials", "epochs trained", "tuning s", "best val accuracy", "head_units", "learning rate",
-               "inside the range"]  # fmt: skip
+    headers = [
+        "strategy",
+        "trials",
+        "epochs trained",
+        "tuning s",
+        "best val accuracy",
+        "head_units",
+        "learning rate",
+        "inside the range",
+    ]
     rows = []
     for variant, tune in tuning.items():
         if tune is None:
@@ -103,11 +149,18 @@ def tuning_table(tuning: dict) -> tuple[list[str], list[list[str]]]:
         b, budget = tune["best"], tune["best"]["budget"]
         seconds = sum(float(t.get("train_seconds") or 0.0) for t in tune["trials"])
         edge = b.get("learning_rate_at_edge")
-        rows.append([
-            f"**{variant}**", str(budget["trials_run"]), str(budget["epochs_run"]), f"{seconds:.0f}",
-            f"{b['value']:.3f}",
-            str(b["head_units"]), f"{b['learning_rate']:.2g}", f"**no: at the {edge} end**" if edge else "yes",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"**{variant}**",
+                str(budget["trials_run"]),
+                str(budget["epochs_run"]),
+                f"{seconds:.0f}",
+                f"{b['value']:.3f}",
+                str(b["head_units"]),
+                f"{b['learning_rate']:.2g}",
+                f"**no: at the {edge} end**" if edge else "yes",
+            ]
+        )
     return headers, rows
 
 
@@ -156,11 +209,17 @@ def build_document(
             "above their frozen prefix. `compute s`: tuning + one training run + the one-time feature extraction.",
         ),
         ("figure", files["test_accuracy"], "Test accuracy per seed (dots), mean and 95% interval; baselines as lines."),
-    ]  # fmt: skip
+    ]
     headers, rows = paired_table(results, baseline)
-    doc += [("h2", f"Paired differences against {baseline}"), ("table", headers, rows),
-            ("p", "Paired on the same test images; an interval that excludes 0 is a difference the seeds and the "
-                  "test set support.")]  # fmt: skip
+    doc += [
+        ("h2", f"Paired differences against {baseline}"),
+        ("table", headers, rows),
+        (
+            "p",
+            "Paired on the same test images; an interval that excludes 0 is a difference the seeds and the "
+            "test set support.",
+        ),
+    ]
     doc += [
         ("h2", "Convergence check"),
         (
@@ -189,11 +248,14 @@ def build_document(
         ("h2", "Caveats and fixed settings"),
         ("list", caveats(params, data, results)),
         ("h2", "Reproduce"),
-        ("code", "make repro                       # the whole pipeline, this report included\n"
-                 "dvc exp run -S train.max_epochs=60   # an experiment with one setting changed\n"
-                 "dvc exp show                     # compare experiments"),
+        (
+            "code",
+            "make repro                       # the whole pipeline, this report included\n"
+            "dvc exp run -S train.max_epochs=60   # an experiment with one setting changed\n"
+            "dvc exp show                     # compare experiments",
+        ),
         ("h2", "Appendix: confusion matrices per strategy"),
-    ]  # fmt: skip
+    ]
     doc += [("figure", files[f"confusion_{v}"], f"{v}: test set, all seeds.") for v in results]
     return doc
 
@@ -246,8 +308,10 @@ def _strategy_options(params: Params) -> list[str]:
     for name, variant in params.variants.items():
         options = []
         if variant.warmup_epochs:
-            options.append(f"{variant.warmup_epochs} head-only warm-up epoch(s) first (within the "
-                           f"{params.train.max_epochs}-epoch budget; dashed line in the convergence plot)")  # fmt: skip
+            options.append(
+                f"{variant.warmup_epochs} head-only warm-up epoch(s) first (within the "
+                f"{params.train.max_epochs}-epoch budget; dashed line in the convergence plot)"
+            )
         if variant.lr_multipliers:
             factors = ", ".join(f"{b} ×{f:g}" for b, f in variant.multipliers)
             options.append(f"learning rate per block: {factors}")
@@ -321,8 +385,12 @@ def to_html(doc: list[tuple], figure_dir: Path) -> str:
         elif kind == "figure":
             name, caption = content
             data = base64.b64encode((Path(figure_dir) / name).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{_inline(caption)}</figcaption></figure>")  # fmt: skip
+            body.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{_inline(caption)}</figcaption></figure>"
+            )
     title = _inline(doc[0][1]) if doc and doc[0][0] == "h1" else "Report"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

@@ -26,8 +26,9 @@ def _curves(histories: dict[int, list[dict]], x_key: str, y_key: str):
         return [np.array([rows[i][key] for rows in histories.values() if len(rows) > i]) for i in range(epochs)]
 
     xs, ys = per_epoch(x_key), per_epoch(y_key)
-    return tuple(np.array([f(v) for v in series]) for f, series in ((np.mean, xs), (np.mean, ys), (np.min, ys),
-                                                                     (np.max, ys)))  # fmt: skip
+    return tuple(
+        np.array([f(v) for v in series]) for f, series in ((np.mean, xs), (np.mean, ys), (np.min, ys), (np.max, ys))
+    )
 
 
 def convergence(results: dict, palette: dict, x_key: str, x_label: str) -> plt.Figure:
@@ -42,8 +43,16 @@ def convergence(results: dict, palette: dict, x_key: str, x_label: str) -> plt.F
             warmup = result.get("warmup_epochs", 0)
             if warmup and x_key == "epoch":  # two-phase strategy: where fine-tuning starts
                 axes.axvline(warmup + 0.5, color=palette[variant], linestyle="--", alpha=0.7)
-                axes.annotate(f"{variant}: warm-up ends", (warmup + 0.5, 0.02), xycoords=("data", "axes fraction"),
-                              rotation=90, fontsize=7, color=palette[variant], ha="right", va="bottom")  # fmt: skip
+                axes.annotate(
+                    f"{variant}: warm-up ends",
+                    (warmup + 0.5, 0.02),
+                    xycoords=("data", "axes fraction"),
+                    rotation=90,
+                    fontsize=7,
+                    color=palette[variant],
+                    ha="right",
+                    va="bottom",
+                )
     acc_axes.set_ylabel("validation accuracy")
     loss_axes.set_ylabel("validation loss (cross-entropy)")
     for axes in (acc_axes, loss_axes):
@@ -170,8 +179,14 @@ def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
         complete = [t for t in tune["trials"] if t["state"] == "COMPLETE"]
         for units, marker in markers.items():
             chosen = [t for t in complete if int(t["head_units"]) == units]
-            axes.scatter([float(t["learning_rate"]) for t in chosen], [t["value"] for t in chosen], marker=marker,
-                         color=palette[variant], alpha=0.8, label=f"head_units={units}")  # fmt: skip
+            axes.scatter(
+                [float(t["learning_rate"]) for t in chosen],
+                [t["value"] for t in chosen],
+                marker=marker,
+                color=palette[variant],
+                alpha=0.8,
+                label=f"head_units={units}",
+            )
         best = tune["best"]
         axes.scatter([best["learning_rate"]], [best["value"]], s=180, facecolors="none", edgecolors="black")
         for end in best["search_space"]["learning_rate"]:

@@ -103,8 +103,10 @@ def _read_sample_baselines(folder: Path, sizes: list[int], sample: dict) -> dict
             files = [folder / f"n{n}" / "predictions" / name / f"{s}.csv" for s in seeds]
             found, correct = read_correct(files)
             if not np.array_equal(found, labels):
-                raise DataError(f"{folder / f'n{n}'}: {name} was computed on another test set than the study's "
-                                f"strategies; rerun `dvc repro sample_efficiency_baselines@{n}`")  # fmt: skip
+                raise DataError(
+                    f"{folder / f'n{n}'}: {name} was computed on another test set than the study's "
+                    f"strategies; rerun `dvc repro sample_efficiency_baselines@{n}`"
+                )
             out.setdefault(name, {})[n] = {
                 "correct": correct,
                 "interval": accuracy_interval(correct),
@@ -122,13 +124,24 @@ def sample_efficiency_figure(sample: dict, baselines: dict, palette: dict) -> pl
         sizes = sorted(by_size)
         intervals = [by_size[n]["interval"] for n in sizes]
         axes.plot(sizes, [i.mean for i in intervals], marker="o", color=palette[variant], label=variant)
-        axes.fill_between(sizes, [max(0, i.low) for i in intervals], [min(1, i.high) for i in intervals],
-                          color=palette[variant], alpha=0.15)  # fmt: skip
+        axes.fill_between(
+            sizes,
+            [max(0, i.low) for i in intervals],
+            [min(1, i.high) for i in intervals],
+            color=palette[variant],
+            alpha=0.15,
+        )
     for name, by_size in baselines.items():
         colour, style, label = BASELINE_STYLE.get(name, ("grey", "-.", name))
         sizes = sorted(by_size)
-        axes.plot(sizes, [by_size[n]["interval"].mean for n in sizes], style, marker="x", color=colour,
-                  label=f"reference: {label}")  # fmt: skip
+        axes.plot(
+            sizes,
+            [by_size[n]["interval"].mean for n in sizes],
+            style,
+            marker="x",
+            color=colour,
+            label=f"reference: {label}",
+        )
     axes.set_xscale("log")
     sizes = sorted({n for by_size in sample.values() for n in by_size})
     axes.set_xticks(sizes, [str(n) for n in sizes])
@@ -181,10 +194,13 @@ def sample_efficiency_table(sample: dict, baselines: dict) -> tuple[list[str], l
     sizes = sorted({n for by_size in sample.values() for n in by_size})
     headers = ["strategy", *[f"n={n}" for n in sizes], "unconverged runs"]
     rows = [
-        [f"**{v}**", *[_cell(s[n]["interval"]) if n in s else "—" for n in sizes],
-         str(sum(len(unconverged(r)) for r in s.values()))]
+        [
+            f"**{v}**",
+            *[_cell(s[n]["interval"]) if n in s else "—" for n in sizes],
+            str(sum(len(unconverged(r)) for r in s.values())),
+        ]
         for v, s in sample.items()
-    ]  # fmt: skip
+    ]
     for name, by_size in baselines.items():
         cells = [_cell(by_size[n]["interval"]) if n in by_size else "—" for n in sizes]
         rows.append([f"*reference: {BASELINE_NAMES.get(name, name)}*", *cells, "–"])
@@ -204,8 +220,9 @@ def depth_figure(depth: dict, baselines: dict) -> plt.Figure:
     trainable = [depth[k]["parameters"]["trainable"] for k in ks]
     figure, (acc_axes, param_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     yerr = [[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]]
-    acc_axes.errorbar(ks, [i.mean for i in intervals], yerr=yerr, fmt="o-", capsize=4, color="tab:blue",
-                      label="top k trained")  # fmt: skip
+    acc_axes.errorbar(
+        ks, [i.mean for i in intervals], yerr=yerr, fmt="o-", capsize=4, color="tab:blue", label="top k trained"
+    )
     for name, b in baselines.items():
         colour, style, label = BASELINE_STYLE.get(name, ("grey", "-.", name))
         acc_axes.axhline(b["test_accuracy"], color=colour, linestyle=style, label=f"reference: {label}")
@@ -220,17 +237,28 @@ def depth_figure(depth: dict, baselines: dict) -> plt.Figure:
         axes.grid(alpha=0.3)
         for block, k in BLOCK_STARTS.items():
             axes.axvline(k, color="black", alpha=0.12, linestyle=":")
-            axes.annotate(f"{block}+", (k, 1), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
-                          va="bottom", alpha=0.6)  # fmt: skip
+            axes.annotate(
+                f"{block}+", (k, 1), xycoords=("data", "axes fraction"), fontsize=7, ha="center", va="bottom", alpha=0.6
+            )
     figure.suptitle("Freezing depth: accuracy and trainable parameters when the top k conv layers train")
     figure.tight_layout()
     return figure
 
 
 def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["k", "trains from", "trainable parameters", "seeds", "test accuracy (95% interval)",
-               "Δ vs pixels LR", "best val accuracy", "unconverged runs", "head_units", "learning rate",
-               *[f"drift {b}" for b in BLOCKS]]  # fmt: skip
+    headers = [
+        "k",
+        "trains from",
+        "trainable parameters",
+        "seeds",
+        "test accuracy (95% interval)",
+        "Δ vs pixels LR",
+        "best val accuracy",
+        "unconverged runs",
+        "head_units",
+        "learning rate",
+        *[f"drift {b}" for b in BLOCKS],
+    ]
     pixels = baselines.get(PIXELS)
     rows = []
     for k in sorted(depth):
@@ -238,9 +266,21 @@ def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]
         first = CONV_LAYERS[len(CONV_LAYERS) - k] if k else "(head only)"
         drift = mean_drift(r)
         versus = _signed(difference_interval(r["correct"], pixels["correct"])) if pixels else "—"
-        rows.append([str(k), first, f"{r['parameters']['trainable']:,}", str(r["interval"].n), _cell(r["interval"]),
-                     versus, f"{r['evidence']['val_accuracy']:.3f}", str(len(unconverged(r))), str(r["head_units"]),
-                     f"{r['learning_rate']:.2g}", *[drift_text(drift[b]) for b in BLOCKS]])  # fmt: skip
+        rows.append(
+            [
+                str(k),
+                first,
+                f"{r['parameters']['trainable']:,}",
+                str(r["interval"].n),
+                _cell(r["interval"]),
+                versus,
+                f"{r['evidence']['val_accuracy']:.3f}",
+                str(len(unconverged(r))),
+                str(r["head_units"]),
+                f"{r['learning_rate']:.2g}",
+                *[drift_text(drift[b]) for b in BLOCKS],
+            ]
+        )
     for name, b in baselines.items():
         cells = {
             "k": f"*reference: {BASELINE_NAMES.get(name, name)}*",
@@ -261,15 +301,23 @@ def depth_answer_lines(answer: dict, depth: dict) -> list[str]:
     lines = [
         f"Best on validation: k = {best[3:]}.",
         "Indistinguishable from it on the test set (95% interval of the difference contains 0): "
-        + (", ".join(f"k = {v[3:]} ({differences[v]['mean']:+.3f} [{differences[v]['ci95_low']:+.3f}, "
-                     f"{differences[v]['ci95_high']:+.3f}])" for v in sorted(tied, key=lambda v: int(v[3:])))
-           if tied else "none")
+        + (
+            ", ".join(
+                f"k = {v[3:]} ({differences[v]['mean']:+.3f} [{differences[v]['ci95_low']:+.3f}, "
+                f"{differences[v]['ci95_high']:+.3f}])"
+                for v in sorted(tied, key=lambda v: int(v[3:]))
+            )
+            if tied
+            else "none"
+        )
         + ".",
-    ]  # fmt: skip
+    ]
     if recommended != best:
-        lines.append(f"Cheapest of those in measured compute (tuning + one training run + feature extraction): "
-                     f"k = {recommended[3:]}, {cost[best] / cost[recommended]:.1f}× cheaper than k = {best[3:]} "
-                     f"({cost[recommended]:.0f} s vs {cost[best]:.0f} s).")  # fmt: skip
+        lines.append(
+            f"Cheapest of those in measured compute (tuning + one training run + feature extraction): "
+            f"k = {recommended[3:]}, {cost[best] / cost[recommended]:.1f}× cheaper than k = {best[3:]} "
+            f"({cost[recommended]:.0f} s vs {cost[best]:.0f} s)."
+        )
     else:
         lines.append(f"No indistinguishable k costs less compute than k = {best[3:]} ({cost[best]:.0f} s).")
     return lines
@@ -289,7 +337,9 @@ def draw(studies: dict, palette: dict) -> dict:
         drawings["depth"] = lambda: depth_figure(depth, studies["depth_baselines"])
         drawings["depth_drift"] = lambda: drift_heatmap(
             {f"k={k}": mean_drift(depth[k]) for k in sorted(depth)},
-            "Freezing depth: final weight drift per block", "top k layers trained")  # fmt: skip
+            "Freezing depth: final weight drift per block",
+            "top k layers trained",
+        )
     return drawings
 
 
@@ -307,48 +357,61 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
         baseline = params.report.baseline
         doc += [
             ("h2", "Study: sample efficiency"),
-            ("p", f"Test accuracy as the training set grows: each strategy retrained on n images per class "
-                  f"(nested subsets of one pool; seeds {seeds}, each seed with its own draw of the subset), "
-                  f"under the training rule (up to {params.train.max_epochs} epochs, early stopping), with the "
-                  "hyperparameters tuned on the main comparison's "
-                  f"{params.data.train_per_class} per class. Validation and test sets are the same for every n. "
-                  "The reference rows are the two baselines fitted on each seed's very subset. "
-                  + STUDY_INTERVALS),
+            (
+                "p",
+                f"Test accuracy as the training set grows: each strategy retrained on n images per class "
+                f"(nested subsets of one pool; seeds {seeds}, each seed with its own draw of the subset), "
+                f"under the training rule (up to {params.train.max_epochs} epochs, early stopping), with the "
+                "hyperparameters tuned on the main comparison's "
+                f"{params.data.train_per_class} per class. Validation and test sets are the same for every n. "
+                "The reference rows are the two baselines fitted on each seed's very subset. " + STUDY_INTERVALS,
+            ),
             ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% bands."),
             ("table", *sample_efficiency_table(sample, references)),
-        ]  # fmt: skip
+        ]
         if PIXELS in references:
             reference = {n: b["correct"] for n, b in references[PIXELS].items()}
             doc += [
                 ("h3", "Against the pixel baseline"),
-                ("p", "Δ = test accuracy minus that of logistic regression on the pixels of the same training "
-                      "images (same seeds, same subsets), mean and 95% interval. Where the interval contains 0 "
-                      "the strategy is not shown to beat a linear model on raw pixels."),
+                (
+                    "p",
+                    "Δ = test accuracy minus that of logistic regression on the pixels of the same training "
+                    "images (same seeds, same subsets), mean and 95% interval. Where the interval contains 0 "
+                    "the strategy is not shown to beat a linear model on raw pixels.",
+                ),
                 ("table", *advantage_table(sample, reference)),
-            ]  # fmt: skip
+            ]
         if baseline in sample:
             reference = {n: r["correct"] for n, r in sample[baseline].items()}
             doc += [
                 ("h3", f"Where the advantage over {baseline} vanishes"),
-                ("p", f"Δ = test accuracy minus that of `{baseline}` (same seeds, same subsets), mean and 95% "
-                      "interval. An advantage is significant where the interval lies above 0."),
+                (
+                    "p",
+                    f"Δ = test accuracy minus that of `{baseline}` (same seeds, same subsets), mean and 95% "
+                    "interval. An advantage is significant where the interval lies above 0.",
+                ),
                 ("table", *advantage_table(sample, reference, exclude=baseline)),
-            ]  # fmt: skip
+            ]
     if "depth" in studies:
         depth = studies["depth"]
         seeds = sorted({s for r in depth.values() for s in r["evidence"]["seeds"]})
         doc += [
             ("h2", "Study: freezing depth"),
-            ("p", "The transferability curve: train the top k of VGG16's 13 conv layers (k = 0: frozen base, "
-                  "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies "
-                  f"(`tune.n_trials` for a k trained on cached features, `tune.n_trials_end_to_end` for k = 13) "
-                  f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
-                  f"{seeds}. Reference lines: the main comparison's baselines on the same data. Dotted "
-                  "lines: where k first covers a whole block. " + STUDY_INTERVALS),
-        ]  # fmt: skip
+            (
+                "p",
+                "The transferability curve: train the top k of VGG16's 13 conv layers (k = 0: frozen base, "
+                "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies "
+                f"(`tune.n_trials` for a k trained on cached features, `tune.n_trials_end_to_end` for k = 13) "
+                f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
+                f"{seeds}. Reference lines: the main comparison's baselines on the same data. Dotted "
+                "lines: where k first covers a whole block. " + STUDY_INTERVALS,
+            ),
+        ]
         if "depth_answer" in studies:
-            doc += [("p", "The main answer's rule applied to the depths:"),
-                    ("list", depth_answer_lines(studies["depth_answer"], depth))]  # fmt: skip
+            doc += [
+                ("p", "The main answer's rule applied to the depths:"),
+                ("list", depth_answer_lines(studies["depth_answer"], depth)),
+            ]
         doc += [
             ("figure", files["depth"], "Test accuracy and trainable parameters vs k."),
             ("table", *depth_table(depth, studies["depth_baselines"])),

@@ -107,15 +107,35 @@ class Postgres:
             for path in (self.root, pwfile):
                 os.chown(path, account.pw_uid, account.pw_gid)
         try:
-            self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={pwfile}",
-                      "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C")  # fmt: skip
+            self._run(
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                USER,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+            )
         finally:
             pwfile.unlink(missing_ok=True)
 
     def start(self) -> None:
         options = f"-p {self.port} -h 127.0.0.1 -k {self.root}"  # TCP on loopback; the socket stays in root
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
-                  "-o", options, "-w", "-t", str(START_SECONDS), "start")  # fmt: skip
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(START_SECONDS),
+            "start",
+        )
 
     def running(self) -> bool:
         return self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0
@@ -128,8 +148,9 @@ class Postgres:
         import psycopg
 
         # autocommit: CREATE DATABASE cannot run inside a transaction
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=USER, password=password, dbname="postgres",
-                             autocommit=True) as connection:  # fmt: skip
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=USER, password=password, dbname="postgres", autocommit=True
+        ) as connection:
             for name in names:
                 if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
                     connection.execute(f'CREATE DATABASE "{name}"')
@@ -153,10 +174,25 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, log: Path,
     mlflow = Path(sys.executable).parent / "mlflow"
     with log.open("ab") as out:
         server = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                backend_uri,
+                "--artifacts-destination",
+                str(artifacts),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + START_SECONDS
     while not _healthy(f"http://127.0.0.1:{port}"):
         if server.poll() is not None or time.monotonic() > deadline:
