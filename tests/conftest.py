@@ -6,6 +6,8 @@ import copy
 import gzip
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,19 @@ def make_tiny_project(root: Path, variants: dict, override: dict | None = None) 
     params = load_params(params_path)
     write_prepared(prepare(params.data, params.seed), root / "prepared")
     return params_path, root / "prepared"
+
+
+def stage_command(module: str, *args: object) -> list[str]:
+    """`python -m pipeline.<module> ARGS` with the tests' interpreter: a stage as a user runs it."""
+    return [sys.executable, "-m", f"pipeline.{module}", *map(str, args)]
+
+
+def run_stage(module: str, *args: object, env: dict | None = None, timeout: int = 600, **kwargs):
+    """Run a stage in a subprocess from the repository root, its output captured (the one helper
+    every test that starts a stage uses)."""
+    return subprocess.run(
+        stage_command(module, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def stage_env(root: Path) -> dict:

@@ -21,17 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_tiny_project, merge, stage_env
+from tests.conftest import REPO, make_tiny_project, merge, run_stage, stage_env
 
 PYTHON = sys.executable
 
 
-def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600, **kwargs):
-    return subprocess.run(
-        [PYTHON, "-m", f"pipeline.{module}", *map(str, args)],
-        cwd=REPO, env=env or stage_env(Path(tempfile.gettempdir())), capture_output=True, text=True,
-        timeout=timeout, **kwargs,
-    )  # fmt: skip
+def run_module(module: str, *args: object, env: dict | None = None, timeout: int = 600, **kwargs):
+    return run_stage(module, *args, env=env or stage_env(Path(tempfile.gettempdir())), timeout=timeout, **kwargs)
 
 
 def error_message(proc: subprocess.CompletedProcess) -> str:

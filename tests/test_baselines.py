@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from pipeline.baselines import C_GRID, PIXELS, PROBE, fit, fit_logistic_regression
-from tests.conftest import REPO, make_tiny_project, stage_env
+from tests.conftest import REPO, make_tiny_project, run_stage, stage_env
 
 
 def test_regularisation_is_chosen_on_validation_loss_not_on_test():
@@ -70,10 +68,9 @@ def test_a_training_subset_fits_as_if_the_data_held_only_those_rows(tmp_path):
 def baselines_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     params_path, prepared = make_tiny_project(root, {"frozen": {"trainable": "none"}})
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.baselines", "--params", str(params_path), "--prepared", str(prepared),
-         "--out", str(root / "baselines"), "--feature-cache", str(root / "cache")],
-        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=600,
+    result = run_stage(
+        "baselines", "--params", params_path, "--prepared", prepared, "--out", root / "baselines",
+        "--feature-cache", root / "cache", env=stage_env(root),
     )  # fmt: skip
     return root, result
 

@@ -5,8 +5,6 @@ Timings themselves are never asserted: only that the benchmark measures what it 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from pipeline import bench_measure, bench_report
 from pipeline.model import BARE_HEAD, build_model
 from pipeline.params import load_params
 from pipeline.training import Splits
-from tests.conftest import REPO, make_tiny_project, stage_env
+from tests.conftest import REPO, make_tiny_project, run_stage, stage_env
 
 
 def test_vgg16_conv_flops_match_the_published_15_3_gmacs_at_224():
@@ -49,8 +47,7 @@ def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
         ["--large-images", "100", "--large-size", "32", "--synthetic-images", "64"],
         ["--tune", "--tune-trials", "2"],
     ):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.bench", *common, *extra], cwd=REPO,
-                              env=stage_env(tmp_path), capture_output=True, text=True, timeout=900)  # fmt: skip
+        proc = run_stage("bench", *common, *extra, env=stage_env(tmp_path), timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "benchmark.json").read_text())
     assert [row["variant"] for row in result["strategies"]] == ["frozen", "full"]

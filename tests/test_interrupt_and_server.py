@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, make_tiny_project, stage_env
+from tests.conftest import REPO, make_tiny_project, stage_command, stage_env
 
 FULL = {"full": {"trainable": "all"}}
 
@@ -22,9 +22,8 @@ pytestmark = pytest.mark.slow  # about 75 s together; CI runs them with `make te
 
 
 def _train_command(root: Path, params: Path, variant: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", "--variant", variant, "--params", str(params),
-            "--prepared", str(root / "prepared"), "--out", str(root / "results" / variant),
-            "--feature-cache", str(root / "cache")]  # fmt: skip
+    return stage_command("train", "--variant", variant, "--params", params, "--prepared", root / "prepared",
+                         "--out", root / "results" / variant, "--feature-cache", root / "cache")  # fmt: skip
 
 
 def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_honestly(tmp_path):

@@ -4,8 +4,6 @@ and clean failures that leave no outputs behind."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from pipeline.data import read_idx, sample_per_class
 from pipeline.errors import DataError
 from pipeline.params import load_params
 from pipeline.prepare import prepare, write_prepared
-from tests.conftest import REPO, write_idx
+from tests.conftest import run_stage, write_idx
 
 
 def _fmnist_params(write_params, folder, **data):
@@ -156,10 +154,7 @@ def test_written_outputs_round_trip(tmp_path, write_params, fashion_mnist_dir):
 
 
 def _run_prepare(params_path, out):
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--params", str(params_path), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return run_stage("prepare", "--params", params_path, "--out", out, timeout=120)
 
 
 def test_cli_writes_outputs(tmp_path, write_params, fashion_mnist_dir):

@@ -7,8 +7,6 @@ import base64
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from pipeline.evaluation import predictions_csv
 from pipeline.stats import accuracy_interval
 from pipeline.train import confusion_csv, history_csv
-from tests.conftest import REPO, stage_env
+from tests.conftest import REPO, run_stage, stage_env
 
 # mean test accuracy, mean best-validation accuracy, compute seconds (tuning + one run) per strategy
 VARIANTS = {"scratch": (0.60, 0.60, 500.0), "frozen": (0.69, 0.64, 10.0), "partial": (0.70, 0.66, 100.0)}
@@ -97,6 +95,14 @@ def _write_results(root: Path) -> None:
     (prepared / "summary.json").write_text(json.dumps(summary))
 
 
+def _report(root, baselines, out):
+    return run_stage(
+        "report", "--params", root / "params.yaml", "--prepared", root / "prepared",
+        "--train-dir", root / "results" / "train", "--tune-dir", root / "results" / "tune",
+        "--baselines-dir", baselines, "--out", out, env=stage_env(root), timeout=300,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     import yaml
@@ -111,12 +117,7 @@ def report(tmp_path_factory):
     out = root / "reports"
     out.mkdir()
     (out / "benchmark.md").write_text("other stage's file")  # must survive
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.report", "--params", str(root / "params.yaml"), "--prepared",
-         str(root / "prepared"), "--train-dir", str(root / "results" / "train"), "--tune-dir",
-         str(root / "results" / "tune"), "--baselines-dir", str(root / "results" / "baselines"), "--out", str(out)],
-        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = _report(root, root / "results" / "baselines", out)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, out
 
@@ -249,12 +250,7 @@ def test_baselines_from_another_test_set_stop_the_report_with_the_fix(report, tm
     )
     record = {"test_accuracy": 1.0, "test_macro_f1": 1.0, "val_accuracy": 1.0, "C": 1.0, "test_images": 50}
     (stale / "metrics.json").write_text(json.dumps({"pixels_logistic_regression": record}))
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.report", "--params", str(root / "params.yaml"), "--prepared",
-         str(root / "prepared"), "--train-dir", str(root / "results" / "train"), "--tune-dir",
-         str(root / "results" / "tune"), "--baselines-dir", str(stale), "--out", str(tmp_path / "out")],
-        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = _report(root, stale, tmp_path / "out")
     assert result.returncode == 2
     assert "another test set (50 images, the strategies have 200); rerun `dvc repro baselines`" in result.stderr
     assert not (tmp_path / "out" / "report.md").exists()

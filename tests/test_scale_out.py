@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from pipeline import study as studies
 from pipeline import team_stack
 from pipeline.errors import PipelineError
-from tests.conftest import REPO, make_tiny_project
+from tests.conftest import REPO, make_tiny_project, run_stage, stage_command
 
 pytestmark = pytest.mark.slow  # real servers and stage processes: about 2 minutes together
 
@@ -57,9 +57,10 @@ def _database(server: team_stack.Postgres, name: str) -> str:
 
 
 def _tune(machine: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.tune", "--variant", "full", "--params", str(machine / "params.yaml"),
-            "--prepared", str(machine / "prepared"), "--out", str(machine / "tune"),
-            "--feature-cache", str(machine / "cache"), *extra]  # fmt: skip
+    return stage_command(
+        "tune", "--variant", "full", "--params", machine / "params.yaml", "--prepared", machine / "prepared",
+        "--out", machine / "tune", "--feature-cache", machine / "cache", *extra,
+    )  # fmt: skip
 
 
 def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a_killed_worker(tmp_path, postgres):
@@ -165,10 +166,9 @@ def test_train_stage_logs_to_an_mlflow_server_on_postgresql_with_served_artifact
         out = project / "results" / "frozen"
         env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "PGPASSWORD", "PGPASSFILE")}
         env["MLFLOW_TRACKING_URI"] = uri  # the client talks HTTP only: no database credential
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.train", "--variant", "frozen", "--params", str(params),
-             "--prepared", str(prepared), "--out", str(out), "--feature-cache", str(project / "cache")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        proc = run_stage(
+            "train", "--variant", "frozen", "--params", params, "--prepared", prepared, "--out", out,
+            "--feature-cache", project / "cache", env=env,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -16,7 +14,7 @@ from pipeline.corruptions import BLUR_SIGMA_PER_32PX, CONTRAST_FACTOR, NOISE_SIG
 from pipeline.data import nested_subset
 from pipeline.evaluation import read_predictions
 from pipeline.report_studies import _vanishing_point, advantage_table
-from tests.conftest import REPO, make_tiny_project, stage_env
+from tests.conftest import make_tiny_project, run_stage, stage_env
 
 # --- corruptions ------------------------------------------------------------------------------
 
@@ -145,10 +143,7 @@ STUDIES = {
 
 
 def _run(root, module, *args):
-    result = subprocess.run(
-        [sys.executable, "-m", f"pipeline.{module}", "--params", str(root / "params.yaml"), *args],
-        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_stage(module, "--params", root / "params.yaml", *args, env=stage_env(root))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 

@@ -19,20 +19,22 @@ from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.tune import study_identity
 from pipeline.tune_outputs import best_params
-from tests.conftest import REPO, make_tiny_project, stage_env
+from tests.conftest import REPO, make_tiny_project, run_stage, stage_command, stage_env
 
 FROZEN = {"frozen": {"trainable": "none"}}
 
 
+def _tune_args(root, params_path, variant="frozen") -> list:
+    return ["--variant", variant, "--params", params_path, "--prepared", root / "prepared",
+            "--out", root / "tune" / variant, "--feature-cache", root / "cache"]  # fmt: skip
+
+
 def _run_tune(root, params_path) -> subprocess.CompletedProcess:
-    return subprocess.run(_tune_command(root, params_path), cwd=REPO, env=stage_env(root), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return run_stage("tune", *_tune_args(root, params_path), env=stage_env(root))
 
 
 def _tune_command(root, params_path, variant="frozen"):
-    return [sys.executable, "-m", "pipeline.tune", "--variant", variant, "--params", str(params_path),
-            "--prepared", str(root / "prepared"), "--out", str(root / "tune" / variant),
-            "--feature-cache", str(root / "cache")]  # fmt: skip
+    return stage_command("tune", *_tune_args(root, params_path, variant))
 
 
 def _study(root, variant="frozen"):
