@@ -183,6 +183,7 @@ def _seed_metrics(folder, seed):
     return json.loads((folder / "seeds" / str(seed) / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # the study stages' processes (shared fixture, ~90 s)
 def test_sample_efficiency_stage_trains_each_seed_on_its_own_nested_subset(studies_run):
     root, _ = studies_run
     folder = root / "results/studies/sample_efficiency/frozen/n3"
@@ -198,6 +199,7 @@ def test_sample_efficiency_stage_trains_each_seed_on_its_own_nested_subset(studi
     )
 
 
+@pytest.mark.slow  # the study stages' processes (shared fixture, ~90 s)
 def test_sample_efficiency_baselines_fit_every_seed_on_the_same_test_images(studies_run):
     root, _ = studies_run
     folder = root / "results/studies/sample_efficiency/baselines/n3"
@@ -231,6 +233,7 @@ def test_sample_efficiency_baselines_fit_every_seed_on_the_same_test_images(stud
     assert expected[PIXELS]["C"] == records[PIXELS]["seeds"]["1"]["C"]
 
 
+@pytest.mark.slow  # the study stages' processes (shared fixture, ~90 s)
 def test_depth_stages_train_exactly_the_top_k_layers(studies_run):
     root, _ = studies_run
     best = json.loads((root / "results/studies/depth/tune/top1/best_params.json").read_text())
@@ -243,6 +246,7 @@ def test_depth_stages_train_exactly_the_top_k_layers(studies_run):
     assert metrics["weight_drift"]["block4"] == 0.0 and metrics["weight_drift"]["block5"] > 0
 
 
+@pytest.mark.slow  # the study stages' processes (shared fixture, ~90 s)
 def test_two_phase_strategy_records_phases_and_drift_in_history_and_mlflow(studies_run):
     root, _ = studies_run
     history = (root / "results/train/partial/seeds/1/history.csv").read_text().splitlines()
@@ -261,6 +265,7 @@ def test_two_phase_strategy_records_phases_and_drift_in_history_and_mlflow(studi
     assert names["depth/top1/seed-1"] == "depth"
 
 
+@pytest.mark.slow  # the study stages' processes (shared fixture, ~90 s)
 def test_report_shows_the_study_sections_and_figures(studies_run):
     root, report = studies_run
     assert "studies: sample_efficiency, depth" in report.stdout

@@ -72,6 +72,35 @@ def _trial(number, state, value=None, attrs=None):
     )  # fmt: skip
 
 
+def test_budget_places_are_distinct_for_simultaneous_trials_and_a_failed_place_is_taken_again():
+    def trial(number, state, place=None, **attrs):
+        frozen = _trial(number, state, 0.5 if state == TrialState.COMPLETE else None, attrs)
+        frozen.number = number
+        if place is not None:
+            frozen.user_attrs[studies.BUDGET_INDEX] = place
+        return frozen
+
+    done = [trial(0, TrialState.COMPLETE, 0), trial(1, TrialState.COMPLETE, 1)]
+    # two workers created trials 2 and 3 at the same moment: whichever looks first, 2 gets place 2
+    both_new = [*done, trial(2, TrialState.RUNNING), trial(3, TrialState.RUNNING)]
+    assert (studies.budget_place(both_new, 2), studies.budget_place(both_new, 3)) == (2, 3)
+    three_took_its_place = [*done, trial(2, TrialState.RUNNING), trial(3, TrialState.RUNNING, 3)]
+    assert studies.budget_place(three_took_its_place, 2) == 2
+    two_took_its_place = [*done, trial(2, TrialState.RUNNING, 2), trial(3, TrialState.RUNNING)]
+    assert studies.budget_place(two_took_its_place, 3) == 3
+    # the worker of place 2 died (its trial FAIL, not by its own fault): the next trial takes place 2
+    after_failure = [
+        *done,
+        trial(2, TrialState.FAIL, 2),
+        trial(3, TrialState.COMPLETE, 3),
+        trial(4, TrialState.RUNNING),
+    ]
+    assert studies.budget_place(after_failure, 4) == 2
+    # a NaN trial used its place up
+    nan = [*done, trial(2, TrialState.FAIL, 2, **{studies.FAILED_ON_ITS_OWN: "nan"}), trial(3, TrialState.RUNNING)]
+    assert studies.budget_place(nan, 3) == 3
+
+
 def test_interrupted_failures_do_not_count_against_the_budget():
     study = optuna.create_study(direction="maximize")
     study.add_trial(_trial(0, TrialState.COMPLETE, 0.5, {"epochs_run": 2}))
@@ -132,6 +161,7 @@ def test_end_to_end_strategies_get_their_own_trial_and_seed_budget(default_raw_p
     assert len(params.train.seeds) >= 5 and len(params.train.seeds_end_to_end) >= 3
 
 
+@pytest.mark.slow  # tune stage processes: 15-40 s
 def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -168,6 +198,7 @@ def _deterministic(root, variant="frozen"):
     return rows, json.loads((out / "best_params.json").read_text())
 
 
+@pytest.mark.slow  # tune stage processes: 15-40 s
 def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
     override = {"tune": {"n_trials": 4, "startup_trials": 2}, "train": {"max_epochs": 3, "patience": 2}}
     clean_root, resumed_root = tmp_path / "clean", tmp_path / "resumed"
@@ -206,6 +237,7 @@ def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
     assert statuses == ["FINISHED", "KILLED"]
 
 
+@pytest.mark.slow  # tune stage processes: 15-40 s
 def test_a_tune_trial_and_a_train_run_follow_the_same_rule(tmp_path):
     """One trial at the design point, then the train stage with the chosen parameters and the
     tune seed: the same epochs, the same kept epoch, the same validation accuracy."""
@@ -229,6 +261,7 @@ def test_a_tune_trial_and_a_train_run_follow_the_same_rule(tmp_path):
     assert seed["max_epochs"] == 8 and seed["patience"] == 2
 
 
+@pytest.mark.slow  # tune stage processes: 15-40 s
 def test_two_worker_processes_share_one_journal_without_losing_or_duplicating_trials(tmp_path):
     params_path, _ = make_tiny_project(tmp_path, FROZEN, {"tune": {"n_trials": 4, "n_workers": 2}})
     result = _run_tune(tmp_path, params_path)
