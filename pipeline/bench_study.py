@@ -24,6 +24,24 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------ streaming a large study
 
 
+def _study_model(params, image_size: int, trainable: frozenset[str]):
+    """The default head on a randomly initialised base at `image_size`, 10 classes (what a study's
+    strategies train; no feature normalisation, so the model's shape is known without data)."""
+    from pipeline.model import build_model
+
+    return build_model(
+        image_size=image_size,
+        num_classes=10,
+        trainable_layers=trainable,
+        base_weights=None,
+        pooling=params.model.pooling,
+        head_units=params.model.head_units,
+        dropout=params.model.dropout,
+        augmentation=False,
+        head_norm="none",
+    )
+
+
 def large_study(params: Params, images_total: int, image_size: int, work: Path, train_images: int) -> dict:
     """Disk needed by the feature caches of a `image_size` study of `images_total` images, and a
     synthetic run: the frozen strategy's cached features of that study written to a memory-mapped
@@ -60,17 +78,7 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     features = np.load(path, mmap_mode="r")
     labels = rng.integers(0, 10, size=train_images)
     seed_everything(0)
-    full = build_model(
-        image_size=image_size,
-        num_classes=10,
-        trainable_layers=frozenset(),
-        base_weights=None,
-        pooling=params.model.pooling,
-        head_units=params.model.head_units,
-        dropout=params.model.dropout,
-        augmentation=False,
-        head_norm="none",
-    )
+    full = _study_model(params, image_size, frozenset())
     head = split_model(full, "block5_pool").suffix  # what the frozen strategy trains on cached features
     compile_model(head, params.train.learning_rate, frozenset())
     dataset = _batches(features, labels, params.train.batch_size, 0, shuffle=True)
@@ -131,17 +139,7 @@ def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: 
     for variant in params.variants:
         trainable = resolve_trainable(params.variant(variant).trainable)
         keras.backend.clear_session()
-        model = build_model(
-            image_size=image_size,
-            num_classes=10,
-            trainable_layers=trainable,
-            base_weights=None,
-            pooling=params.model.pooling,
-            head_units=params.model.head_units,
-            dropout=params.model.dropout,
-            augmentation=False,
-            head_norm="none",
-        )
+        model = _study_model(params, image_size, trainable)
         cut = cut_layer(model, trainable)
         cached = cut is not None and params.variant_weights(variant) != "none"
         part = split_model(model, cut).suffix if cached else model
