@@ -25,6 +25,7 @@ OBSERVERS = frozenset(
         "atomic",  # writes files whole (temporary file, then rename): the bytes are the caller's
         "tracking",  # mirrors runs to MLflow
         "code_deps",  # this module: computes the study identity, not a trial's value
+        "param_reads",  # records which params a stage reads (tests/test_pipeline_dvc.py)
     }
 )
 # ...except where the observation is the output: the register stage's output is the MLflow

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from pipeline import param_reads
 from pipeline.errors import ConfigError
 from pipeline.vgg16 import BLOCKS, CONV_LAYERS, MIN_IMAGE_SIZE, resolve_trainable
 
@@ -335,11 +336,14 @@ class Params:
         the only variant, and its name."""
         from pipeline.vgg16 import top_layers
 
+        name = f"top{k}"
         layers = top_layers(k)
-        spec = tuple(name for name in CONV_LAYERS if name in layers)
+        spec = tuple(conv for conv in CONV_LAYERS if conv in layers)
         variant = VariantParams(trainable=spec, weights=self.studies.depth.weights)
-        return dataclasses.replace(self, variants={f"top{k}": variant}, report=dataclasses.replace(
-            self.report, baseline=f"top{k}")), f"top{k}"  # fmt: skip
+        with param_reads.paused():  # copying is no use of a value: the copies record their own reads
+            report = param_reads.derive(dataclasses.replace(self.report, baseline=name), self.report, {"baseline"})
+            depth = param_reads.derive(dataclasses.replace(self, variants={name: variant}, report=report), self)
+        return depth, name
 
     def variant(self, name: str) -> VariantParams:
         if name not in self.variants:
@@ -352,7 +356,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "params file not found; run from the repository root or pass --params")
-    return parse_params(read_yaml(path))
+    params = parse_params(read_yaml(path))
+    return param_reads.record(params) if param_reads.enabled() else params
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import json
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import param_reads
+from pipeline.params import load_params
 from pipeline.training import TIMING_COLUMNS
 from tests.conftest import REPO, TINY_OVERRIDE, merge
 
@@ -24,7 +27,8 @@ pytestmark = pytest.mark.slow
 def _copy_repository(target: Path) -> None:
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if name.startswith(("results/", "reports/", "docs/")) or name == "dvc.lock":
+        output = name.startswith(("results/", "reports/", "docs/")) and not name.endswith("README.md")
+        if output or name == "dvc.lock":
             continue  # outputs of an earlier run: this copy must produce its own
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
@@ -54,6 +58,7 @@ def project(tmp_path_factory):
             "data": {"fashion_mnist_dir": data_dir},
             "train": {"max_epochs": 1},
             "tune": {"n_trials": 2, "n_trials_end_to_end": 1},
+            "studies": {"robustness": {"enabled": True}},  # every setting of every stage is read
         },
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -64,6 +69,7 @@ def project(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
+    env[param_reads.ENV] = str(tmp_path / "params-reads")  # every stage records the params it reads
     first = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
     return repo, env, raw, first
 
@@ -301,3 +307,33 @@ def test_each_study_runs_with_its_one_documented_command(project):
     assert "### Against the pixel baseline" in text
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout
+
+
+# Values a stage reads only in a configuration this module's DAG does not run; they stay declared,
+# as a run in that configuration reads them (data.source: directory reads a folder of images)
+CONDITIONAL = ("data.directory", "data.skip_unreadable")
+
+
+def _covered(key: str, declared: list[str]) -> bool:
+    return any(key == d or key.startswith(f"{d}.") for d in declared)
+
+
+def test_every_stage_declares_exactly_the_params_it_reads(project):
+    """dvc.yaml's `params:` per stage against what the stage's code read (pipeline/param_reads.py)
+    in every run of this module, the studies included (last: it needs every stage to have run)."""
+    repo, env, _, _ = project
+    reads = collections.defaultdict(set)
+    for path in Path(env[param_reads.ENV]).glob("*.json"):
+        record = json.loads(path.read_text())
+        reads[record["stage"]] |= set(record["reads"])
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert sorted(reads) == sorted(stages)  # every stage ran and recorded, the studies' too
+    leaves = param_reads.leaf_keys(load_params(repo / "params.yaml"))
+    wrong = {}
+    for name, stage in stages.items():
+        declared = list(stage.get("params", {}).get("params.yaml", {}))
+        undeclared = sorted(key for key in reads[name] if not _covered(key, declared))
+        unread = [key for key in leaves if _covered(key, declared) and key not in reads[name] | set(CONDITIONAL)]
+        if undeclared or unread:
+            wrong[name] = {"read but not declared": undeclared, "declared but not read": unread}
+    assert not wrong, json.dumps(wrong, indent=1)

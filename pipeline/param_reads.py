@@ -1,0 +1,146 @@
+"""Which params.yaml keys a stage reads: the evidence behind dvc.yaml's `params:` lists.
+
+With `PIPELINE_PARAMS_READS=<folder>` in the environment, `load_params` hands the stage a params
+object whose every value read is recorded under its full key (`train.max_epochs`,
+`variants.frozen.trainable`); at exit the process writes `<folder>/<stage>-<pid>.json` with the
+stage's name (DVC's `DVC_STAGE`), its command line and the keys read. `tests/test_pipeline_dvc.py`
+runs the whole DAG this way and compares the keys with the ones each stage declares.
+
+A read counts when the code that makes it is the stage's own: reads from the modules that only
+observe a run (`code_deps.OBSERVERS`, e.g. `tracking` logging every setting to MLflow) do not, as
+such a value cannot change an output. Without the variable nothing here runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline import code_deps
+
+ENV = "PIPELINE_PARAMS_READS"
+_LABEL = "_params_key"  # each section's key prefix, kept in the instance's __dict__
+_DERIVED = "_params_derived"  # the fields of a derived copy that hold no params.yaml value
+_reads: set[str] = set()
+_paused = 0
+_observers_now: frozenset[str] = frozenset()  # set by `record`
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+def _entry_module() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name.removeprefix("pipeline.") if spec else ""
+
+
+def _observers() -> frozenset[str]:
+    entry = _entry_module()
+    return frozenset(code_deps.OBSERVERS - code_deps.OUTPUT_OF.get(entry, frozenset()))
+
+
+def _made_by_an_observer(observers: frozenset[str]) -> bool:
+    """True when the nearest `pipeline` code on the stack (the stage's own `__main__` included) is
+    an observing module."""
+    frame = sys._getframe(2)  # 0: here, 1: the recording __getattribute__, 2: the reader
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module == "__main__":
+            return False
+        if module.startswith("pipeline."):
+            return module.removeprefix("pipeline.") in observers
+        frame = frame.f_back
+    return False
+
+
+def _is_section(value: object) -> bool:
+    """A dataclass (a params section) or a mapping of them (`variants`): not a value by itself."""
+    if dataclasses.is_dataclass(value):
+        return True
+    return isinstance(value, dict) and bool(value) and all(dataclasses.is_dataclass(v) for v in value.values())
+
+
+def _recording_getattribute(self, name: str):
+    value = object.__getattribute__(self, name)
+    if _paused or name.startswith("_") or name not in object.__getattribute__(self, "__dataclass_fields__"):
+        return value
+    labels = object.__getattribute__(self, "__dict__")
+    prefix = labels.get(_LABEL)
+    if prefix is None or name in labels.get(_DERIVED, ()) or _is_section(value):
+        return value  # no params.yaml value (made by the code), or a section, not a value
+    if not _made_by_an_observer(_observers_now):
+        _reads.add(prefix + name)
+    return value
+
+
+def _label(section: object, prefix: str, classes: set[type]) -> None:
+    classes.add(type(section))
+    object.__setattr__(section, _LABEL, prefix)
+    for field in dataclasses.fields(section):
+        value = object.__getattribute__(section, field.name)
+        if dataclasses.is_dataclass(value):
+            _label(value, f"{prefix}{field.name}.", classes)
+        elif _is_section(value):
+            for key, item in value.items():
+                _label(item, f"{prefix}{field.name}.{key}.", classes)
+
+
+def record(params: object) -> object:
+    """Start recording the reads of `params` (the whole loaded params object); returns it."""
+    global _observers_now
+    classes: set[type] = set()
+    _label(params, "", classes)
+    for cls in classes:
+        cls.__getattribute__ = _recording_getattribute
+    _observers_now = _observers()
+    atexit.register(_write, Path(os.environ[ENV]))
+    return params
+
+
+def derive(copy: object, original: object, replaced: frozenset[str] | set[str] = frozenset()) -> object:
+    """Label `copy`, made from the section `original` with the fields `replaced` set by the code, so
+    that reading one of the other fields records `original`'s key. Returns `copy`."""
+    prefix = object.__getattribute__(original, "__dict__").get(_LABEL)
+    if prefix is not None:
+        object.__setattr__(copy, _LABEL, prefix)
+        object.__setattr__(copy, _DERIVED, frozenset(replaced))
+    return copy
+
+
+@contextlib.contextmanager
+def paused():
+    """Reads inside are not uses (copying a section into a derived one, say)."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+
+
+def _write(folder: Path) -> None:
+    stage = os.environ.get("DVC_STAGE") or _entry_module()
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "argv": sys.argv, "reads": sorted(_reads)}
+    (folder / f"{stage.replace('/', '_')}-{os.getpid()}.json").write_text(json.dumps(record, indent=1))
+
+
+def leaf_keys(section: object, prefix: str = "") -> list[str]:
+    """Every value's full key under `section` (a params object or section)."""
+    keys = []
+    for field in dataclasses.fields(section):
+        value = object.__getattribute__(section, field.name)
+        if dataclasses.is_dataclass(value):
+            keys += leaf_keys(value, f"{prefix}{field.name}.")
+        elif _is_section(value):
+            for key, item in value.items():
+                keys += leaf_keys(item, f"{prefix}{field.name}.{key}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
