@@ -81,8 +81,13 @@ def frozen_features(params: Params, splits: dict, data_sha256: str, cache_dir: s
     from pipeline.weights import load_base_weights
 
     weights = load_base_weights(params.model.weights)
-    model = build_model(image_size=params.data.image_size, num_classes=2, trainable_layers=frozenset(),
-                        base_weights=weights.arrays, **BARE_HEAD)  # fmt: skip
+    model = build_model(
+        image_size=params.data.image_size,
+        num_classes=2,
+        trainable_layers=frozenset(),
+        base_weights=weights.arrays,
+        **BARE_HEAD,
+    )
     prefix = features.split_model(model, "block5_pool").prefix
     batch = features.extraction_batch_size(params.data.image_size)
     cache = features.FeatureCache(cache_dir) if cache_dir and weights.sha256 else None
@@ -114,8 +119,13 @@ def inputs(params: Params, splits: dict, data_sha256: str, cache_dir: str | None
     return out
 
 
-def fit(params: Params, x: dict[str, dict[str, np.ndarray]], splits: dict, class_names: list[str],
-        train_rows: np.ndarray | None = None) -> tuple[dict, dict]:  # fmt: skip
+def fit(
+    params: Params,
+    x: dict[str, dict[str, np.ndarray]],
+    splits: dict,
+    class_names: list[str],
+    train_rows: np.ndarray | None = None,
+) -> tuple[dict, dict]:
     """({baseline: record}, {baseline: test probabilities}) from `inputs(...)`, trained on
     `train_rows` of the training split (all of it when None); the probe is standardised with the
     statistics of the rows it trains on, as the head is."""
@@ -158,8 +168,11 @@ def _log(name: str, record: dict, run_name: str, tags: dict) -> None:
     settings = {k: record[k] for k in ("C", "features", "dimensions", "train_images")}
     with tracking.run(run_name, tags={**tags, "variant": name}, params=settings):
         tracking.log_metrics({f"evaluation/{k}": v for k, v in record.items() if k in LOGGED})
-    print(f"[{run_name}] test accuracy {record['test_accuracy']:.4f} (validation {record['val_accuracy']:.4f}, "
-          f"C={record['C']:g})", flush=True)  # fmt: skip
+    print(
+        f"[{run_name}] test accuracy {record['test_accuracy']:.4f} (validation {record['val_accuracy']:.4f}, "
+        f"C={record['C']:g})",
+        flush=True,
+    )
 
 
 def main_comparison(params: Params, prepared: Path, out: Path, cache_dir: str | None, tags: dict) -> None:

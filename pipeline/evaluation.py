@@ -41,8 +41,16 @@ def epochs_to_target(history: list[dict], target: float) -> tuple[int | None, fl
     return None, None
 
 
-def robustness(model, images: np.ndarray, labels: np.ndarray, clean_accuracy: float, corruptions: tuple[str, ...],
-               severity: int, seed: int, batch_size: int) -> dict:  # fmt: skip
+def robustness(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    clean_accuracy: float,
+    corruptions: tuple[str, ...],
+    severity: int,
+    seed: int,
+    batch_size: int,
+) -> dict:
     """Accuracy of `model` (the full network, images in) on corrupted copies of the test set.
 
     Returns {"severity", "clean_accuracy", "accuracy": {kind: acc}, "drop": {kind: clean - acc},

@@ -133,14 +133,22 @@ class VariantParams:
             _check_weights("weights", self.weights)
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "it must be >= 0 (0 = no warm-up)")
         if self.warmup_epochs:
-            _check(bool(layers), "warmup_epochs", self.warmup_epochs,
-                   "a head-only warm-up needs a strategy that trains conv layers afterwards; use 0")  # fmt: skip
+            _check(
+                bool(layers),
+                "warmup_epochs",
+                self.warmup_epochs,
+                "a head-only warm-up needs a strategy that trains conv layers afterwards; use 0",
+            )
         for block, factor in (self.lr_multipliers or {}).items():
             key = f"lr_multipliers.{block}"
             _check(block in BLOCKS, key, block, f"use a block name: {', '.join(BLOCKS)}")
             _check(factor > 0, key, factor, "it must be > 0")
-            _check(bool(layers & set(BLOCKS[block])), key, factor,
-                   f"{block} does not train in this strategy (see its `trainable`); remove the entry")  # fmt: skip
+            _check(
+                bool(layers & set(BLOCKS[block])),
+                key,
+                factor,
+                f"{block} does not train in this strategy (see its `trainable`); remove the entry",
+            )
 
     @property
     def multipliers(self) -> tuple[tuple[str, float], ...]:
@@ -401,13 +409,18 @@ def read_yaml(path: Path) -> dict:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise ConfigError(name, f"line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; save the file "
-                                "as UTF-8 (the encoding YAML requires)") from None  # fmt: skip
+        raise ConfigError(
+            name,
+            f"line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; save the file "
+            "as UTF-8 (the encoding YAML requires)",
+        ) from None
     for number, line in enumerate(text.splitlines(), 1):
         indent = line[: len(line) - len(line.lstrip(" \t"))]
         if "\t" in indent and line.strip() and not line.lstrip().startswith("#"):
-            raise ConfigError(name, f"line {number}: a tab in the indentation; YAML indents with spaces only, "
-                                    "replace the tab with spaces")  # fmt: skip
+            raise ConfigError(
+                name,
+                f"line {number}: a tab in the indentation; YAML indents with spaces only, replace the tab with spaces",
+            )
     try:
         raw = _safe_load_unique(text)
     except _DuplicateKey as error:
@@ -428,8 +441,11 @@ def read_yaml(path: Path) -> dict:
     if raw is None:
         raise ConfigError(name, f"the file is empty (or only comments); {restore}")
     if not isinstance(raw, dict):
-        raise ConfigError(name, f"the file holds a YAML {type(raw).__name__}, not a mapping of sections (seed:, "
-                                f"data:, model:, ...); {restore}")  # fmt: skip
+        raise ConfigError(
+            name,
+            f"the file holds a YAML {type(raw).__name__}, not a mapping of sections (seed:, "
+            f"data:, model:, ...); {restore}",
+        )
     return raw
 
 

@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out, record)
     name = params.mlflow.registered_model
     alias = f"models:/{name}@{tracking.CHAMPION}"
-    print(f"registered {variant} (seed {summary['best_seed']}) as {name} v{info['version']}, alias "
-          f"{tracking.CHAMPION}: load it with mlflow.pyfunc.load_model('{alias}')")  # fmt: skip
+    print(
+        f"registered {variant} (seed {summary['best_seed']}) as {name} v{info['version']}, alias "
+        f"{tracking.CHAMPION}: load it with mlflow.pyfunc.load_model('{alias}')"
+    )
 
 
 def model_card(params, variant: str, summary: dict, evidence: dict, chosen: dict, data: dict, run: dict) -> dict:
@@ -107,14 +109,23 @@ def model_card(params, variant: str, summary: dict, evidence: dict, chosen: dict
         "probability column per class."
     )
     tags = {
-        "strategy": variant, "seed": seed, "seeds": len(evidence["seeds"]),
-        "val_accuracy_mean": f"{evidence['val_accuracy']:.4f}", "test_accuracy_mean": f"{interval.mean:.4f}",
+        "strategy": variant,
+        "seed": seed,
+        "seeds": len(evidence["seeds"]),
+        "val_accuracy_mean": f"{evidence['val_accuracy']:.4f}",
+        "test_accuracy_mean": f"{interval.mean:.4f}",
         "test_accuracy_ci95": f"[{interval.low:.4f}, {interval.high:.4f}]",
-        "data_source": data["source"], "data_sha256": data["data_sha256"], "image_size": size,
-        "class_names": json.dumps(data["class_names"]), "weights": params.variant_weights(variant),
-        "trainable": json.dumps(trainable), "head_units": run["head_units"], "learning_rate": run["learning_rate"],
-        "max_epochs": run["max_epochs"], "best_epoch": run["best_epoch"],
-    }  # fmt: skip
+        "data_source": data["source"],
+        "data_sha256": data["data_sha256"],
+        "image_size": size,
+        "class_names": json.dumps(data["class_names"]),
+        "weights": params.variant_weights(variant),
+        "trainable": json.dumps(trainable),
+        "head_units": run["head_units"],
+        "learning_rate": run["learning_rate"],
+        "max_epochs": run["max_epochs"],
+        "best_epoch": run["best_epoch"],
+    }
     return {"description": description, "tags": tags}
 
 

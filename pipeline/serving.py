@@ -42,8 +42,10 @@ def predictions_table(model, class_names: list[str], images) -> pd.DataFrame:
     if images.ndim == 3:
         images = images[None]
     if images.shape[1:] != expected:
-        raise ValueError(f"expected images of shape (n, {', '.join(map(str, expected))}) with RGB values 0..255, "
-                         f"got {images.shape}; resize them to the size the model was trained at")  # fmt: skip
+        raise ValueError(
+            f"expected images of shape (n, {', '.join(map(str, expected))}) with RGB values 0..255, "
+            f"got {images.shape}; resize them to the size the model was trained at"
+        )
     probabilities = model.predict(images.astype("float32"), verbose=0)
     table = pd.DataFrame(probabilities.astype("float64"), columns=class_names)
     table.insert(0, "predicted_class", [class_names[i] for i in probabilities.argmax(axis=1)])

@@ -104,9 +104,12 @@ def run(
     if system_metrics:
         mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
     active = mlflow.start_run(
-        run_name=name, nested=nested, parent_run_id=parent_run_id, tags={"mlflow.source.name": _source_name()},
+        run_name=name,
+        nested=nested,
+        parent_run_id=parent_run_id,
+        tags={"mlflow.source.name": _source_name()},
         log_system_metrics=system_metrics,
-    )  # fmt: skip
+    )
     try:
         _redact_automatic_tags(active.info.run_id)
         set_tags(tags)
@@ -240,10 +243,15 @@ def _log_pyfunc(keras_model_path, class_names_path, example, signature, register
         code_paths=[str(package)],
         signature=signature,
         input_example=example,
-        pip_requirements=[f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
-                          f"keras=={keras.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"],
+        pip_requirements=[
+            f"mlflow=={mlflow.__version__}",
+            f"tensorflow=={tf.__version__}",
+            f"keras=={keras.__version__}",
+            f"numpy=={np.__version__}",
+            f"pandas=={pd.__version__}",
+        ],
         registered_model_name=registered_name,
-    )  # fmt: skip
+    )
 
 
 def log_datasets(source: str, name: str, digests: dict[str, str]) -> None:
@@ -390,10 +398,21 @@ class ProgressLine(keras.callbacks.Callback):
         logs = logs or {}
         self.seconds.append(time.perf_counter() - self._start)
         left = (self.max_epochs - epoch - 1) * sorted(self.seconds)[len(self.seconds) // 2]
-        values = ", ".join(f"{label} {logs[key]:.4f}" for key, label in (("loss", "loss"), ("accuracy", "acc"),
-                           ("val_loss", "val_loss"), ("val_accuracy", "val_acc")) if key in logs)  # fmt: skip
-        print(f"[{self.run_name}] epoch {epoch + 1}/{self.max_epochs}: {values}, {self.seconds[-1]:.1f}s "
-              f"(at most {_duration(left)} left)", flush=True)  # fmt: skip
+        values = ", ".join(
+            f"{label} {logs[key]:.4f}"
+            for key, label in (
+                ("loss", "loss"),
+                ("accuracy", "acc"),
+                ("val_loss", "val_loss"),
+                ("val_accuracy", "val_acc"),
+            )
+            if key in logs
+        )
+        print(
+            f"[{self.run_name}] epoch {epoch + 1}/{self.max_epochs}: {values}, {self.seconds[-1]:.1f}s "
+            f"(at most {_duration(left)} left)",
+            flush=True,
+        )
 
 
 def _duration(seconds: float) -> str:

@@ -228,9 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(out) as tmp:
         for seed in seeds:
             config = RunConfig.from_params(
-                params, variant, head_units=hyper["head_units"], learning_rate=hyper["learning_rate"],
-                num_classes=len(class_names), seed=seed,
-            )  # fmt: skip
+                params,
+                variant,
+                head_units=hyper["head_units"],
+                learning_rate=hyper["learning_rate"],
+                num_classes=len(class_names),
+                seed=seed,
+            )
             seed_splits = splits
             if args.train_per_class is not None:
                 index = nested_subset(splits.train[1], args.train_per_class, [params.seed, seed])
@@ -244,10 +248,14 @@ def main(argv: list[str] | None = None) -> None:
             if study:
                 tags["study"] = study
                 run_params["study"] = {"name": study, "train_per_class": args.train_per_class}
-            with tracking.run(run_name, tags={**tags, **environment}, params=run_params,
-                              system_metrics=params.mlflow.system_metrics):  # fmt: skip
-                tracking.log_datasets(data_source, tracking.dataset_name(summary),
-                                      tracking.split_digests(summary, seed_splits.train_index))  # fmt: skip
+            with tracking.run(
+                run_name, tags={**tags, **environment}, params=run_params, system_metrics=params.mlflow.system_metrics
+            ):
+                tracking.log_datasets(
+                    data_source,
+                    tracking.dataset_name(summary),
+                    tracking.split_digests(summary, seed_splits.train_index),
+                )
                 result = fit_variant(
                     config,
                     weights,
@@ -262,9 +270,15 @@ def main(argv: list[str] | None = None) -> None:
                 metrics["train_images"] = len(splits.train[1]) if index is None else len(index)
                 if robust.enabled:
                     metrics["robustness"] = robustness(
-                        result.model, splits.test[0], splits.test[1], evaluation["test_accuracy"],
-                        robust.corruptions, robust.severity, robust.seed, extraction_batch_size(config.image_size),
-                    )  # fmt: skip
+                        result.model,
+                        splits.test[0],
+                        splits.test[1],
+                        evaluation["test_accuracy"],
+                        robust.corruptions,
+                        robust.severity,
+                        robust.seed,
+                        extraction_batch_size(config.image_size),
+                    )
                 seed_dir = tmp / "seeds" / str(seed)
                 seed_dir.mkdir(parents=True)
                 (seed_dir / "history.csv").write_text(history_csv(result.history))
@@ -292,17 +306,25 @@ def main(argv: list[str] | None = None) -> None:
         (tmp / "metrics.json").write_text(json.dumps(variant_summary(variant, per_seed), indent=2) + "\n")
     accuracies = [m["test_accuracy"] for m in per_seed.values()]
     seconds = sum(m["timing"]["train_seconds"] for m in per_seed.values())
-    print(f"[{prefix}] {len(per_seed)} seeds: test accuracy mean {np.mean(accuracies):.4f} (min {min(accuracies):.4f}, "
-          f"max {max(accuracies):.4f}), {seconds:.0f}s of training; written to {out}", flush=True)  # fmt: skip
+    print(
+        f"[{prefix}] {len(per_seed)} seeds: test accuracy mean {np.mean(accuracies):.4f} (min {min(accuracies):.4f}, "
+        f"max {max(accuracies):.4f}), {seconds:.0f}s of training; written to {out}",
+        flush=True,
+    )
 
 
 def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weights_source, summary, hyper):
     """MLflow tags and (flattened later) params of one (variant, seed) run."""
     tags = {
-        "stage": "train", "variant": variant, "seed": config.seed, "weights": weights_source,
-        "weights_sha256": weights.sha256, "data_sha256": summary["data_sha256"],
-        "hyperparameters": hyper["source"], "determinism": "on",
-    }  # fmt: skip
+        "stage": "train",
+        "variant": variant,
+        "seed": config.seed,
+        "weights": weights_source,
+        "weights_sha256": weights.sha256,
+        "data_sha256": summary["data_sha256"],
+        "hyperparameters": hyper["source"],
+        "determinism": "on",
+    }
     run_params = {
         "variant": variant,
         "seed": config.seed,
@@ -320,10 +342,18 @@ def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weig
 def _log_seed(result, metrics: dict, evaluation: dict, seed_dir: Path, class_names: list[str], title: str) -> None:
     from pipeline.figures import confusion_matrix_figure, plt
 
-    evaluation_keys = ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch", "epochs_run",
-                       "stopped_early", "epochs_to_target")  # fmt: skip
-    tracking.log_metrics({f"evaluation/{k}": int(metrics[k]) if k == "stopped_early" else metrics[k]
-                          for k in evaluation_keys})  # fmt: skip
+    evaluation_keys = (
+        "test_accuracy",
+        "test_macro_f1",
+        "best_val_accuracy",
+        "best_epoch",
+        "epochs_run",
+        "stopped_early",
+        "epochs_to_target",
+    )
+    tracking.log_metrics(
+        {f"evaluation/{k}": int(metrics[k]) if k == "stopped_early" else metrics[k] for k in evaluation_keys}
+    )
     recall = metrics["test_recall_per_class"]
     tracking.log_metrics({f"evaluation/recall/{tracking.metric_part(name)}": v for name, v in recall.items()})
     parameters = metrics["parameters"]

@@ -59,8 +59,9 @@ class RunConfig:
     lr_multipliers: tuple[tuple[str, float], ...]  # (block, factor on learning_rate)
 
     @classmethod
-    def from_params(cls, params, variant: str, *, head_units: int, learning_rate: float, num_classes: int,
-                    seed: int) -> RunConfig:  # fmt: skip
+    def from_params(
+        cls, params, variant: str, *, head_units: int, learning_rate: float, num_classes: int, seed: int
+    ) -> RunConfig:
         """The run of `variant` under `params` (a pipeline.params.Params) with the given
         hyperparameters: the one place where the tune and train stages turn settings into a run,
         so a tune trial and a train run follow the same training rule by construction."""
@@ -68,16 +69,26 @@ class RunConfig:
 
         strategy, train = params.variant(variant), params.train
         return cls(
-            image_size=params.data.image_size, num_classes=num_classes,
-            trainable_layers=resolve_trainable(strategy.trainable), pooling=params.model.pooling,
-            head_units=head_units, dropout=params.model.dropout, learning_rate=learning_rate,
-            max_epochs=train.max_epochs, patience=train.patience, min_delta=train.min_delta,
-            head_norm=params.model.head_norm, batch_size=params.train.batch_size, seed=seed,
+            image_size=params.data.image_size,
+            num_classes=num_classes,
+            trainable_layers=resolve_trainable(strategy.trainable),
+            pooling=params.model.pooling,
+            head_units=head_units,
+            dropout=params.model.dropout,
+            learning_rate=learning_rate,
+            max_epochs=train.max_epochs,
+            patience=train.patience,
+            min_delta=train.min_delta,
+            head_norm=params.model.head_norm,
+            batch_size=params.train.batch_size,
+            seed=seed,
             augmentation=params.train.augmentation,
-            cache_features=params.train.cache_features, jit_compile=params.train.jit_compile,
-            mixed_precision=params.train.mixed_precision, warmup_epochs=strategy.warmup_epochs,
+            cache_features=params.train.cache_features,
+            jit_compile=params.train.jit_compile,
+            mixed_precision=params.train.mixed_precision,
+            warmup_epochs=strategy.warmup_epochs,
             lr_multipliers=strategy.multipliers,
-        )  # fmt: skip
+        )
 
     @property
     def precision(self) -> str:
@@ -167,9 +178,15 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
     for phase, trainable_layers, last_epoch in phases:
         set_trainable(model, trainable_layers)
         inputs, path, (seconds, one_time) = _phase_inputs(
-            model, config, trainable_layers, base_weights, data_sha256, feature_cache,
-            {"train": x_train, "val": val[0], "test": test[0] if test is not None else None}, data.train_index,
-        )  # fmt: skip
+            model,
+            config,
+            trainable_layers,
+            base_weights,
+            data_sha256,
+            feature_cache,
+            {"train": x_train, "val": val[0], "test": test[0] if test is not None else None},
+            data.train_index,
+        )
         feature_seconds += seconds
         extraction_seconds += one_time
         paths.append(path if phase == "main" else f"warm-up {path}")

@@ -95,24 +95,37 @@ class Objective:
         head_units = trial.suggest_categorical("head_units", list(tune.head_units))
         learning_rate = trial.suggest_float("learning_rate", *tune.learning_rate, log=True)
         config = RunConfig.from_params(
-            self.params, self.variant, head_units=head_units, learning_rate=learning_rate,
-            num_classes=len(self.context["class_names"]), seed=self.params.seed,
-        )  # fmt: skip
+            self.params,
+            self.variant,
+            head_units=head_units,
+            learning_rate=learning_rate,
+            num_classes=len(self.context["class_names"]),
+            seed=self.params.seed,
+        )
         trial.set_user_attr("worker_pid", os.getpid())
         trial.set_user_attr("worker_host", socket.gethostname())
         name = f"tune/{self.variant}/trial-{index}"
         tags = {"stage": "tune", "variant": self.variant, "trial": index, "study": trial.study.study_name}
         keras.backend.clear_session()  # trials build models in a loop: free the previous graph
-        with tracking.run(name, tags=tags, params=trial.params, parent_run_id=self.parent_run_id,
-                          system_metrics=self.params.mlflow.system_metrics):  # fmt: skip
+        with tracking.run(
+            name,
+            tags=tags,
+            params=trial.params,
+            parent_run_id=self.parent_run_id,
+            system_metrics=self.params.mlflow.system_metrics,
+        ):
             digests = tracking.split_digests(self.context["summary"])
             del digests["test"]  # trials never see the test split
             tracking.log_datasets(self.context["prepared"], tracking.dataset_name(self.context["summary"]), digests)
             try:
                 result = fit_variant(
-                    config, self.context["weights"], self.context["splits"], self.context["data_sha256"],
-                    self.context["cache"], [tracking.EpochLogger(), tracking.ProgressLine(name, config.max_epochs)],
-                )  # fmt: skip
+                    config,
+                    self.context["weights"],
+                    self.context["splits"],
+                    self.context["data_sha256"],
+                    self.context["cache"],
+                    [tracking.EpochLogger(), tracking.ProgressLine(name, config.max_epochs)],
+                )
             except NonFiniteLossError:
                 trial.set_user_attr(studies.FAILED_ON_ITS_OWN, "non-finite loss")
                 tracking.set_tags({"state": "FAIL"})
@@ -122,9 +135,13 @@ class Objective:
             trial.set_user_attr("stopped_early", result.stopped_early)
             trial.set_user_attr("train_seconds", result.train_seconds)
             tracking.set_tags({"state": "COMPLETE"})
-            tracking.log_metrics({"evaluation/best_val_accuracy": result.best_val_accuracy,
-                                  "evaluation/best_epoch": result.best_epoch,
-                                  "evaluation/epochs_run": len(result.history)})  # fmt: skip
+            tracking.log_metrics(
+                {
+                    "evaluation/best_val_accuracy": result.best_val_accuracy,
+                    "evaluation/best_epoch": result.best_epoch,
+                    "evaluation/epochs_run": len(result.history),
+                }
+            )
         return result.best_val_accuracy
 
 
@@ -135,8 +152,11 @@ def _print_trial(variant: str, start: float):
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         outcome = f"value {trial.value:.4f}" if complete else trial.state.name.lower()
         index = trial.user_attrs.get("budget_index", trial.number)
-        print(f"[tune/{variant}] trial {index}: {params} -> {outcome} ({epochs} epochs, "
-              f"{time.perf_counter() - start:.0f}s elapsed)", flush=True)  # fmt: skip
+        print(
+            f"[tune/{variant}] trial {index}: {params} -> {outcome} ({epochs} epochs, "
+            f"{time.perf_counter() - start:.0f}s elapsed)",
+            flush=True,
+        )
 
     return callback
 
@@ -146,10 +166,14 @@ def _context(params: Params, variant: str, prepared: Path, feature_cache: str) -
     weights = load_base_weights(params.variant_weights(variant))
     splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"))
     return {
-        "summary": summary, "class_names": summary["class_names"], "data_sha256": summary["data_sha256"],
-        "weights": weights, "splits": splits, "cache": FeatureCache(feature_cache),
+        "summary": summary,
+        "class_names": summary["class_names"],
+        "data_sha256": summary["data_sha256"],
+        "weights": weights,
+        "splits": splits,
+        "cache": FeatureCache(feature_cache),
         "prepared": str(Path(prepared).resolve()),
-    }  # fmt: skip
+    }
 
 
 def _open_study(params: Params, variant: str, out: Path, context: dict) -> optuna.Study:
@@ -162,8 +186,9 @@ def _open_study(params: Params, variant: str, out: Path, context: dict) -> optun
     return studies.load_or_create(storage, studies.study_name(variant, identity), sampler=sampler)
 
 
-def run_trials(study, params: Params, variant: str, context: dict, parent_run_id: str | None,
-               max_trials: int | None = None) -> int:  # fmt: skip
+def run_trials(
+    study, params: Params, variant: str, context: dict, parent_run_id: str | None, max_trials: int | None = None
+) -> int:
     """Run trials while the study's budget has open places (shared with every other worker on the
     storage), at most `max_trials`; returns how many this process started."""
     objective = Objective(params, variant, context, parent_run_id)
@@ -190,8 +215,11 @@ def finish_study(study, params: Params, variant: str, context: dict, parent_run_
             return
         if not announced:
             grace = studies.STALE_AFTER_HEARTBEATS * params.tune.heartbeat_seconds
-            print(f"[tune/{variant}] waiting for {len(running)} trial(s) running in other workers "
-                  f"(a worker silent for {grace} s is failed and its trial rerun here)", flush=True)  # fmt: skip
+            print(
+                f"[tune/{variant}] waiting for {len(running)} trial(s) running in other workers "
+                f"(a worker silent for {grace} s is failed and its trial rerun here)",
+                flush=True,
+            )
             announced = True
         time.sleep(params.tune.heartbeat_seconds)
 
@@ -199,9 +227,9 @@ def finish_study(study, params: Params, variant: str, context: dict, parent_run_
 def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
     """Start one `--worker` process per quota and wait; Ctrl-C/SIGTERM stops them all."""
     which = ["--depth", str(args.depth)] if args.depth is not None else ["--variant", args.variant]
-    command = [sys.executable, "-m", "pipeline.tune", *which, "--params", args.params,
-               "--prepared", str(args.prepared), "--out", str(args.out), "--feature-cache", args.feature_cache,
-               "--worker", "--parent-run-id", parent_run_id]  # fmt: skip
+    inputs = ["--params", args.params, "--prepared", str(args.prepared), "--out", str(args.out)]
+    command = [sys.executable, "-m", "pipeline.tune", *which, *inputs, "--feature-cache", args.feature_cache]
+    command += ["--worker", "--parent-run-id", parent_run_id]
     workers = [subprocess.Popen([*command, "--n-trials", str(q)]) for q in quotas]
     try:
         codes = [w.wait() for w in workers]
@@ -224,8 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, help="default: results/tune/<variant>")
     parser.add_argument("--feature-cache", default=".cache/features")
-    parser.add_argument("--worker", action="store_true",
-                        help="join the study and run trials while its budget has open places")  # fmt: skip
+    parser.add_argument(
+        "--worker", action="store_true", help="join the study and run trials while its budget has open places"
+    )
     parser.add_argument("--n-trials", type=int, help="with --worker: at most this many trials")
     parser.add_argument("--parent-run-id", help="with --worker: the MLflow run of the study (the coordinator's)")
     args = parser.parse_args(argv)
@@ -246,9 +275,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.n_trials is not None and args.n_trials < 1:
             raise PipelineError(f"--n-trials {args.n_trials}: give K >= 1 (at most K trials in this worker) or omit it")
         started = run_trials(study, params, args.variant, context, args.parent_run_id, args.n_trials)
-        print(f"[tune/{args.variant}] worker done: {started} trial(s) started here; "
-              f"{len(studies.finished_trials(study))} of {params.tune_trials(args.variant)} done in the study",
-              flush=True)  # fmt: skip
+        print(
+            f"[tune/{args.variant}] worker done: {started} trial(s) started here; "
+            f"{len(studies.finished_trials(study))} of {params.tune_trials(args.variant)} done in the study",
+            flush=True,
+        )
         return
 
     # journal: the coordinator starts every worker, so a RUNNING trial now was cut off; RDB: only
@@ -257,9 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     done = len(studies.finished_trials(study))
     remaining = studies.open_places(study, params.tune_trials(args.variant))
     elsewhere = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-    print(f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
-          + (f", {elsewhere} running in other workers" if elsewhere else "")
-          + (f" ({stale} interrupted trial(s) will be repeated)" if stale else ""), flush=True)  # fmt: skip
+    print(
+        f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
+        + (f", {elsewhere} running in other workers" if elsewhere else "")
+        + (f" ({stale} interrupted trial(s) will be repeated)" if stale else ""),
+        flush=True,
+    )
     tags = {"stage": "tune", "variant": args.variant, "study": study.study_name, **tracking.environment_tags()}
     with tracking.run(f"tune/{args.variant}", tags=tags, params={"tune": vars(params.tune)}) as parent_run_id:
         quotas = studies.split_quota(remaining, params.tune.n_workers)
@@ -279,8 +313,13 @@ def main(argv: list[str] | None = None) -> None:
             studies.snapshot_to_journal(study, args.out / "study.journal")
         best = write_outputs(study, args.out, params, args.variant)
         tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
-        tracking.log_metrics({"tuning/best_value": best["value"], "tuning/trials": best["budget"]["trials_run"],
-                              "tuning/epochs_run": best["budget"]["epochs_run"]})  # fmt: skip
+        tracking.log_metrics(
+            {
+                "tuning/best_value": best["value"],
+                "tuning/trials": best["budget"]["trials_run"],
+                "tuning/epochs_run": best["budget"]["epochs_run"],
+            }
+        )
         if best["learning_rate_at_edge"]:
             tracking.set_tags({"learning_rate_at_edge": best["learning_rate_at_edge"]})
         outputs = [
@@ -289,8 +328,11 @@ def main(argv: list[str] | None = None) -> None:
             *sorted((args.out / "figures").glob("*.png")),
         ]
         tracking.log_artifacts(outputs)
-    print(f"[tune/{args.variant}] best: head_units={best['head_units']} learning_rate={best['learning_rate']:.3g} "
-          f"-> val accuracy {best['value']:.4f} (trial {best['trial']})", flush=True)  # fmt: skip
+    print(
+        f"[tune/{args.variant}] best: head_units={best['head_units']} learning_rate={best['learning_rate']:.3g} "
+        f"-> val accuracy {best['value']:.4f} (trial {best['trial']})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

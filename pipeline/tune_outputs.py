@@ -16,8 +16,17 @@ from pipeline.atomic import atomic_dir, write_json, write_text
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 
-TRIAL_COLUMNS = ("trial", "state", "value", "head_units", "learning_rate", "best_epoch", "epochs_run", "train_seconds",
-                 "seconds")  # fmt: skip
+TRIAL_COLUMNS = (
+    "trial",
+    "state",
+    "value",
+    "head_units",
+    "learning_rate",
+    "best_epoch",
+    "epochs_run",
+    "train_seconds",
+    "seconds",
+)
 EDGE_SHARE = 0.1  # a learning rate within this share of the log range from an end is "at the edge"
 
 
