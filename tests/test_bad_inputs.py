@@ -150,8 +150,10 @@ def test_params_storage_url_with_a_password_is_refused_without_repeating_it(tmp_
     out = tmp_path / "prepared"
     message = assert_rejected(
         run_module("prepare", "--params", path, "--out", out),
-        "tune.storage: 'postgresql://optuna:***@db-host/optuna'", "the URL holds a password", "PGPASSWORD",
-    )  # fmt: skip
+        "tune.storage: 'postgresql://optuna:***@db-host/optuna'",
+        "the URL holds a password",
+        "PGPASSWORD",
+    )
     assert "hunter2" not in message
     assert_nothing_written(out)
 
@@ -166,10 +168,27 @@ def test_tune_storage_database_unreachable(tmp_path):
         {"tune": {"storage": f"postgresql://optuna@127.0.0.1:{port}/optuna"}},
     )
     out = tmp_path / "tune"
-    proc = run_module("tune", "--variant", "frozen", "--params", params, "--prepared", prepared, "--out", out,
-                      "--feature-cache", tmp_path / "cache", env=stage_env(tmp_path))  # fmt: skip
-    assert_rejected(proc, f"tune.storage postgresql://optuna@127.0.0.1:{port}/optuna: cannot open the study database",
-                    "Connection refused", "make team-up", "PGPASSWORD")  # fmt: skip
+    proc = run_module(
+        "tune",
+        "--variant",
+        "frozen",
+        "--params",
+        params,
+        "--prepared",
+        prepared,
+        "--out",
+        out,
+        "--feature-cache",
+        tmp_path / "cache",
+        env=stage_env(tmp_path),
+    )
+    assert_rejected(
+        proc,
+        f"tune.storage postgresql://optuna@127.0.0.1:{port}/optuna: cannot open the study database",
+        "Connection refused",
+        "make team-up",
+        "PGPASSWORD",
+    )
     assert_nothing_written(out / "best_params.json")
 
 
@@ -253,8 +272,12 @@ def test_data_fashion_mnist_dir_without_the_files(tmp_path, write_params):
     (tmp_path / "empty").mkdir()
     params = write_params({"data": {"fashion_mnist_dir": str(tmp_path / "empty")}})
     proc = run_module("prepare", "--params", params, "--out", tmp_path / "prepared")
-    assert_rejected(proc, f"data.fashion_mnist_dir: {tmp_path / 'empty'} does not hold the Fashion-MNIST IDX files",
-                    "train-images-idx3-ubyte.gz", "set it to null")  # fmt: skip
+    assert_rejected(
+        proc,
+        f"data.fashion_mnist_dir: {tmp_path / 'empty'} does not hold the Fashion-MNIST IDX files",
+        "train-images-idx3-ubyte.gz",
+        "set it to null",
+    )
     assert_nothing_written(tmp_path / "prepared")
 
 
@@ -264,8 +287,16 @@ def test_data_fashion_mnist_file_truncated(tmp_path, write_params, fashion_mnist
     path = fashion_mnist_dir / "t10k-images-idx3-ubyte.gz"
     raw = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(raw[:-100]))
-    params = write_params({"data": {"fashion_mnist_dir": str(fashion_mnist_dir), "train_per_class": 2,
-                                    "val_per_class": 1, "test_per_class": 2}})  # fmt: skip
+    params = write_params(
+        {
+            "data": {
+                "fashion_mnist_dir": str(fashion_mnist_dir),
+                "train_per_class": 2,
+                "val_per_class": 1,
+                "test_per_class": 2,
+            }
+        }
+    )
     proc = run_module("prepare", "--params", params, "--out", tmp_path / "prepared")
     assert_rejected(proc, f"{path}: truncated IDX file", "re-download or reinstall it")
     assert_nothing_written(tmp_path / "prepared")
@@ -339,9 +370,20 @@ def _train(tmp_path, tiny, override: dict, env: dict | None = None, **kwargs):
     params.write_text(yaml.safe_dump(merge(raw, override), sort_keys=False))
     out = tmp_path / "results" / "train" / "frozen"
     proc = run_module(
-        "train", "--variant", "frozen", "--params", params, "--prepared", prepared, "--out", out,
-        "--feature-cache", tmp_path / "cache", env=env or stage_env(tmp_path), **kwargs,
-    )  # fmt: skip
+        "train",
+        "--variant",
+        "frozen",
+        "--params",
+        params,
+        "--prepared",
+        prepared,
+        "--out",
+        out,
+        "--feature-cache",
+        tmp_path / "cache",
+        env=env or stage_env(tmp_path),
+        **kwargs,
+    )
     return proc, out
 
 
@@ -350,13 +392,20 @@ def _weights(path) -> dict:
 
 
 def test_weights_imagenet_while_offline(tmp_path, tiny):
-    env = {**stage_env(tmp_path), "KERAS_HOME": str(tmp_path / "keras"), "https_proxy": "http://127.0.0.1:9",
-           "HTTPS_PROXY": "http://127.0.0.1:9"}  # fmt: skip
+    env = {
+        **stage_env(tmp_path),
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
     proc, out = _train(tmp_path, tiny, _weights("imagenet"), env=env)
     assert_rejected(
-        proc, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "could not be downloaded",
-        f"Copy the file into {tmp_path / 'keras'}/models/", "use `model.weights: hed` (offline)",
-    )  # fmt: skip
+        proc,
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "could not be downloaded",
+        f"Copy the file into {tmp_path / 'keras'}/models/",
+        "use `model.weights: hed` (offline)",
+    )
     assert_nothing_written(out)
 
 
@@ -428,8 +477,19 @@ def test_tracking_read_only_results_folder(tmp_path, tiny, stage):
         if stage == "prepare":
             args = ["prepare", "--params", params, "--out", results / "prepared"]
         else:
-            args = ["train", "--variant", "frozen", "--params", params, "--prepared", prepared,
-                    "--out", results / "train" / "frozen", "--feature-cache", tmp_path / "cache"]  # fmt: skip
+            args = [
+                "train",
+                "--variant",
+                "frozen",
+                "--params",
+                params,
+                "--prepared",
+                prepared,
+                "--out",
+                results / "train" / "frozen",
+                "--feature-cache",
+                tmp_path / "cache",
+            ]
         command = [*prefix, PYTHON, "-m", f"pipeline.{args[0]}", *map(str, args[1:])]
         proc = subprocess.run(command, cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600)
         target = results if stage == "prepare" else results / "train"

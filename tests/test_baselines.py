@@ -29,8 +29,9 @@ def test_regularisation_is_chosen_on_validation_loss_not_on_test():
 
     train, val, test = split(10), split(200), split(200)
     predict, record = fit_logistic_regression(train, val)
-    losses = {c: log_loss(val[1], LogisticRegression(C=c, max_iter=5000).fit(*train).predict_proba(val[0]))
-              for c in C_GRID}  # fmt: skip
+    losses = {
+        c: log_loss(val[1], LogisticRegression(C=c, max_iter=5000).fit(*train).predict_proba(val[0])) for c in C_GRID
+    }
     assert record["C"] == min(losses, key=losses.get) and record["C_grid"] == list(C_GRID)
     assert record["val_loss"] == pytest.approx(min(losses.values()))
     assert record["C"] < max(C_GRID)  # the weakest regularisation over-fits 20 images in 50 dimensions
@@ -69,9 +70,17 @@ def baselines_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     params_path, prepared = make_tiny_project(root, {"frozen": {"trainable": "none"}})
     result = run_stage(
-        "baselines", "--params", params_path, "--prepared", prepared, "--out", root / "baselines",
-        "--feature-cache", root / "cache", env=stage_env(root),
-    )  # fmt: skip
+        "baselines",
+        "--params",
+        params_path,
+        "--prepared",
+        prepared,
+        "--out",
+        root / "baselines",
+        "--feature-cache",
+        root / "cache",
+        env=stage_env(root),
+    )
     return root, result
 
 

@@ -70,13 +70,24 @@ def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
 
 def test_report_renders_every_part_it_is_given():
     row = {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}
-    numerics = {"date": "d", "commit": "c", "rows": [
-        {"variant": "full", "option": "float32", "epoch": row, "max_val_accuracy_change": 0.0},
-        {"variant": "full", "option": "mixed_bfloat16", "epoch": {**row, "median": 4.6},
-         "max_val_accuracy_change": 0.1},
-    ]}  # fmt: skip
-    tune = {"date": "d", "commit": "c", "rows": [{"variant": "frozen", "trials": 3, "epochs_run": 40, "seconds": 18.0,
-            "trials_per_minute": 10.0}]}  # fmt: skip
+    numerics = {
+        "date": "d",
+        "commit": "c",
+        "rows": [
+            {"variant": "full", "option": "float32", "epoch": row, "max_val_accuracy_change": 0.0},
+            {
+                "variant": "full",
+                "option": "mixed_bfloat16",
+                "epoch": {**row, "median": 4.6},
+                "max_val_accuracy_change": 0.1,
+            },
+        ],
+    }
+    tune = {
+        "date": "d",
+        "commit": "c",
+        "rows": [{"variant": "frozen", "trials": 3, "epochs_run": 40, "seconds": 18.0, "trials_per_minute": 10.0}],
+    }
     document = bench_report.render(None, None, numerics, tune)
     assert "| full | mixed_bfloat16 | 4.60 [1.00, 3.00] | 2.30x | 0.100 |" in document
     assert "| frozen | 3 | 40 | 18 | 10.0 |" in document

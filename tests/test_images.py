@@ -70,17 +70,36 @@ def _icc_swapping_red_and_blue() -> bytes:
 
     gamma = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(2.2 * 256)) + b"\0\0"
     red, green, blue = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
-    tags = [(b"desc", text_description("red-blue swapped RGB")), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-            (b"rXYZ", xyz(*blue)), (b"gXYZ", xyz(*green)), (b"bXYZ", xyz(*red)), (b"rTRC", gamma),
-            (b"gTRC", gamma), (b"bTRC", gamma), (b"cprt", b"text" + b"\0" * 4 + b"none\0\0\0\0")]  # fmt: skip
+    tags = [
+        (b"desc", text_description("red-blue swapped RGB")),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(*blue)),
+        (b"gXYZ", xyz(*green)),
+        (b"bXYZ", xyz(*red)),
+        (b"rTRC", gamma),
+        (b"gTRC", gamma),
+        (b"bTRC", gamma),
+        (b"cprt", b"text" + b"\0" * 4 + b"none\0\0\0\0"),
+    ]
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for signature, body in tags:
         body += b"\0" * (-len(body) % 4)
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
-    header = (struct.pack(">I", offset + len(data)) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
-              + b"\0" * 12 + b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)  # fmt: skip
+    header = (
+        struct.pack(">I", offset + len(data))
+        + b"\0" * 4
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 28
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + b"\0" * 48
+    )
     return header + struct.pack(">I", len(tags)) + table + data
 
 
@@ -138,40 +157,90 @@ def _cases():
         ("gray.png", save(Image.new("L", (S, S), 77)), _solid((77,) * 3), [], 0),
         ("bilevel.png", save(bilevel), _halves((0,) * 3, (255,) * 3), ["bilevel"], 0),
         ("palette.gif", save(palette), _solid((12, 200, 40)), [], 0),
-        ("palette_transparent.png", save(transparent_palette, transparency=0), _halves((255,) * 3, (200, 30, 90)),
-         ["alpha_composited_on_white"], 0),
+        (
+            "palette_transparent.png",
+            save(transparent_palette, transparency=0),
+            _halves((255,) * 3, (200, 30, 90)),
+            ["alpha_composited_on_white"],
+            0,
+        ),
         ("palette_alpha.tif", save(palette_alpha), _halves((255,) * 3, (5, 5, 250)), ["alpha_composited_on_white"], 0),
         ("gray_alpha.png", save(gray_alpha), _solid(_composite((100,) * 3, 128)), ["alpha_composited_on_white"], 1),
-        ("rgba.png", save(Image.new("RGBA", (S, S), (255, 0, 0, 128))), _solid(_composite((255, 0, 0), 128)),
-         ["alpha_composited_on_white"], 1),
-        ("rgb_colour_key.png", save(keyed, transparency=(10, 20, 30)), _halves((255,) * 3, (0, 90, 0)),
-         ["alpha_composited_on_white"], 0),
+        (
+            "rgba.png",
+            save(Image.new("RGBA", (S, S), (255, 0, 0, 128))),
+            _solid(_composite((255, 0, 0), 128)),
+            ["alpha_composited_on_white"],
+            1,
+        ),
+        (
+            "rgb_colour_key.png",
+            save(keyed, transparency=(10, 20, 30)),
+            _halves((255,) * 3, (0, 90, 0)),
+            ["alpha_composited_on_white"],
+            0,
+        ),
         ("cmyk.tif", save(Image.new("CMYK", (S, S), (0, 128, 0, 0))), _solid((255, 127, 255)), ["cmyk"], 0),
         ("ycbcr.tif", save(Image.new("YCbCr", (S, S), (100, 128, 200))), _solid((201, 49, 100)), ["ycbcr"], 1),
         ("lab.tif", save(Image.new("LAB", (S, S), (128, 128, 128))), _solid((_lab_gray(128),) * 3), ["lab"], 2),
-        ("gray16.png", save(Image.fromarray(np.full((S, S), 40000, np.uint16))), _solid((156,) * 3),
-         ["high_bit_depth_16"], 0),
-        ("gray16_little_endian.tif", save(Image.fromarray(np.full((S, S), 60000, np.uint16))), _solid((233,) * 3),
-         ["high_bit_depth_16"], 0),
+        (
+            "gray16.png",
+            save(Image.fromarray(np.full((S, S), 40000, np.uint16))),
+            _solid((156,) * 3),
+            ["high_bit_depth_16"],
+            0,
+        ),
+        (
+            "gray16_little_endian.tif",
+            save(Image.fromarray(np.full((S, S), 60000, np.uint16))),
+            _solid((233,) * 3),
+            ["high_bit_depth_16"],
+            0,
+        ),
         ("gray16_big_endian.tif", save(big_endian), _solid((78,) * 3), ["high_bit_depth_16"], 0),
-        ("rgb16.png", lambda p: _png_rgb16(p, np.broadcast_to(np.array([65535, 32896, 0]), (S, S, 3))),
-         _solid((255, 128, 0)), ["high_bit_depth_16"], 0),
-        ("int32_8bit_range.tif", save(Image.fromarray(np.full((S, S), 200, np.int32))), _solid((200,) * 3),
-         ["integer_32"], 0),
-        ("int32_16bit_range.tif", save(Image.fromarray(np.full((S, S), 3000, np.int32))), _solid((12,) * 3),
-         ["integer_32"], 0),
+        (
+            "rgb16.png",
+            lambda p: _png_rgb16(p, np.broadcast_to(np.array([65535, 32896, 0]), (S, S, 3))),
+            _solid((255, 128, 0)),
+            ["high_bit_depth_16"],
+            0,
+        ),
+        (
+            "int32_8bit_range.tif",
+            save(Image.fromarray(np.full((S, S), 200, np.int32))),
+            _solid((200,) * 3),
+            ["integer_32"],
+            0,
+        ),
+        (
+            "int32_16bit_range.tif",
+            save(Image.fromarray(np.full((S, S), 3000, np.int32))),
+            _solid((12,) * 3),
+            ["integer_32"],
+            0,
+        ),
         ("int32_signed.tif", save(Image.fromarray(i32_stretched)), _halves((0,) * 3, (255,) * 3), ["integer_32"], 0),
-        ("float32_unit.tif", save(Image.fromarray(np.full((S, S), 0.25, np.float32))), _solid((64,) * 3),
-         ["float_32"], 0),
+        (
+            "float32_unit.tif",
+            save(Image.fromarray(np.full((S, S), 0.25, np.float32))),
+            _solid((64,) * 3),
+            ["float_32"],
+            0,
+        ),
         ("float32_wide.tif", save(Image.fromarray(f32_stretched)), _halves((1,) * 3, (254,) * 3), ["float_32"], 1),
-        ("profile.png", save(Image.new("RGB", (S, S), (255, 0, 0)), icc_profile=_icc_swapping_red_and_blue()),
-         _solid((0, 0, 255)), ["icc_profile_to_srgb"], 1),
+        (
+            "profile.png",
+            save(Image.new("RGB", (S, S), (255, 0, 0)), icc_profile=_icc_swapping_red_and_blue()),
+            _solid((0, 0, 255)),
+            ["icc_profile_to_srgb"],
+            1,
+        ),
         ("orientation.png", save(Image.fromarray(upright), exif=exif), rotated, ["exif_orientation"], 0),
         ("animated.gif", animated(), _solid((250, 10, 10)), ["animated_first_frame"], 0),
         ("animated.png", animated(), _solid((250, 10, 10)), ["animated_first_frame"], 0),
         ("animated.webp", animated(lossless=True), _solid((250, 10, 10)), ["animated_first_frame"], 0),
         ("pages.tif", animated(), _solid((250, 10, 10)), ["animated_first_frame"], 0),
-    ]  # fmt: skip
+    ]
 
 
 CASES = _cases()
@@ -188,10 +257,17 @@ def prepared(tmp_path_factory):
         write(root / "images" / "cases" / name)
     for i in range(len(CASES)):
         Image.new("RGB", (S, S), (i, 0, 0)).save(root / "images" / "plain" / f"{i}.png")
-    params = yaml_params(root, {
-        "source": "directory", "directory": str(root / "images"), "image_size": S,
-        "train_per_class": len(CASES) - 2, "val_per_class": 1, "test_per_class": 1,
-    })  # fmt: skip
+    params = yaml_params(
+        root,
+        {
+            "source": "directory",
+            "directory": str(root / "images"),
+            "image_size": S,
+            "train_per_class": len(CASES) - 2,
+            "val_per_class": 1,
+            "test_per_class": 1,
+        },
+    )
     command = [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(root / "prepared")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -199,8 +275,11 @@ def prepared(tmp_path_factory):
     found = []
     for split in ("train", "val", "test"):
         with np.load(root / "prepared" / f"{split}.npz") as arrays:
-            found += [image for image, label in zip(arrays["images"], arrays["labels"], strict=True)
-                      if classes[label] == "cases"]  # fmt: skip
+            found += [
+                image
+                for image, label in zip(arrays["images"], arrays["labels"], strict=True)
+                if classes[label] == "cases"
+            ]
     return found, json.loads((root / "prepared" / "summary.json").read_text())
 
 

@@ -22,8 +22,19 @@ pytestmark = pytest.mark.slow  # about 75 s together; CI runs them with `make te
 
 
 def _train_command(root: Path, params: Path, variant: str) -> list[str]:
-    return stage_command("train", "--variant", variant, "--params", params, "--prepared", root / "prepared",
-                         "--out", root / "results" / variant, "--feature-cache", root / "cache")  # fmt: skip
+    return stage_command(
+        "train",
+        "--variant",
+        variant,
+        "--params",
+        params,
+        "--prepared",
+        root / "prepared",
+        "--out",
+        root / "results" / variant,
+        "--feature-cache",
+        root / "cache",
+    )
 
 
 def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_honestly(tmp_path):
@@ -34,8 +45,14 @@ def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_
     out.mkdir(parents=True)
     (out / "metrics.json").write_text('{"from": "the previous complete run"}\n')
     env = {**stage_env(tmp_path), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(_train_command(tmp_path, params, "full"), cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        _train_command(tmp_path, params, "full"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in process.stdout:  # interrupt once seed 2 has finished its first epoch (of 6)
         seen.append(line)
@@ -72,10 +89,26 @@ def mlflow_server(tmp_path):
     port = _free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -103,8 +136,9 @@ def test_train_stage_logs_to_a_real_mlflow_server_over_http(tmp_path, mlflow_ser
     project = tmp_path / "project"
     params, _ = make_tiny_project(project, {"frozen": {"trainable": "none"}}, {"train": {"seeds": [1]}})
     env = {**stage_env(project), "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run(_train_command(project, params, "frozen"), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        _train_command(project, params, "frozen"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient(uri)

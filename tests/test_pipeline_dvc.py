@@ -35,8 +35,13 @@ def _copy_repository(target: Path) -> None:
 
 
 def _git(repo: Path, *args: str) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
 
 
@@ -225,8 +230,9 @@ def test_dvc_repro_force_reproduces_every_result_bit_for_bit(project):
     assert len(before) > 20
     for journal in (repo / "results" / "tune").glob("*/study.journal"):
         journal.unlink()  # persistent (DVC keeps it under --force): otherwise --force would reuse the trials
-    forced = subprocess.run(["dvc", "repro", "--force"], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=1800)  # fmt: skip
+    forced = subprocess.run(
+        ["dvc", "repro", "--force"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert forced.returncode == 0, (forced.stdout + forced.stderr)[-4000:]
     assert forced.stdout.count("Running stage 'train@") == len(project[2]["variants"])
     after = _results(repo)
@@ -238,8 +244,15 @@ def test_ctrl_c_during_dvc_repro_then_repro_resumes_where_it_stopped(project):
     repo, env, raw, first = project
     assert first.returncode == 0
     before = _results(repo)
-    process = subprocess.Popen(["dvc", "repro", "--force"], cwd=repo, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        ["dvc", "repro", "--force"],
+        cwd=repo,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     started = []
     for line in process.stdout:
         if line.startswith("Running stage 'train@"):
@@ -278,13 +291,18 @@ def test_each_study_runs_with_its_one_documented_command(project):
     (Last in this module: it changes the workspace's params.yaml, as `dvc exp run` does.)"""
     repo, env, _, _ = project
     commands = {
-        "sample_efficiency": ["-S", "studies.sample_efficiency.train_per_class=[1,3]",
-                              "-S", "studies.sample_efficiency.seeds=[1,2]"],
+        "sample_efficiency": [
+            "-S",
+            "studies.sample_efficiency.train_per_class=[1,3]",
+            "-S",
+            "studies.sample_efficiency.seeds=[1,2]",
+        ],
         "depth": ["-S", "studies.depth.k=[0,13]", "-S", "studies.depth.seeds=[1]"],
-    }  # fmt: skip
+    }
     for settings in commands.values():
-        run = subprocess.run(["dvc", "exp", "run", *settings], cwd=repo, env=env, capture_output=True, text=True,
-                             timeout=1800)  # fmt: skip
+        run = subprocess.run(
+            ["dvc", "exp", "run", *settings], cwd=repo, env=env, capture_output=True, text=True, timeout=1800
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert "Running stage 'prepare'" not in run.stdout  # the main pipeline was up to date
     studies = repo / "results" / "studies"

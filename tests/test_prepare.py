@@ -107,10 +107,21 @@ def test_requesting_more_than_exists_names_the_class_and_count(write_params, fas
 
 
 def test_image_folder_with_mixed_formats_skips_and_counts_corrupt_files(write_params, image_folder):
-    params = load_params(write_params({"data": {
-        "source": "directory", "directory": str(image_folder), "skip_unreadable": True,
-        "train_per_class": 4, "val_per_class": 2, "test_per_class": 2, "image_size": 32,
-    }}))  # fmt: skip
+    params = load_params(
+        write_params(
+            {
+                "data": {
+                    "source": "directory",
+                    "directory": str(image_folder),
+                    "skip_unreadable": True,
+                    "train_per_class": 4,
+                    "val_per_class": 2,
+                    "test_per_class": 2,
+                    "image_size": 32,
+                }
+            }
+        )
+    )
     prepared = prepare(params.data, params.seed)
     assert prepared.class_names == ["cat", "dog", "fox"]
     for split, n in (("train", 4), ("val", 2), ("test", 2)):
@@ -123,10 +134,19 @@ def test_image_folder_with_mixed_formats_skips_and_counts_corrupt_files(write_pa
 
 
 def test_corrupt_image_fails_by_default_and_lists_it(write_params, image_folder):
-    params = load_params(write_params({"data": {
-        "source": "directory", "directory": str(image_folder),
-        "train_per_class": 4, "val_per_class": 2, "test_per_class": 2,
-    }}))  # fmt: skip
+    params = load_params(
+        write_params(
+            {
+                "data": {
+                    "source": "directory",
+                    "directory": str(image_folder),
+                    "train_per_class": 4,
+                    "val_per_class": 2,
+                    "test_per_class": 2,
+                }
+            }
+        )
+    )
     with pytest.raises(DataError, match=r"(?s)1 image file\(s\).*cat/broken.png.*skip_unreadable: true"):
         prepare(params.data, params.seed)
 
@@ -158,8 +178,16 @@ def _run_prepare(params_path, out):
 
 
 def test_cli_writes_outputs(tmp_path, write_params, fashion_mnist_dir):
-    params_path = write_params({"data": {"fashion_mnist_dir": str(fashion_mnist_dir), "train_per_class": 5,
-                                         "val_per_class": 3, "test_per_class": 4}})  # fmt: skip
+    params_path = write_params(
+        {
+            "data": {
+                "fashion_mnist_dir": str(fashion_mnist_dir),
+                "train_per_class": 5,
+                "val_per_class": 3,
+                "test_per_class": 4,
+            }
+        }
+    )
     result = _run_prepare(params_path, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "50 train / 30 val / 40 test" in result.stdout

@@ -44,11 +44,18 @@ def _write_results(root: Path) -> None:
             seed_dir = root / "results" / "train" / variant / "seeds" / str(seed)
             seed_dir.mkdir(parents=True)
             history = [
-                {"epoch": e, "loss": 1.0 / e, "accuracy": 0.2 * e, "val_loss": 1.2 / e,
-                 "val_accuracy": 0.15 * e + 0.01 * seed, "epoch_seconds": 1.0 + v_index,
-                 "cumulative_seconds": e * (1.0 + v_index), "images_seen": 30 * e}
+                {
+                    "epoch": e,
+                    "loss": 1.0 / e,
+                    "accuracy": 0.2 * e,
+                    "val_loss": 1.2 / e,
+                    "val_accuracy": 0.15 * e + 0.01 * seed,
+                    "epoch_seconds": 1.0 + v_index,
+                    "cumulative_seconds": e * (1.0 + v_index),
+                    "images_seen": 30 * e,
+                }
                 for e in range(1, 3 + seed)  # early stopping: seeds end at different epochs
-            ]  # fmt: skip
+            ]
             (seed_dir / "history.csv").write_text(history_csv(history))
             matrix = [[2, 0, 0], [0, 1, 1], [0, 0, 2]]
             (seed_dir / "confusion_matrix.csv").write_text(confusion_csv(matrix, CLASSES))
@@ -56,24 +63,47 @@ def _write_results(root: Path) -> None:
             trainable = 10 ** (v_index + 1)
             unconverged = variant == "scratch" and seed == 3  # best epoch 19 of 20, never stopped
             metrics = {
-                "test_accuracy": accuracy + 0.01 * (seed - 2), "test_macro_f1": accuracy - 0.05,
-                "best_val_accuracy": val_accuracy, "best_epoch": 19 if unconverged else 2,
-                "epochs_run": 20 if unconverged else 2 + seed, "max_epochs": 20, "stopped_early": not unconverged,
-                "epochs_to_target": 3 if variant == "partial" else None, "target_accuracy": 0.4,
-                "parameters": {"total": 1000, "trainable": trainable, "non_trainable": 1000 - trainable,
-                               "per_block": {"block5": {"trainable": 0 if variant == "frozen" else trainable - 8},
-                                             "head": {"trainable": 8}}},
-                "head_units": 8, "learning_rate": 1e-3, "training_path": "end-to-end",
-                "timing": {"seconds_per_epoch": 1.0 + v_index, "train_seconds": compute / 2 + seed - 2,
-                           "extraction_seconds": 0.0},
-            }  # fmt: skip
+                "test_accuracy": accuracy + 0.01 * (seed - 2),
+                "test_macro_f1": accuracy - 0.05,
+                "best_val_accuracy": val_accuracy,
+                "best_epoch": 19 if unconverged else 2,
+                "epochs_run": 20 if unconverged else 2 + seed,
+                "max_epochs": 20,
+                "stopped_early": not unconverged,
+                "epochs_to_target": 3 if variant == "partial" else None,
+                "target_accuracy": 0.4,
+                "parameters": {
+                    "total": 1000,
+                    "trainable": trainable,
+                    "non_trainable": 1000 - trainable,
+                    "per_block": {
+                        "block5": {"trainable": 0 if variant == "frozen" else trainable - 8},
+                        "head": {"trainable": 8},
+                    },
+                },
+                "head_units": 8,
+                "learning_rate": 1e-3,
+                "training_path": "end-to-end",
+                "timing": {
+                    "seconds_per_epoch": 1.0 + v_index,
+                    "train_seconds": compute / 2 + seed - 2,
+                    "extraction_seconds": 0.0,
+                },
+            }
             (seed_dir / "metrics.json").write_text(json.dumps(metrics))
         tune_dir = root / "results" / "tune" / variant
         tune_dir.mkdir(parents=True)
         edge = "low" if variant == "frozen" else None
         budget = {"trials_run": 2, "epochs_run": 9}
-        best = {"head_units": 8, "learning_rate": 1e-3, "value": 0.5, "trial": 1, "budget": budget,
-                "learning_rate_at_edge": edge, "search_space": {"learning_rate": [1e-5, 1e-2]}}  # fmt: skip
+        best = {
+            "head_units": 8,
+            "learning_rate": 1e-3,
+            "value": 0.5,
+            "trial": 1,
+            "budget": budget,
+            "learning_rate_at_edge": edge,
+            "search_space": {"learning_rate": [1e-5, 1e-2]},
+        }
         (tune_dir / "best_params.json").write_text(json.dumps(best))
         (tune_dir / "trials.csv").write_text(
             "trial,state,value,head_units,learning_rate,best_epoch,epochs_run,train_seconds,seconds\n"
@@ -85,22 +115,44 @@ def _write_results(root: Path) -> None:
     records = {}
     for name, accuracy in BASELINES.items():
         (baselines / "predictions" / f"{name}.csv").write_text(_predictions(accuracy))
-        records[name] = {"test_accuracy": accuracy, "test_macro_f1": accuracy, "val_accuracy": accuracy, "C": 0.1,
-                         "test_images": TEST_IMAGES}  # fmt: skip
+        records[name] = {
+            "test_accuracy": accuracy,
+            "test_macro_f1": accuracy,
+            "val_accuracy": accuracy,
+            "C": 0.1,
+            "test_images": TEST_IMAGES,
+        }
     (baselines / "metrics.json").write_text(json.dumps(records))
     prepared = root / "prepared"
     prepared.mkdir()
-    summary = {"source": "directory", "num_classes": 3, "class_names": CLASSES, "data_sha256": "f" * 64,
-               "totals": {"train": 30, "val": 9, "test": TEST_IMAGES}}  # fmt: skip
+    summary = {
+        "source": "directory",
+        "num_classes": 3,
+        "class_names": CLASSES,
+        "data_sha256": "f" * 64,
+        "totals": {"train": 30, "val": 9, "test": TEST_IMAGES},
+    }
     (prepared / "summary.json").write_text(json.dumps(summary))
 
 
 def _report(root, baselines, out):
     return run_stage(
-        "report", "--params", root / "params.yaml", "--prepared", root / "prepared",
-        "--train-dir", root / "results" / "train", "--tune-dir", root / "results" / "tune",
-        "--baselines-dir", baselines, "--out", out, env=stage_env(root), timeout=300,
-    )  # fmt: skip
+        "report",
+        "--params",
+        root / "params.yaml",
+        "--prepared",
+        root / "prepared",
+        "--train-dir",
+        root / "results" / "train",
+        "--tune-dir",
+        root / "results" / "tune",
+        "--baselines-dir",
+        baselines,
+        "--out",
+        out,
+        env=stage_env(root),
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +162,11 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     _write_results(root)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["variants"] = {"scratch": {"weights": "none", "trainable": "all"}, "frozen": {"trainable": "none"},
-                       "partial": {"trainable": ["block5"]}}  # fmt: skip
+    raw["variants"] = {
+        "scratch": {"weights": "none", "trainable": "all"},
+        "frozen": {"trainable": "none"},
+        "partial": {"trainable": ["block5"]},
+    }
     raw["train"]["seeds"] = list(SEEDS)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = root / "reports"
@@ -124,12 +179,26 @@ def report(tmp_path_factory):
 
 def test_report_writes_its_outputs_and_leaves_other_files(report):
     _, out = report
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "summary.json", "metrics.json", "figures",
-                                               "benchmark.md"}  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {
+        "report.md",
+        "report.html",
+        "summary.json",
+        "metrics.json",
+        "figures",
+        "benchmark.md",
+    }
     names = {p.name for p in (out / "figures").iterdir()}
-    assert {"convergence_epochs.png", "convergence_seconds.png", "train_vs_val.png", "test_accuracy.png",
-            "accuracy_vs_trainable.png", "parameters.png", "tuning.png", "confusion_best.png",
-            "confusion_scratch.png"} <= names  # fmt: skip
+    assert {
+        "convergence_epochs.png",
+        "convergence_seconds.png",
+        "train_vs_val.png",
+        "test_accuracy.png",
+        "accuracy_vs_trainable.png",
+        "parameters.png",
+        "tuning.png",
+        "confusion_best.png",
+        "confusion_scratch.png",
+    } <= names
 
 
 def test_dvc_metrics_file_holds_only_numbers_from_the_summary(report):
@@ -224,9 +293,15 @@ def test_report_renders_in_headless_chromium_offline(report, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("request", lambda request: requests.append(request.url))
         page.goto((out / "report.html").as_uri(), wait_until="load")
@@ -260,8 +335,11 @@ def test_data_caveat_names_every_kind_of_image_conversion_in_one_line():
     from pipeline.images import KINDS
     from pipeline.report_document import _conversions
 
-    data = {"conversions": {**dict.fromkeys(KINDS, 0), "high_bit_depth_16": 41, "exif_orientation": 2},
-            "upscaled": 3, "image_size": 32}  # fmt: skip
+    data = {
+        "conversions": {**dict.fromkeys(KINDS, 0), "high_bit_depth_16": 41, "exif_orientation": 2},
+        "upscaled": 3,
+        "image_size": 32,
+    }
     assert _conversions(data) == (
         ' Decoding (README "Data"): 41 16-bit images rescaled to 8 bits, 2 images rotated or flipped upright by '
         "their EXIF orientation, 3 images upscaled to 32×32."

@@ -58,9 +58,19 @@ def _database(server: team_stack.Postgres, name: str) -> str:
 
 def _tune(machine: Path, *extra: str) -> list[str]:
     return stage_command(
-        "tune", "--variant", "full", "--params", machine / "params.yaml", "--prepared", machine / "prepared",
-        "--out", machine / "tune", "--feature-cache", machine / "cache", *extra,
-    )  # fmt: skip
+        "tune",
+        "--variant",
+        "full",
+        "--params",
+        machine / "params.yaml",
+        "--prepared",
+        machine / "prepared",
+        "--out",
+        machine / "tune",
+        "--feature-cache",
+        machine / "cache",
+        *extra,
+    )
 
 
 def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a_killed_worker(tmp_path, postgres):
@@ -83,8 +93,15 @@ def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a
 
     def start(machine: Path, *extra: str) -> subprocess.Popen:
         machine_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{machine}/mlflow.db"}
-        return subprocess.Popen(_tune(machine, *extra), cwd=REPO, env=machine_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            _tune(machine, *extra),
+            cwd=REPO,
+            env=machine_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     coordinator = start(machines[0])
     opening = []
@@ -132,8 +149,10 @@ def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a
 
     winner = max(complete, key=lambda t: (t.value, -t.user_attrs[studies.BUDGET_INDEX]))
     assert (best["head_units"], best["learning_rate"], best["trial"]) == (
-        winner.params["head_units"], winner.params["learning_rate"], winner.user_attrs[studies.BUDGET_INDEX]
-    )  # fmt: skip
+        winner.params["head_units"],
+        winner.params["learning_rate"],
+        winner.user_attrs[studies.BUDGET_INDEX],
+    )
     assert best["budget"]["trials_run"] == budget
     snapshot = optuna.load_study(
         study_name=best["study"],
@@ -167,9 +186,19 @@ def test_train_stage_logs_to_an_mlflow_server_on_postgresql_with_served_artifact
         env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "PGPASSWORD", "PGPASSFILE")}
         env["MLFLOW_TRACKING_URI"] = uri  # the client talks HTTP only: no database credential
         proc = run_stage(
-            "train", "--variant", "frozen", "--params", params, "--prepared", prepared, "--out", out,
-            "--feature-cache", project / "cache", env=env,
-        )  # fmt: skip
+            "train",
+            "--variant",
+            "frozen",
+            "--params",
+            params,
+            "--prepared",
+            prepared,
+            "--out",
+            out,
+            "--feature-cache",
+            project / "cache",
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
         client = MlflowClient(uri)
@@ -186,8 +215,9 @@ def test_train_stage_logs_to_an_mlflow_server_on_postgresql_with_served_artifact
 
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=postgres.port, user=team_stack.USER, password=PASSWORD,
-                             dbname="mlflow_server") as connection:  # fmt: skip
+        with psycopg.connect(
+            host="127.0.0.1", port=postgres.port, user=team_stack.USER, password=PASSWORD, dbname="mlflow_server"
+        ) as connection:
             names = [row[0] for row in connection.execute("SELECT name FROM runs")]
         assert names == ["train/frozen/seed-1"]  # the runs live in PostgreSQL
     finally:
@@ -204,13 +234,23 @@ def test_team_stack_up_then_down(tmp_path):
     root = Path(tempfile.mkdtemp(prefix="pipeline-team-"))
     root.chmod(0o755)
     pg_port, mlflow_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "pipeline.team_stack", "--dir", str(root / "team"),
-               "--pg-port", str(pg_port), "--mlflow-port", str(mlflow_port)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.team_stack",
+        "--dir",
+        str(root / "team"),
+        "--pg-port",
+        str(pg_port),
+        "--mlflow-port",
+        str(mlflow_port),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGPASSFILE", "MLFLOW_TRACKING_URI")}
     try:
         for _ in range(2):  # the second `up` finds both running
-            up = subprocess.run([*command[:3], "up", *command[3:]], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=300)  # fmt: skip
+            up = subprocess.run(
+                [*command[:3], "up", *command[3:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+            )
             assert up.returncode == 0, up.stdout + up.stderr
         exported = dict(
             line.removeprefix("export ").split("=", 1)
@@ -233,14 +273,16 @@ def test_team_stack_up_then_down(tmp_path):
             "r = mlflow.start_run(); mlflow.log_metric('m', 1.0); mlflow.log_text('hello', 'a.txt'); mlflow.end_run();"
             "print(len(s.trials), mlflow.get_run(r.info.run_id).data.metrics['m'])"
         )
-        smoke = subprocess.run([sys.executable, "-c", check], env=client_env, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
+        smoke = subprocess.run(
+            [sys.executable, "-c", check], env=client_env, capture_output=True, text=True, timeout=300
+        )
         assert smoke.returncode == 0, smoke.stderr[-3000:]
         assert smoke.stdout.splitlines()[-1].split() == ["2", "1.0"]  # (MLflow prints a run link first)
         assert list((root / "team" / "mlartifacts").rglob("a.txt"))
     finally:
-        down = subprocess.run([*command[:3], "down", *command[3:]], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        down = subprocess.run(
+            [*command[:3], "down", *command[3:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
         shutil.rmtree(root, ignore_errors=True)
     assert down.returncode == 0, down.stdout + down.stderr
     for port in (pg_port, mlflow_port):

@@ -95,8 +95,10 @@ def _correct(accuracy: float, seed: int, images: int = 2000) -> np.ndarray:
 
 def _sample(accuracies: dict[int, list[float]]) -> tuple[dict, dict]:
     """`frozen` at the given per-seed accuracies for every size; the reference at 0.5 for every seed."""
-    frozen = {n: {"correct": np.array([_correct(a, 10 * n + s) for s, a in enumerate(accs)])}
-              for n, accs in accuracies.items()}  # fmt: skip
+    frozen = {
+        n: {"correct": np.array([_correct(a, 10 * n + s) for s, a in enumerate(accs)])}
+        for n, accs in accuracies.items()
+    }
     reference = {n: np.array([_correct(0.5, 1000 + s) for s in range(len(accs))]) for n, accs in accuracies.items()}
     return {"frozen": frozen}, reference
 
@@ -164,18 +166,73 @@ def studies_run(tmp_path_factory):
         _run(root, "train", "--variant", variant, "--prepared", prepared, "--out", out, "--feature-cache", cache)
     studies = root / "results" / "studies"
     _run(root, "baselines", "--prepared", prepared, "--feature-cache", cache, "--out", str(root / "results/baselines"))
-    _run(root, "train", "--variant", "frozen", "--train-per-class", "3", "--no-model", "--feature-cache", cache,
-         "--out", str(studies / "sample_efficiency/frozen/n3"))  # fmt: skip
-    _run(root, "baselines", "--train-per-class", "3", "--feature-cache", cache,
-         "--out", str(studies / "sample_efficiency/baselines/n3"))  # fmt: skip
-    _run(root, "tune", "--depth", "1", "--prepared", prepared, "--feature-cache", cache,
-         "--out", str(studies / "depth/tune/top1"))  # fmt: skip
+    _run(
+        root,
+        "train",
+        "--variant",
+        "frozen",
+        "--train-per-class",
+        "3",
+        "--no-model",
+        "--feature-cache",
+        cache,
+        "--out",
+        str(studies / "sample_efficiency/frozen/n3"),
+    )
+    _run(
+        root,
+        "baselines",
+        "--train-per-class",
+        "3",
+        "--feature-cache",
+        cache,
+        "--out",
+        str(studies / "sample_efficiency/baselines/n3"),
+    )
+    _run(
+        root,
+        "tune",
+        "--depth",
+        "1",
+        "--prepared",
+        prepared,
+        "--feature-cache",
+        cache,
+        "--out",
+        str(studies / "depth/tune/top1"),
+    )
     best = str(studies / "depth/tune/top1/best_params.json")
-    _run(root, "train", "--depth", "1", "--prepared", prepared, "--no-model", "--feature-cache", cache,
-         "--best-params", best, "--out", str(studies / "depth/train/top1"))  # fmt: skip
-    report = _run(root, "report", "--prepared", prepared, "--train-dir", str(root / "results/train"),
-                  "--tune-dir", str(root / "results/tune"), "--studies-dir", str(studies),
-                  "--baselines-dir", str(root / "results/baselines"), "--out", str(root / "reports"))  # fmt: skip
+    _run(
+        root,
+        "train",
+        "--depth",
+        "1",
+        "--prepared",
+        prepared,
+        "--no-model",
+        "--feature-cache",
+        cache,
+        "--best-params",
+        best,
+        "--out",
+        str(studies / "depth/train/top1"),
+    )
+    report = _run(
+        root,
+        "report",
+        "--prepared",
+        prepared,
+        "--train-dir",
+        str(root / "results/train"),
+        "--tune-dir",
+        str(root / "results/tune"),
+        "--studies-dir",
+        str(studies),
+        "--baselines-dir",
+        str(root / "results/baselines"),
+        "--out",
+        str(root / "reports"),
+    )
     return root, report
 
 
@@ -259,8 +316,10 @@ def test_two_phase_strategy_records_phases_and_drift_in_history_and_mlflow(studi
     steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "weight_drift/block5")]
     assert [s for s, _ in steps] == [1, 2] and steps[0][1] == 0.0 and steps[1][1] > 0
     assert run.data.params["warmup_epochs"] == "1" and run.data.params["lr_multipliers.block5"] == "0.5"
-    names = {r.info.run_name: r.data.tags.get("study") for r in mlflow.search_runs(
-        experiment_names=["vgg16-freezing"], output_format="list")}  # fmt: skip
+    names = {
+        r.info.run_name: r.data.tags.get("study")
+        for r in mlflow.search_runs(experiment_names=["vgg16-freezing"], output_format="list")
+    }
     assert names["sample_efficiency/frozen/n3/seed-2"] == "sample_efficiency"
     assert names["depth/top1/seed-1"] == "depth"
 
@@ -270,8 +329,12 @@ def test_report_shows_the_study_sections_and_figures(studies_run):
     root, report = studies_run
     assert "studies: sample_efficiency, depth" in report.stdout
     text = (root / "reports/report.md").read_text()
-    for heading in ("## Weight drift", "## Robustness to corrupted inputs", "## Study: sample efficiency",
-                    "## Study: freezing depth"):  # fmt: skip
+    for heading in (
+        "## Weight drift",
+        "## Robustness to corrupted inputs",
+        "## Study: sample efficiency",
+        "## Study: freezing depth",
+    ):
         assert heading in text
     figures = {p.name for p in (root / "reports/figures").glob("*.png")}
     assert {"weight_drift.png", "robustness.png", "sample_efficiency.png", "depth.png", "depth_drift.png"} <= figures

@@ -30,10 +30,19 @@ def stage_run(tmp_path_factory):
 
 def _train(root, params_path, variant):
     return run_stage(
-        "train", "--variant", variant, "--params", params_path, "--prepared", root / "prepared",
-        "--out", root / "results" / variant, "--feature-cache", root / "cache",
+        "train",
+        "--variant",
+        variant,
+        "--params",
+        params_path,
+        "--prepared",
+        root / "prepared",
+        "--out",
+        root / "results" / variant,
+        "--feature-cache",
+        root / "cache",
         env={**stage_env(root), "HOME": str(root)},
-    )  # fmt: skip
+    )
 
 
 def test_stage_writes_per_seed_outputs(stage_run):
@@ -44,13 +53,30 @@ def test_stage_writes_per_seed_outputs(stage_run):
     assert sorted(p.name for p in (out / "seeds").iterdir()) == ["1", "2"]
     for seed in ("1", "2"):
         files = out / "seeds" / seed
-        assert sorted(p.name for p in files.iterdir()) == ["confusion_matrix.csv", "history.csv", "metrics.json",
-                                                           "test_predictions.csv"]  # fmt: skip
+        assert sorted(p.name for p in files.iterdir()) == [
+            "confusion_matrix.csv",
+            "history.csv",
+            "metrics.json",
+            "test_predictions.csv",
+        ]
         rows = list(csv.DictReader((files / "history.csv").open()))
         assert [r["epoch"] for r in rows] == ["1", "2"]
-        assert list(rows[0]) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                                 "cumulative_seconds", "images_seen", "drift_block1", "drift_block2",
-                                 "drift_block3", "drift_block4", "drift_block5"]  # fmt: skip
+        assert list(rows[0]) == [
+            "epoch",
+            "phase",
+            "loss",
+            "accuracy",
+            "val_loss",
+            "val_accuracy",
+            "epoch_seconds",
+            "cumulative_seconds",
+            "images_seen",
+            "drift_block1",
+            "drift_block2",
+            "drift_block3",
+            "drift_block4",
+            "drift_block5",
+        ]
         assert [r["phase"] for r in rows] == ["main", "main"]
         assert {r[f"drift_block{b}"] for r in rows for b in (1, 2, 3, 4)} == {"0.0"}
         assert all(float(r["drift_block5"]) > 0 for r in rows)
@@ -71,7 +97,10 @@ def test_stage_writes_per_seed_outputs(stage_run):
         assert set(metrics["test_recall_per_class"]) >= {"Trouser", "Ankle boot"}
         assert metrics["weight_drift"]["block1"] == 0.0 and metrics["weight_drift"]["block5"] > 0
         assert metrics["robustness"]["severity"] == 3 and set(metrics["robustness"]["drop"]) == {
-            "gaussian_noise", "blur", "contrast"}  # fmt: skip
+            "gaussian_noise",
+            "blur",
+            "contrast",
+        }
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["seeds"]) == {"1", "2"}
     mean = np.mean([summary["seeds"][s]["test_accuracy"] for s in ("1", "2")])
@@ -141,10 +170,21 @@ def test_runs_read_well_in_mlflow_and_in_the_terminal(stage_run):
     names = set(run.data.metrics)
     assert all("/" in name for name in names)  # nothing in MLflow's catch-all "Model metrics" section
     sections = sorted({name.rsplit("/", 1)[0] for name in names if not name.startswith("system/")})
-    assert sections == ["curves", "evaluation", "evaluation/recall", "parameters", "robustness", "timing",
-                        "weight_drift"]  # fmt: skip
+    assert sections == [
+        "curves",
+        "evaluation",
+        "evaluation/recall",
+        "parameters",
+        "robustness",
+        "timing",
+        "weight_drift",
+    ]
     assert {n for n in names if n.startswith("curves/")} == {
-        "curves/train_loss", "curves/train_accuracy", "curves/val_loss", "curves/val_accuracy"}  # fmt: skip
+        "curves/train_loss",
+        "curves/train_accuracy",
+        "curves/val_loss",
+        "curves/val_accuracy",
+    }
     assert "evaluation/recall/T-shirt_top" in names and sum(n.startswith("evaluation/recall/") for n in names) == 10
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= names
     summary = json.loads((root / "prepared" / "summary.json").read_text())
@@ -172,10 +212,25 @@ def registered(stage_run):
     root, params_path, result = stage_run
     assert result.returncode == 0
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.register", "--params", str(params_path), "--train-dir", str(root / "results"),
-         "--prepared", str(root / "prepared"), "--out", str(root / "registered.json")],
-        cwd=REPO, env=stage_env(root), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.register",
+            "--params",
+            str(params_path),
+            "--train-dir",
+            str(root / "results"),
+            "--prepared",
+            str(root / "prepared"),
+            "--out",
+            str(root / "registered.json"),
+        ],
+        cwd=REPO,
+        env=stage_env(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return root, run
 
@@ -189,8 +244,9 @@ def test_register_registers_the_recommended_model_with_a_card_and_the_champion_a
     assert record["registered_model"] == "vgg16-freezing-best"
     assert "mlflow.pyfunc.load_model('models:/vgg16-freezing-best@champion')" in run.stdout
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
-    [logged] = client.search_runs([client.get_experiment_by_name("vgg16-freezing").experiment_id],
-                                  "attributes.run_name = 'register/last_layers'")  # fmt: skip
+    [logged] = client.search_runs(
+        [client.get_experiment_by_name("vgg16-freezing").experiment_id], "attributes.run_name = 'register/last_layers'"
+    )
     assert logged.data.metrics and all(name.startswith("registered/") for name in logged.data.metrics)  # no curves
     version = client.get_model_version_by_alias("vgg16-freezing-best", "champion")
     assert str(version.version) == "1"
@@ -233,8 +289,14 @@ def test_registered_model_loads_from_any_folder_and_predicts_like_the_trained_on
 
     root, _ = registered
     env = {k: v for k, v in stage_env(root).items() if k != "PYTHONPATH"}
-    loaded = subprocess.run([sys.executable, "-c", LOAD_ANYWHERE, str(root / "prepared" / "test.npz")], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_ANYWHERE, str(root / "prepared" / "test.npz")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     out = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert "/code/pipeline/" in out["pipeline_from"]  # the model's own copy of the code, not the repository's
@@ -258,19 +320,33 @@ def test_mlflow_models_serve_answers_with_class_names(registered):
     root, _ = registered
     port = _free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/vgg16-freezing-best@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/vgg16-freezing-best@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         # the server starts `uvicorn` by name: the virtualenv's bin folder must be on PATH (README: activate it)
         env={**stage_env(root), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(f"http://127.0.0.1:{port}/ping", seconds=180)
         image = load_split(root / "prepared", "test")[0][:1]
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": image.tolist()}).encode(),
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": image.tolist()}).encode(),
             headers={"Content-Type": "application/json"},
-        )  # fmt: skip
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
     finally:
@@ -288,10 +364,27 @@ def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_ru
     root, params_path, result = stage_run
     assert result.returncode == 0
     again = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--variant", "last_layers", "--params", str(params_path),
-         "--prepared", str(root / "prepared"), "--out", str(tmp_path / "again"), "--feature-cache", str(tmp_path)],
-        cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "--variant",
+            "last_layers",
+            "--params",
+            str(params_path),
+            "--prepared",
+            str(root / "prepared"),
+            "--out",
+            str(tmp_path / "again"),
+            "--feature-cache",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=stage_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     for seed in ("1", "2"):
         first, second = root / "results" / "last_layers" / "seeds" / seed, tmp_path / "again" / "seeds" / seed
@@ -317,8 +410,9 @@ def test_logged_params_tags_and_artifacts_hold_no_home_path(stage_run, tmp_path)
     experiment = client.get_experiment_by_name("vgg16-freezing")
     runs = client.search_runs([experiment.experiment_id])  # the train runs and the register test's run
     assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("train/")) == [
-        "train/last_layers/seed-1", "train/last_layers/seed-2"
-    ]  # fmt: skip
+        "train/last_layers/seed-1",
+        "train/last_layers/seed-2",
+    ]
     for run in runs:
         if run.info.run_name.startswith("train/"):
             assert run.data.params["data.fashion_mnist_dir"] == "~/fmnist"
@@ -355,9 +449,19 @@ def test_mlflow_ui_opens_a_run_on_its_training_curves_and_lists_the_dataset(stag
     [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'train/last_layers/seed-1'")
     port = _free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(f"http://127.0.0.1:{port}/health")
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"

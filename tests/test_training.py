@@ -28,11 +28,26 @@ def tiny_splits():
 
 def _config(spec, **overrides):
     values = dict(
-        image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
-        head_units=16, dropout=0.2, learning_rate=1e-4, max_epochs=2, patience=100, min_delta=0.0, batch_size=8,
-        seed=3, head_norm="batchnorm", augmentation=False, cache_features=True, jit_compile=False,
-        mixed_precision=False, warmup_epochs=0, lr_multipliers=(),
-    )  # fmt: skip
+        image_size=32,
+        num_classes=3,
+        trainable_layers=resolve_trainable(spec),
+        pooling="flatten",
+        head_units=16,
+        dropout=0.2,
+        learning_rate=1e-4,
+        max_epochs=2,
+        patience=100,
+        min_delta=0.0,
+        batch_size=8,
+        seed=3,
+        head_norm="batchnorm",
+        augmentation=False,
+        cache_features=True,
+        jit_compile=False,
+        mixed_precision=False,
+        warmup_epochs=0,
+        lr_multipliers=(),
+    )
     values.update(overrides)
     return RunConfig(**values)
 
@@ -44,9 +59,16 @@ def _without_timing(history):
 @pytest.mark.parametrize("spec", ["none", ["block5_conv3"], ["block5"], ["block4", "block5"]])
 def test_split_model_predicts_like_the_full_model(hed, tiny_splits, spec):
     model = build_model(
-        image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=hed.arrays,
-        head_units=16, dropout=0.2, pooling="flatten", augmentation=False, head_norm="none",
-    )  # fmt: skip
+        image_size=32,
+        num_classes=3,
+        trainable_layers=resolve_trainable(spec),
+        base_weights=hed.arrays,
+        head_units=16,
+        dropout=0.2,
+        pooling="flatten",
+        augmentation=False,
+        head_norm="none",
+    )
     cut = features.cut_layer(model, resolve_trainable(spec))
     split = features.split_model(model, cut)
     images = tiny_splits.train[0]

@@ -25,8 +25,18 @@ FROZEN = {"frozen": {"trainable": "none"}}
 
 
 def _tune_args(root, params_path, variant="frozen") -> list:
-    return ["--variant", variant, "--params", params_path, "--prepared", root / "prepared",
-            "--out", root / "tune" / variant, "--feature-cache", root / "cache"]  # fmt: skip
+    return [
+        "--variant",
+        variant,
+        "--params",
+        params_path,
+        "--prepared",
+        root / "prepared",
+        "--out",
+        root / "tune" / variant,
+        "--feature-cache",
+        root / "cache",
+    ]
 
 
 def _run_tune(root, params_path) -> subprocess.CompletedProcess:
@@ -65,11 +75,16 @@ def test_study_identity_ignores_n_trials_so_raising_it_continues_the_study(defau
 
 def _trial(number, state, value=None, attrs=None):
     return optuna.trial.create_trial(
-        state=state, value=value, params={"head_units": 0, "learning_rate": 1e-3},
-        distributions={"head_units": optuna.distributions.CategoricalDistribution([0, 8]),
-                       "learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)},
-        user_attrs=attrs or {}, intermediate_values={} if state != TrialState.PRUNED else {1: 0.1},
-    )  # fmt: skip
+        state=state,
+        value=value,
+        params={"head_units": 0, "learning_rate": 1e-3},
+        distributions={
+            "head_units": optuna.distributions.CategoricalDistribution([0, 8]),
+            "learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
+        },
+        user_attrs=attrs or {},
+        intermediate_values={} if state != TrialState.PRUNED else {1: 0.1},
+    )
 
 
 def test_budget_places_are_distinct_for_simultaneous_trials_and_a_failed_place_is_taken_again():
@@ -121,8 +136,11 @@ def test_best_params_records_budget_rule_and_edge(default_raw_params):
     assert best["value"] == 0.5 and best["trial"] == 0
     assert best["budget"]["trials_run"] == 2 and best["budget"]["failed_trials"] == 1
     assert best["budget"]["epochs_run"] == 12 and best["budget"]["n_trials"] == params.tune.n_trials
-    assert best["budget"]["rule"] == {"max_epochs": params.train.max_epochs, "patience": params.train.patience,
-                                      "min_delta": params.train.min_delta}  # fmt: skip
+    assert best["budget"]["rule"] == {
+        "max_epochs": params.train.max_epochs,
+        "patience": params.train.patience,
+        "min_delta": params.train.min_delta,
+    }
     assert best["learning_rate_at_edge"] is None  # 1e-3 in [1e-5, 1e-2]: inside
     with pytest.raises(PipelineError, match="none of 1 trials completed"):
         best_params([study.trials[1]], params, "frozen", "s")
@@ -193,8 +211,10 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
 def _deterministic(root, variant="frozen"):
     """trials.csv without wall-clock columns, and best_params.json."""
     out = root / "tune" / variant
-    rows = [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
-            for row in csv.DictReader((out / "trials.csv").open())]  # fmt: skip
+    rows = [
+        {k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
+        for row in csv.DictReader((out / "trials.csv").open())
+    ]
     return rows, json.loads((out / "best_params.json").read_text())
 
 
@@ -206,8 +226,14 @@ def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
     assert _run_tune(clean_root, params_path).returncode == 0
 
     params_path, _ = make_tiny_project(resumed_root, FROZEN, override)
-    process = subprocess.Popen(_tune_command(resumed_root, params_path), cwd=REPO, env=stage_env(resumed_root),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        _tune_command(resumed_root, params_path),
+        cwd=REPO,
+        env=stage_env(resumed_root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in process.stdout:  # trial 0 done, trial 1 running: interrupt mid-trial
         if "[tune/frozen] trial 0:" in line:
             process.send_signal(signal.SIGTERM)
@@ -249,11 +275,29 @@ def test_a_tune_trial_and_a_train_run_follow_the_same_rule(tmp_path):
     assert _run_tune(tmp_path, params_path).returncode == 0
     (trial,) = list(csv.DictReader((tmp_path / "tune" / "frozen" / "trials.csv").open()))
     train = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--variant", "frozen", "--params", str(params_path), "--prepared",
-         str(prepared), "--best-params", str(tmp_path / "tune" / "frozen" / "best_params.json"), "--out",
-         str(tmp_path / "train"), "--feature-cache", str(tmp_path / "cache")],
-        cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "--variant",
+            "frozen",
+            "--params",
+            str(params_path),
+            "--prepared",
+            str(prepared),
+            "--best-params",
+            str(tmp_path / "tune" / "frozen" / "best_params.json"),
+            "--out",
+            str(tmp_path / "train"),
+            "--feature-cache",
+            str(tmp_path / "cache"),
+        ],
+        cwd=REPO,
+        env=stage_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     seed = json.loads((tmp_path / "train" / "seeds" / str(raw["seed"]) / "metrics.json").read_text())
     assert (seed["epochs_run"], seed["best_epoch"]) == (int(trial["epochs_run"]), int(trial["best_epoch"]))

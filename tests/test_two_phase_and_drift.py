@@ -34,11 +34,26 @@ def splits():
 
 def _config(spec, **overrides):
     values = dict(
-        image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), pooling="flatten",
-        head_units=16, dropout=0.2, learning_rate=3e-4, max_epochs=3, patience=100, min_delta=0.0, batch_size=8,
-        seed=5, head_norm="none", augmentation=False, cache_features=True, jit_compile=False, mixed_precision=False,
-        warmup_epochs=0, lr_multipliers=(),
-    )  # fmt: skip
+        image_size=32,
+        num_classes=3,
+        trainable_layers=resolve_trainable(spec),
+        pooling="flatten",
+        head_units=16,
+        dropout=0.2,
+        learning_rate=3e-4,
+        max_epochs=3,
+        patience=100,
+        min_delta=0.0,
+        batch_size=8,
+        seed=5,
+        head_norm="none",
+        augmentation=False,
+        cache_features=True,
+        jit_compile=False,
+        mixed_precision=False,
+        warmup_epochs=0,
+        lr_multipliers=(),
+    )
     values.update(overrides)
     return RunConfig(**values)
 
