@@ -67,8 +67,10 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(path: str | Path, data: object) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | Path, data: object, *, sort_keys: bool = True) -> None:
+    """`data` as indented JSON; `sort_keys=False` keeps the order the writer chose (e.g. values
+    that reproduce first, wall-clock measurements last)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 @contextlib.contextmanager

@@ -34,12 +34,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from pipeline import tracking
-from pipeline.atomic import atomic_dir, ensure_writable, write_json
+from pipeline import results, tracking
+from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary, nested_subset
 from pipeline.errors import ConfigError
-from pipeline.evaluation import evaluate, predictions_csv
+from pipeline.evaluation import evaluate
 from pipeline.params import Params, load_params
 
 PIXELS, PROBE = "pixels_logistic_regression", "frozen_linear_probe"
@@ -179,11 +179,9 @@ def main_comparison(params: Params, prepared: Path, out: Path, cache_dir: str | 
     labels = load_split(prepared, "test")[1]
     records, probabilities = compute(params, prepared, cache_dir)
     with atomic_dir(out) as tmp:
-        (tmp / "predictions").mkdir()
         for name, record in records.items():
-            (tmp / "predictions" / f"{name}.csv").write_text(predictions_csv(labels, probabilities[name]))
             _log(name, record, f"baseline/{name}", tags)
-        write_json(tmp / "metrics.json", records)
+        results.write_baselines(tmp, records, labels, probabilities)
 
 
 def sample_efficiency(params: Params, per_class: int, out: Path, cache_dir: str | None, tags: dict) -> None:
@@ -200,21 +198,11 @@ def sample_efficiency(params: Params, per_class: int, out: Path, cache_dir: str 
             rows = nested_subset(pool.splits["train"][1], per_class, [params.seed, seed])
             records, probabilities = fit(params, x, pool.splits, pool.class_names, rows)
             for name, record in records.items():
-                folder = tmp / "predictions" / name
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{seed}.csv").write_text(predictions_csv(labels, probabilities[name]))
+                results.write_seed_predictions(tmp, name, seed, labels, probabilities[name])
                 per_seed.setdefault(name, {})[seed] = record
                 study_tags = {**tags, "study": "sample_efficiency"}
                 _log(name, record, f"sample_efficiency/baseline/{name}/n{per_class}/seed-{seed}", study_tags)
-        summary = {
-            name: {
-                "test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in seeds.values()])),
-                "train_per_class": per_class,
-                "seeds": {str(seed): record for seed, record in seeds.items()},
-            }
-            for name, seeds in per_seed.items()
-        }
-        write_json(tmp / "metrics.json", summary)
+        results.write_sample_baselines(tmp, per_class, per_seed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir = args.feature_cache if params.train.cache_features else None
     if cache_dir:
         ensure_writable(cache_dir, "--feature-cache")
-    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
-    tracking.connect(uri, params.mlflow.experiment)
+    tracking.open_store(params.mlflow, args.params)
     tags = {"stage": "baseline", "baseline": "true", **tracking.environment_tags()}
     if args.train_per_class is None:
         main_comparison(params, args.prepared, args.out, cache_dir, tags)

@@ -33,26 +33,40 @@ OBSERVERS = frozenset(
 OUTPUT_OF = {"register": frozenset({"tracking"})}
 
 
+def source(module: str) -> Path | None:
+    """The file of `module` (dotted, inside `pipeline`: "train", "report.figures"; a package is its
+    `__init__.py`), or None when there is no such module."""
+    path = PACKAGE.joinpath(*module.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
 @cache
 def imports_of(module: str) -> frozenset[str]:
-    """The `pipeline` modules `module` imports anywhere in its source."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text(), filename=f"pipeline/{module}.py")
+    """The `pipeline` modules `module` imports anywhere in its source, with the packages they are
+    in (importing `pipeline.report.figures` runs `pipeline/report/__init__.py` first)."""
+    path = source(module)
+    tree = ast.parse(path.read_text(), filename=str(path))
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "pipeline":  # from pipeline import x, y
-                found.update(alias.name for alias in node.names)
-            elif node.module.startswith("pipeline."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "pipeline":
+            base = node.module.removeprefix("pipeline").lstrip(".")
+            for alias in node.names:  # `from pipeline.report import figures`: a module or a name in one
+                candidate = f"{base}.{alias.name}".lstrip(".")
+                found.add(candidate if source(candidate) else base)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline."))
-    return frozenset(name for name in found if (PACKAGE / f"{name}.py").is_file())
+            found.update(a.name.removeprefix("pipeline.") for a in node.names if a.name.startswith("pipeline."))
+    with_packages = {".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 2)}
+    return frozenset(name for name in with_packages if name and source(name))
 
 
 def stage_modules(entry: str) -> list[str]:
-    """`entry` and the modules it reaches through imports, not following observers."""
+    """`entry` (with its `__main__` when it is a package run by `python -m`) and the modules it
+    reaches through imports, not following observers."""
     followed = OBSERVERS - OUTPUT_OF.get(entry, frozenset())
-    seen, todo = {entry}, [entry]
+    seen = {entry} | ({f"{entry}.__main__"} if source(f"{entry}.__main__") else set())
+    todo = list(seen)
     while todo:
         for name in imports_of(todo.pop()):
             if name not in seen and name not in followed:
@@ -63,4 +77,20 @@ def stage_modules(entry: str) -> list[str]:
 
 def stage_files(entry: str) -> list[str]:
     """The repository-relative paths of `stage_modules(entry)`, as dvc.yaml lists them."""
-    return [f"pipeline/{name}.py" for name in stage_modules(entry)]
+    return sorted(str(source(name).relative_to(PACKAGE.parent)) for name in stage_modules(entry))
+
+
+def main() -> None:
+    """Print every stage's code dependencies (what dvc.yaml must list), to paste after a refactor."""
+    import re
+
+    import yaml
+
+    stages = yaml.safe_load((PACKAGE.parent / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        entry = re.search(r"python -m pipeline\.(\w+)", stage.get("do", stage)["cmd"]).group(1)
+        print(f"{name}:", *(f"  - {path}" for path in stage_files(entry)), sep="\n")
+
+
+if __name__ == "__main__":
+    main()

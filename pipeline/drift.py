@@ -12,8 +12,6 @@ import numpy as np
 
 from pipeline.vgg16 import BLOCKS
 
-DRIFT_COLUMNS = tuple(f"drift_{block}" for block in BLOCKS)
-
 
 def snapshot(model: keras.Model) -> dict[str, list[np.ndarray]]:
     """Copies of every conv layer's weights, by block."""

@@ -19,20 +19,6 @@ def evaluate(labels: np.ndarray, probabilities: np.ndarray, class_names: list[st
     }
 
 
-def predictions_csv(labels: np.ndarray, probabilities: np.ndarray) -> str:
-    """Per test image, in the prepared order: `image,label,predicted` (the rows every paired
-    comparison between strategies and baselines is computed on)."""
-    predicted = probabilities.argmax(axis=1)
-    rows = (f"{i},{int(label)},{int(p)}" for i, (label, p) in enumerate(zip(labels, predicted, strict=True)))
-    return "image,label,predicted\n" + "\n".join(rows) + "\n"
-
-
-def read_predictions(path) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, predicted) from a `predictions_csv` file."""
-    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-    return table[:, 1], table[:, 2]
-
-
 def epochs_to_target(history: list[dict], target: float) -> tuple[int | None, float | None]:
     """(first epoch whose val_accuracy >= target, cumulative seconds then), or (None, None)."""
     for row in history:

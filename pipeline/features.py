@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, write_json
 from pipeline.vgg16 import CONV_LAYERS
 
 
@@ -90,8 +90,7 @@ class FeatureCache:
             out.flush()
             del out
         seconds = time.perf_counter() - start
-        with atomic_path(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps({"extraction_seconds": seconds}))
+        write_json(path.with_suffix(".json"), {"extraction_seconds": seconds})
         return np.load(path, mmap_mode="r"), seconds
 
     def extraction_seconds(self, key: str, split: str) -> float:

@@ -16,16 +16,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 
 from pipeline import code_deps
+from pipeline.atomic import write_json
 
 ENV = "PIPELINE_PARAMS_READS"
-_LABEL = "_params_key"  # each section's key prefix, kept in the instance's __dict__
-_DERIVED = "_params_derived"  # the fields of a derived copy that hold no params.yaml value
+# id(section) -> (section, its key prefix, the fields that hold no params.yaml value): kept here,
+# not on the instances, whose __dict__ the stages log to MLflow
+_labels: dict[int, tuple[object, str, frozenset[str]]] = {}
 _reads: set[str] = set()
 _paused = 0
 _observers_now: frozenset[str] = frozenset()  # set by `record`
@@ -48,7 +49,7 @@ def _observers() -> frozenset[str]:
 def _made_by_an_observer(observers: frozenset[str]) -> bool:
     """True when the nearest `pipeline` code on the stack (the stage's own `__main__` included) is
     an observing module."""
-    frame = sys._getframe(2)  # 0: here, 1: the recording __getattribute__, 2: the reader
+    frame = sys._getframe(3)  # 0: here, 1: _record, 2: the recording method, 3: the reader
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module == "__main__":
@@ -63,32 +64,65 @@ def _is_section(value: object) -> bool:
     """A dataclass (a params section) or a mapping of them (`variants`): not a value by itself."""
     if dataclasses.is_dataclass(value):
         return True
-    return isinstance(value, dict) and bool(value) and all(dataclasses.is_dataclass(v) for v in value.values())
+    return isinstance(value, dict) and bool(value) and all(dataclasses.is_dataclass(v) for v in dict.values(value))
 
 
 def _recording_getattribute(self, name: str):
     value = object.__getattribute__(self, name)
-    if _paused or name.startswith("_") or name not in object.__getattribute__(self, "__dataclass_fields__"):
+    if name.startswith("_") or name not in object.__getattribute__(self, "__dataclass_fields__"):
         return value
-    labels = object.__getattribute__(self, "__dict__")
-    prefix = labels.get(_LABEL)
-    if prefix is None or name in labels.get(_DERIVED, ()) or _is_section(value):
+    _, prefix, derived = _labels.get(id(self), (None, None, ()))
+    if prefix is None or name in derived or _is_section(value):
         return value  # no params.yaml value (made by the code), or a section, not a value
-    if not _made_by_an_observer(_observers_now):
-        _reads.add(prefix + name)
+    _record(prefix + name)
     return value
+
+
+def _record(key: str) -> None:
+    if not _paused and not _made_by_an_observer(_observers_now):
+        _reads.add(key)
+
+
+class _Mapping(dict):
+    """A mapping section (`variants`) that records its key when code goes through all its entries
+    (the set of strategies is then what was read); looking one entry up records nothing."""
+
+    key = ""
+
+    def __iter__(self):
+        _record(self.key)
+        return super().__iter__()
+
+    def keys(self):
+        _record(self.key)
+        return super().keys()
+
+    def values(self):
+        _record(self.key)
+        return super().values()
+
+    def items(self):
+        _record(self.key)
+        return super().items()
+
+    def __len__(self):
+        _record(self.key)
+        return super().__len__()
 
 
 def _label(section: object, prefix: str, classes: set[type]) -> None:
     classes.add(type(section))
-    object.__setattr__(section, _LABEL, prefix)
+    _labels[id(section)] = (section, prefix, frozenset())
     for field in dataclasses.fields(section):
         value = object.__getattribute__(section, field.name)
         if dataclasses.is_dataclass(value):
             _label(value, f"{prefix}{field.name}.", classes)
         elif _is_section(value):
-            for key, item in value.items():
+            for key, item in dict.items(value):
                 _label(item, f"{prefix}{field.name}.{key}.", classes)
+            mapping = _Mapping(value)
+            mapping.key = prefix + field.name
+            object.__setattr__(section, field.name, mapping)
 
 
 def record(params: object) -> object:
@@ -106,10 +140,8 @@ def record(params: object) -> object:
 def derive(copy: object, original: object, replaced: frozenset[str] | set[str] = frozenset()) -> object:
     """Label `copy`, made from the section `original` with the fields `replaced` set by the code, so
     that reading one of the other fields records `original`'s key. Returns `copy`."""
-    prefix = object.__getattribute__(original, "__dict__").get(_LABEL)
-    if prefix is not None:
-        object.__setattr__(copy, _LABEL, prefix)
-        object.__setattr__(copy, _DERIVED, frozenset(replaced))
+    if id(original) in _labels:
+        _labels[id(copy)] = (copy, _labels[id(original)][1], frozenset(replaced))
     return copy
 
 
@@ -128,7 +160,7 @@ def _write(folder: Path) -> None:
     stage = os.environ.get("DVC_STAGE") or _entry_module()
     folder.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "argv": sys.argv, "reads": sorted(_reads)}
-    (folder / f"{stage.replace('/', '_')}-{os.getpid()}.json").write_text(json.dumps(record, indent=1))
+    write_json(folder / f"{stage.replace('/', '_')}-{os.getpid()}.json", record)
 
 
 def leaf_keys(section: object, prefix: str = "") -> list[str]:
@@ -139,7 +171,7 @@ def leaf_keys(section: object, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(value):
             keys += leaf_keys(value, f"{prefix}{field.name}.")
         elif _is_section(value):
-            for key, item in value.items():
+            for key, item in dict.items(value):
                 keys += leaf_keys(item, f"{prefix}{field.name}.{key}.")
         else:
             keys.append(prefix + field.name)

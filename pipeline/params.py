@@ -21,7 +21,7 @@ import yaml
 
 from pipeline import param_reads
 from pipeline.errors import ConfigError
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, MIN_IMAGE_SIZE, resolve_trainable
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, MIN_IMAGE_SIZE, resolve_trainable, top_layers
 
 NAMED_WEIGHTS = ("hed", "imagenet", "none")
 POOLINGS = ("flatten", "gap")
@@ -342,8 +342,6 @@ class Params:
     def with_depth(self, k: int) -> tuple[Params, str]:
         """These params with the depth sweep's strategy `top<k>` (train the top k conv layers) as
         the only variant, and its name."""
-        from pipeline.vgg16 import top_layers
-
         name = f"top{k}"
         layers = top_layers(k)
         spec = tuple(conv for conv in CONV_LAYERS if conv in layers)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import data, images
-from pipeline.atomic import atomic_dir, ensure_writable
+from pipeline.atomic import atomic_dir, ensure_writable, write_json
 from pipeline.cli import run_stage
 from pipeline.params import DataParams, Params, load_params
 
@@ -135,8 +134,8 @@ def write_prepared(prepared: Prepared, out_dir: Path) -> None:
     with atomic_dir(out_dir) as tmp:
         for split, (images, labels) in prepared.splits.items():
             np.savez(tmp / f"{split}.npz", images=images, labels=labels)
-        (tmp / "classes.json").write_text(json.dumps(prepared.class_names, indent=2) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(prepared.summary, indent=2) + "\n")
+        write_json(tmp / "classes.json", prepared.class_names, sort_keys=False)
+        write_json(tmp / "summary.json", prepared.summary, sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> None:

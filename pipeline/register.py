@@ -20,12 +20,13 @@ import json
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.answer import choose, read_evidence
 from pipeline.atomic import ensure_writable, write_json
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import DataError
 from pipeline.params import load_params
+from pipeline.recommendation import choose
+from pipeline.results import read_evidence
 from pipeline.stats import accuracy_interval
 
 EXAMPLE_IMAGES = 3  # test images stored with the model as its input example
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     run = json.loads((args.train_dir / variant / "seeds" / str(summary["best_seed"]) / "metrics.json").read_text())
     card = model_card(params, variant, summary, evidence[variant], chosen, load_summary(args.prepared), run)
 
-    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
-    tracking.connect(uri, params.mlflow.experiment)
+    tracking.open_store(params.mlflow, args.params)
     tags = {"stage": "register", "variant": variant, "seed": summary["best_seed"], **tracking.environment_tags()}
     selection = {"selection": chosen["rule"], "best_on_validation": chosen["best_on_validation"]}
     examples = load_split(args.prepared, "test")[0][:EXAMPLE_IMAGES]

@@ -89,6 +89,17 @@ def connect(uri: str, experiment: str) -> str:
         raise TrackingError(f"MLflow store {uri} cannot be used: {error}") from error
 
 
+_settings: list = []  # the stage's params.yaml `mlflow` section, once `open_store` has run
+
+
+def open_store(settings, params_file: str | Path) -> str:
+    """Connect a stage to the MLflow store its params.yaml `mlflow` section names (`settings`;
+    a relative SQLite path resolves against the params file's folder); returns the experiment id.
+    The section's `system_metrics` then applies to the runs that ask for system metrics."""
+    _settings[:] = [settings]
+    return connect(resolve_tracking_uri(settings.tracking_uri, Path(params_file).resolve().parent), settings.experiment)
+
+
 @contextlib.contextmanager
 def run(
     name: str, *, tags: dict, params: dict | None = None, parent_run_id: str | None = None, system_metrics: bool = False
@@ -97,10 +108,12 @@ def run(
     KILLED on Ctrl-C / SIGTERM (the stages turn SIGTERM into KeyboardInterrupt).
 
     `parent_run_id` nests it under another run, also one opened by another process (tune
-    workers nest their trials under the study's run this way). `system_metrics` samples CPU,
-    memory and disk into `system/...` metrics every SYSTEM_METRICS_SECONDS while the run is open.
+    workers nest their trials under the study's run this way). `system_metrics` (when
+    `mlflow.system_metrics` is on) samples CPU, memory and disk into `system/...` metrics every
+    SYSTEM_METRICS_SECONDS while the run is open.
     """
     nested = mlflow.active_run() is not None  # in-process trials run inside the study's run
+    system_metrics = system_metrics and bool(_settings) and _settings[0].system_metrics
     if system_metrics:
         mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
     active = mlflow.start_run(

@@ -25,24 +25,22 @@ and one MLflow run per seed (`train/<variant>/seed-<seed>`).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline import results, tracking
 from pipeline.atomic import atomic_dir, ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary, nested_subset
 from pipeline.errors import ConfigError
-from pipeline.evaluation import epochs_to_target, evaluate, predictions_csv, robustness
+from pipeline.evaluation import epochs_to_target, evaluate, robustness
 from pipeline.features import FeatureCache, extraction_batch_size
+from pipeline.fit import RunConfig, Splits, fit_variant
 from pipeline.model import count_parameters
 from pipeline.params import Params, load_params
-from pipeline.training import HISTORY_COLUMNS, RunConfig, Splits, fit_variant
 from pipeline.weights import load_base_weights
 
 
@@ -50,15 +48,7 @@ def hyperparameters(params: Params, best_params_path: Path | None) -> dict:
     """head_units and learning_rate from the tune stage's best_params.json when given, else
     `model.head_units` and `train.learning_rate`."""
     if best_params_path is not None:
-        if not best_params_path.is_file():
-            raise ConfigError(
-                "--best-params", f"{best_params_path} not found; run `dvc repro tune@<variant>` or omit the option"
-            )
-        best = json.loads(best_params_path.read_text())
-        for key in ("head_units", "learning_rate"):
-            if key not in best:
-                raise ConfigError(str(best_params_path), f"has no {key!r}; rerun the tune stage")
-        return {"head_units": int(best["head_units"]), "learning_rate": float(best["learning_rate"]), "source": "tuned"}
+        return {**results.read_best_params(best_params_path), "source": "tuned"}
     return {"head_units": params.model.head_units, "learning_rate": params.train.learning_rate, "source": "params.yaml"}
 
 
@@ -95,52 +85,116 @@ def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> 
     }
 
 
-def history_csv(history: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return out.getvalue()
+@dataclass
+class Training:
+    """One strategy's stage run: what every seed shares."""
 
+    params: Params
+    variant: str
+    prefix: str  # MLflow run names: <prefix>/seed-<seed>
+    study: str | None  # "depth" / "sample_efficiency" for the studies' stages
+    train_per_class: int | None
+    hyper: dict
+    splits: Splits
+    summary: dict
+    data_source: str  # what the runs trained on, logged as MLflow datasets
+    weights_source: str
+    cache: FeatureCache
 
-def confusion_csv(matrix: list[list[int]], class_names: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["true\\predicted", *class_names])
-    for name, row in zip(class_names, matrix, strict=True):
-        writer.writerow([name, *row])
-    return out.getvalue()
+    def __post_init__(self):
+        self.weights = load_base_weights(self.weights_source)
+        self.environment = tracking.environment_tags()
 
+    def config(self, seed: int) -> RunConfig:
+        return RunConfig.from_params(
+            self.params,
+            self.variant,
+            head_units=self.hyper["head_units"],
+            learning_rate=self.hyper["learning_rate"],
+            num_classes=len(self.summary["class_names"]),
+            seed=seed,
+        )
 
-def variant_summary(variant: str, per_seed: dict[int, dict]) -> dict:
-    """The variant's metrics.json: per-seed headline numbers, their mean, and the best seed."""
-    accuracies = [m["test_accuracy"] for m in per_seed.values()]
-    best_seed = max(per_seed, key=lambda s: (per_seed[s]["best_val_accuracy"], -s))
-    first = next(iter(per_seed.values()))
-    return {
-        "variant": variant,
-        "test_accuracy_mean": float(np.mean(accuracies)),
-        "test_accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
-        "test_macro_f1_mean": float(np.mean([m["test_macro_f1"] for m in per_seed.values()])),
-        "best_val_accuracy_mean": float(np.mean([m["best_val_accuracy"] for m in per_seed.values()])),
-        "best_seed": best_seed,
-        "params_trainable": first["parameters"]["trainable"],
-        "params_total": first["parameters"]["total"],
-        "seeds": {
-            str(seed): {
-                k: m[k]
-                for k in (
-                    "test_accuracy",
-                    "test_macro_f1",
-                    "best_val_accuracy",
-                    "best_epoch",
-                    "epochs_run",
-                    "stopped_early",
+    def seed_splits(self, seed: int) -> Splits:
+        """The splits, for the sample-efficiency study with this seed's own subset of the pool."""
+        if self.train_per_class is None:
+            return self.splits
+        index = nested_subset(self.splits.train[1], self.train_per_class, [self.params.seed, seed])
+        return dataclasses.replace(self.splits, train_index=index)
+
+    def run_seed(self, seed: int, folder: Path):
+        """Train, evaluate and log one seed, its files written into `folder`; returns (metrics, fit result)."""
+        config, splits, class_names = self.config(seed), self.seed_splits(seed), self.summary["class_names"]
+        run_name = f"{self.prefix}/seed-{seed}"
+        hyper = f"{self.hyper['source']} head_units={config.head_units} lr={config.learning_rate:.3g}"
+        print(f"[{run_name}] {hyper}", flush=True)
+        tags, run_params = self.run_metadata(config)
+        with tracking.run(run_name, tags={**tags, **self.environment}, params=run_params, system_metrics=True):
+            digests = tracking.split_digests(self.summary, splits.train_index)
+            tracking.log_datasets(self.data_source, tracking.dataset_name(self.summary), digests)
+            callbacks = [tracking.EpochLogger(), tracking.ProgressLine(run_name, config.max_epochs)]
+            result = fit_variant(config, self.weights, splits, self.summary["data_sha256"], self.cache, callbacks)
+            test_images, test_labels = splits.test
+            evaluation = evaluate(test_labels, result.test_probabilities, class_names)
+            metrics = seed_metrics(result, evaluation, config, self.params.report.target_accuracy)
+            metrics["train_images"] = len(splits.train[1]) if splits.train_index is None else len(splits.train_index)
+            robust = self.params.studies.robustness
+            if robust.enabled:
+                batch = extraction_batch_size(config.image_size)
+                metrics["robustness"] = robustness(
+                    result.model,
+                    test_images,
+                    test_labels,
+                    evaluation["test_accuracy"],
+                    robust.corruptions,
+                    robust.severity,
+                    robust.seed,
+                    batch,
                 )
-            }
-            for seed, m in per_seed.items()
-        },
-    }
+            confusion = evaluation["confusion_matrix"]
+            results.write_seed(
+                folder, result.history, metrics, test_labels, result.test_probabilities, confusion, class_names
+            )
+            _log_seed(result, metrics, evaluation, folder, class_names, run_name)
+            if not result.frozen_weights_unchanged:
+                raise RuntimeError(f"{run_name}: frozen weights changed during training (a bug; please report it)")
+        stop = "stopped early" if result.stopped_early else "max_epochs reached"
+        print(
+            f"[{run_name}] test accuracy {metrics['test_accuracy']:.4f}, best val {result.best_val_accuracy:.4f} "
+            f"at epoch {result.best_epoch} of {len(result.history)} ({stop}), {result.path}, "
+            f"{result.train_seconds:.1f}s",
+            flush=True,
+        )
+        return metrics, result
+
+    def run_metadata(self, config: RunConfig) -> tuple[dict, dict]:
+        """MLflow tags and (flattened later) params of one seed's run."""
+        params = self.params
+        tags = {
+            "stage": "train",
+            "variant": self.variant,
+            "seed": config.seed,
+            "weights": self.weights_source,
+            "weights_sha256": self.weights.sha256,
+            "data_sha256": self.summary["data_sha256"],
+            "hyperparameters": self.hyper["source"],
+            "determinism": "on",
+        }
+        run_params = {
+            "variant": self.variant,
+            "seed": config.seed,
+            "weights": self.weights_source,
+            "trainable": params.variant(self.variant).trainable,
+            "warmup_epochs": config.warmup_epochs,
+            "lr_multipliers": dict(config.lr_multipliers),
+            "data": vars(params.data),
+            "model": {**vars(params.model), "head_units": config.head_units},
+            "train": {**vars(params.train), "learning_rate": config.learning_rate},
+        }
+        if self.study:
+            tags["study"] = self.study
+            run_params["study"] = {"name": self.study, "train_per_class": self.train_per_class}
+        return tags, run_params
 
 
 def _model_summary(model) -> str:
@@ -171,19 +225,21 @@ def _setup(args, params: Params):
     return params, variant, params.train_seeds(variant), f"train/{variant}", None
 
 
-def _load_data(args, params: Params):
-    """(splits, summary): the prepared data, or for --train-per-class the study's pool."""
+def _load_data(args, params: Params) -> tuple[Splits, dict, str]:
+    """(splits, summary, source): the prepared data, or for --train-per-class the study's pool
+    (the source names the folder or dataset the runs trained on)."""
     if args.train_per_class is None:
         prepared = Path(args.prepared)
         splits = Splits(load_split(prepared, "train"), load_split(prepared, "val"), load_split(prepared, "test"))
-        return splits, load_summary(prepared)
+        return splits, load_summary(prepared), str(prepared.resolve())
     from pipeline.prepare import sample_efficiency_pool
 
     pool = sample_efficiency_pool(params, args.train_per_class)
-    return Splits(pool.splits["train"], pool.splits["val"], pool.splits["test"]), pool.summary
+    source = params.data.directory or params.data.fashion_mnist_dir or params.data.source
+    return Splits(pool.splits["train"], pool.splits["val"], pool.splits["test"]), pool.summary, str(source)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", help="a key of params.yaml `variants`")
@@ -202,108 +258,41 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("--train-per-class", f"{args.train_per_class} is not allowed; it must be at least 1")
     if args.train_per_class is not None and args.depth is not None:
         raise ConfigError("--train-per-class", "cannot be combined with --depth; run one study at a time")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     params, variant, seeds, prefix, study = _setup(args, load_params(args.params))
     out = args.out or Path("results/train") / variant
     hyper = hyperparameters(params, args.best_params)
     ensure_writable(out.parent, "--out")  # before any training, not after it
     if params.train.cache_features:
         ensure_writable(args.feature_cache, "--feature-cache")
-    splits, summary = _load_data(args, params)
-    # what the runs trained on: the prepared folder, or for the study's pool the raw source
-    raw = params.data.directory or params.data.fashion_mnist_dir or params.data.source
-    data_source = str(Path(args.prepared).resolve()) if args.train_per_class is None else str(raw)
-    class_names = summary["class_names"]
-    weights_source = params.variant_weights(variant)
-    weights = load_base_weights(weights_source)
-
-    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
-    tracking.connect(uri, params.mlflow.experiment)  # fail fast, before any training
-    environment = tracking.environment_tags()
-    cache = FeatureCache(args.feature_cache)
-    robust = params.studies.robustness
+    splits, summary, source = _load_data(args, params)
+    tracking.open_store(params.mlflow, args.params)  # fail fast, before any training
+    training = Training(
+        params=params,
+        variant=variant,
+        prefix=prefix,
+        study=study,
+        train_per_class=args.train_per_class,
+        hyper=hyper,
+        splits=splits,
+        summary=summary,
+        data_source=source,
+        weights_source=params.variant_weights(variant),
+        cache=FeatureCache(args.feature_cache),
+    )
     per_seed: dict[int, dict] = {}
-    best_seed_val = -1.0
-
+    best_val = -1.0
     with atomic_dir(out) as tmp:
         for seed in seeds:
-            config = RunConfig.from_params(
-                params,
-                variant,
-                head_units=hyper["head_units"],
-                learning_rate=hyper["learning_rate"],
-                num_classes=len(class_names),
-                seed=seed,
-            )
-            seed_splits = splits
-            if args.train_per_class is not None:
-                index = nested_subset(splits.train[1], args.train_per_class, [params.seed, seed])
-                seed_splits = dataclasses.replace(splits, train_index=index)
-            run_name = f"{prefix}/seed-{seed}"
-            print(
-                f"[{run_name}] {hyper['source']} head_units={config.head_units} lr={config.learning_rate:.3g}",
-                flush=True,
-            )
-            tags, run_params = _run_metadata(params, variant, config, weights, weights_source, summary, hyper)
-            if study:
-                tags["study"] = study
-                run_params["study"] = {"name": study, "train_per_class": args.train_per_class}
-            with tracking.run(
-                run_name, tags={**tags, **environment}, params=run_params, system_metrics=params.mlflow.system_metrics
-            ):
-                tracking.log_datasets(
-                    data_source,
-                    tracking.dataset_name(summary),
-                    tracking.split_digests(summary, seed_splits.train_index),
-                )
-                result = fit_variant(
-                    config,
-                    weights,
-                    seed_splits,
-                    summary["data_sha256"],
-                    cache,
-                    [tracking.EpochLogger(), tracking.ProgressLine(run_name, config.max_epochs)],
-                )
-                evaluation = evaluate(splits.test[1], result.test_probabilities, class_names)
-                metrics = seed_metrics(result, evaluation, config, params.report.target_accuracy)
-                index = seed_splits.train_index
-                metrics["train_images"] = len(splits.train[1]) if index is None else len(index)
-                if robust.enabled:
-                    metrics["robustness"] = robustness(
-                        result.model,
-                        splits.test[0],
-                        splits.test[1],
-                        evaluation["test_accuracy"],
-                        robust.corruptions,
-                        robust.severity,
-                        robust.seed,
-                        extraction_batch_size(config.image_size),
-                    )
-                seed_dir = tmp / "seeds" / str(seed)
-                seed_dir.mkdir(parents=True)
-                (seed_dir / "history.csv").write_text(history_csv(result.history))
-                (seed_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-                (seed_dir / "test_predictions.csv").write_text(
-                    predictions_csv(splits.test[1], result.test_probabilities)
-                )
-                (seed_dir / "confusion_matrix.csv").write_text(
-                    confusion_csv(evaluation["confusion_matrix"], class_names)
-                )
-                _log_seed(result, metrics, evaluation, seed_dir, class_names, run_name)
-                if not result.frozen_weights_unchanged:
-                    raise RuntimeError(f"{run_name}: frozen weights changed during training (a bug; please report it)")
-            per_seed[seed] = metrics
-            print(
-                f"[{run_name}] test accuracy {metrics['test_accuracy']:.4f}, best val {result.best_val_accuracy:.4f} "
-                f"at epoch {result.best_epoch} of {len(result.history)} "
-                f"({'stopped early' if result.stopped_early else 'max_epochs reached'}), {result.path}, "
-                f"{result.train_seconds:.1f}s",
-                flush=True,
-            )
-            if result.best_val_accuracy > best_seed_val and not args.no_model:
-                best_seed_val = result.best_val_accuracy
+            per_seed[seed], result = training.run_seed(seed, tmp / "seeds" / str(seed))
+            if result.best_val_accuracy > best_val and not args.no_model:
+                best_val = result.best_val_accuracy
                 _save_model(result.model, tmp / "model.keras")
-        (tmp / "metrics.json").write_text(json.dumps(variant_summary(variant, per_seed), indent=2) + "\n")
+        results.write_strategy(tmp, variant, per_seed)
     accuracies = [m["test_accuracy"] for m in per_seed.values()]
     seconds = sum(m["timing"]["train_seconds"] for m in per_seed.values())
     print(
@@ -313,44 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def _run_metadata(params: Params, variant: str, config: RunConfig, weights, weights_source, summary, hyper):
-    """MLflow tags and (flattened later) params of one (variant, seed) run."""
-    tags = {
-        "stage": "train",
-        "variant": variant,
-        "seed": config.seed,
-        "weights": weights_source,
-        "weights_sha256": weights.sha256,
-        "data_sha256": summary["data_sha256"],
-        "hyperparameters": hyper["source"],
-        "determinism": "on",
-    }
-    run_params = {
-        "variant": variant,
-        "seed": config.seed,
-        "weights": weights_source,
-        "trainable": params.variant(variant).trainable,
-        "warmup_epochs": config.warmup_epochs,
-        "lr_multipliers": dict(config.lr_multipliers),
-        "data": vars(params.data),
-        "model": {**vars(params.model), "head_units": config.head_units},
-        "train": {**vars(params.train), "learning_rate": config.learning_rate},
-    }
-    return tags, run_params
-
-
 def _log_seed(result, metrics: dict, evaluation: dict, seed_dir: Path, class_names: list[str], title: str) -> None:
-    from pipeline.figures import confusion_matrix_figure, plt
+    from pipeline.plotting import confusion_matrix_figure, plt
 
-    evaluation_keys = (
-        "test_accuracy",
-        "test_macro_f1",
-        "best_val_accuracy",
-        "best_epoch",
-        "epochs_run",
-        "stopped_early",
-        "epochs_to_target",
-    )
+    evaluation_keys = (*results.SEED_HEADLINE, "epochs_to_target")
     tracking.log_metrics(
         {f"evaluation/{k}": int(metrics[k]) if k == "stopped_early" else metrics[k] for k in evaluation_keys}
     )

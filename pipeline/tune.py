@@ -36,15 +36,14 @@ from pathlib import Path
 import keras
 import optuna
 
-from pipeline import code_deps, tracking
-from pipeline import study as studies
+from pipeline import code_deps, optuna_study, tracking
 from pipeline.atomic import ensure_writable
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import PipelineError
 from pipeline.features import FeatureCache
+from pipeline.fit import NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.params import Params, load_params
-from pipeline.training import NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.tune_outputs import write_outputs
 from pipeline.weights import load_base_weights
 
@@ -87,8 +86,8 @@ class Objective:
         tune = self.params.tune
         index = trial.study.sampler.budget_index[trial.number]
         if index >= self.budget:
-            trial.set_user_attr(studies.OVER_BUDGET, True)
-            raise studies.OverBudget(
+            trial.set_user_attr(optuna_study.OVER_BUDGET, True)
+            raise optuna_study.OverBudget(
                 f"place {index} of a budget of {self.budget}: other workers took the last places "
                 "while this trial started; it did not train"
             )
@@ -112,7 +111,7 @@ class Objective:
             tags=tags,
             params=trial.params,
             parent_run_id=self.parent_run_id,
-            system_metrics=self.params.mlflow.system_metrics,
+            system_metrics=True,
         ):
             digests = tracking.split_digests(self.context["summary"])
             del digests["test"]  # trials never see the test split
@@ -127,7 +126,7 @@ class Objective:
                     [tracking.EpochLogger(), tracking.ProgressLine(name, config.max_epochs)],
                 )
             except NonFiniteLossError:
-                trial.set_user_attr(studies.FAILED_ON_ITS_OWN, "non-finite loss")
+                trial.set_user_attr(optuna_study.FAILED_ON_ITS_OWN, "non-finite loss")
                 tracking.set_tags({"state": "FAIL"})
                 raise
             trial.set_user_attr("epochs_run", len(result.history))
@@ -178,12 +177,12 @@ def _context(params: Params, variant: str, prepared: Path, feature_cache: str) -
 
 def _open_study(params: Params, variant: str, out: Path, context: dict) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed instead
-    storage = studies.open_storage(params.tune.storage, out / "study.journal", params.tune.heartbeat_seconds)
+    storage = optuna_study.open_storage(params.tune.storage, out / "study.journal", params.tune.heartbeat_seconds)
     identity = study_identity(params, variant, context["weights"].sha256, context["data_sha256"])
     tune = params.tune
-    points = studies.design(params.seed, variant, list(tune.head_units), tune.learning_rate, tune.startup_trials)
-    sampler = studies.BudgetSampler(params.seed, points)
-    return studies.load_or_create(storage, studies.study_name(variant, identity), sampler=sampler)
+    points = optuna_study.design(params.seed, variant, list(tune.head_units), tune.learning_rate, tune.startup_trials)
+    sampler = optuna_study.BudgetSampler(params.seed, points)
+    return optuna_study.load_or_create(storage, optuna_study.study_name(variant, identity), sampler=sampler)
 
 
 def run_trials(
@@ -195,10 +194,10 @@ def run_trials(
     callback = _print_trial(variant, time.perf_counter())
     started = 0
     while max_trials is None or started < max_trials:
-        studies.fail_stale(study)  # a dead worker's place is open again
-        if studies.open_places(study, objective.budget) == 0:
+        optuna_study.fail_stale(study)  # a dead worker's place is open again
+        if optuna_study.open_places(study, objective.budget) == 0:
             break
-        study.optimize(objective, n_trials=1, catch=(NonFiniteLossError, studies.OverBudget), callbacks=[callback])
+        study.optimize(objective, n_trials=1, catch=(NonFiniteLossError, optuna_study.OverBudget), callbacks=[callback])
         started += 1
     return started
 
@@ -214,7 +213,7 @@ def finish_study(study, params: Params, variant: str, context: dict, parent_run_
         if not running:
             return
         if not announced:
-            grace = studies.STALE_AFTER_HEARTBEATS * params.tune.heartbeat_seconds
+            grace = optuna_study.STALE_AFTER_HEARTBEATS * params.tune.heartbeat_seconds
             print(
                 f"[tune/{variant}] waiting for {len(running)} trial(s) running in other workers "
                 f"(a worker silent for {grace} s is failed and its trial rerun here)",
@@ -243,7 +242,7 @@ def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
         raise PipelineError(f"tune workers exited with {codes}; rerun `dvc repro` to finish the missing trials")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", help="a key of params.yaml `variants`")
@@ -258,6 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-trials", type=int, help="with --worker: at most this many trials")
     parser.add_argument("--parent-run-id", help="with --worker: the MLflow run of the study (the coordinator's)")
     args = parser.parse_args(argv)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise PipelineError(f"--n-trials {args.n_trials}: give K >= 1 (at most K trials in this worker) or omit it")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     params = load_params(args.params)
     if args.depth is not None:
         params, args.variant = params.with_depth(args.depth)
@@ -266,27 +272,30 @@ def main(argv: list[str] | None = None) -> None:
     ensure_writable(args.out, "--out")
     if params.train.cache_features:
         ensure_writable(args.feature_cache, "--feature-cache")
-    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
-    tracking.connect(uri, params.mlflow.experiment)
+    tracking.open_store(params.mlflow, args.params)
     context = _context(params, args.variant, args.prepared, args.feature_cache)
     study = _open_study(params, args.variant, args.out, context)
-
     if args.worker:
-        if args.n_trials is not None and args.n_trials < 1:
-            raise PipelineError(f"--n-trials {args.n_trials}: give K >= 1 (at most K trials in this worker) or omit it")
         started = run_trials(study, params, args.variant, context, args.parent_run_id, args.n_trials)
+        done = len(optuna_study.finished_trials(study))
         print(
             f"[tune/{args.variant}] worker done: {started} trial(s) started here; "
-            f"{len(studies.finished_trials(study))} of {params.tune_trials(args.variant)} done in the study",
+            f"{done} of {params.tune_trials(args.variant)} done in the study",
             flush=True,
         )
-        return
+    else:
+        coordinate(args, study, params, context)
 
+
+def coordinate(args, study: optuna.Study, params: Params, context: dict) -> None:
+    """The stage's own process: run the study's open places (here, in fresh worker processes, or
+    with the workers other machines run), then write and log the tune stage's outputs."""
     # journal: the coordinator starts every worker, so a RUNNING trial now was cut off; RDB: only
     # trials whose worker stopped sending heartbeats (others may be running on other machines)
-    stale = studies.fail_stale(study) if studies.has_heartbeat(study) else studies.fail_stale_running(study)
-    done = len(studies.finished_trials(study))
-    remaining = studies.open_places(study, params.tune_trials(args.variant))
+    heartbeat = optuna_study.has_heartbeat(study)
+    stale = optuna_study.fail_stale(study) if heartbeat else optuna_study.fail_stale_running(study)
+    done = len(optuna_study.finished_trials(study))
+    remaining = optuna_study.open_places(study, params.tune_trials(args.variant))
     elsewhere = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
     print(
         f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
@@ -296,43 +305,44 @@ def main(argv: list[str] | None = None) -> None:
     )
     tags = {"stage": "tune", "variant": args.variant, "study": study.study_name, **tracking.environment_tags()}
     with tracking.run(f"tune/{args.variant}", tags=tags, params={"tune": vars(params.tune)}) as parent_run_id:
-        quotas = studies.split_quota(remaining, params.tune.n_workers)
+        quotas = optuna_study.split_quota(remaining, params.tune.n_workers)
         per_process = params.tune.trials_per_process
         if len(quotas) == 1 and quotas[0] <= per_process:
             run_trials(study, params, args.variant, context, parent_run_id, quotas[0])
         elif len(quotas) == 1:
             # Keras keeps most of every trained model's memory (keras-team/keras#17458, ~200 MB per
             # VGG16): a long study runs in fresh worker processes, one after another
-            for chunk in studies.split_quota(quotas[0], -(-quotas[0] // per_process)):
+            for chunk in optuna_study.split_quota(quotas[0], -(-quotas[0] // per_process)):
                 _spawn_workers(args, [chunk], parent_run_id)
         elif quotas:
             _spawn_workers(args, quotas, parent_run_id)
-        if studies.has_heartbeat(study):
+        if heartbeat:
             finish_study(study, params, args.variant, context, parent_run_id)
         if params.tune.storage != "journal":
-            studies.snapshot_to_journal(study, args.out / "study.journal")
+            optuna_study.snapshot_to_journal(study, args.out / "study.journal")
         best = write_outputs(study, args.out, params, args.variant)
-        tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
-        tracking.log_metrics(
-            {
-                "tuning/best_value": best["value"],
-                "tuning/trials": best["budget"]["trials_run"],
-                "tuning/epochs_run": best["budget"]["epochs_run"],
-            }
-        )
-        if best["learning_rate_at_edge"]:
-            tracking.set_tags({"learning_rate_at_edge": best["learning_rate_at_edge"]})
-        outputs = [
-            args.out / "best_params.json",
-            args.out / "trials.csv",
-            *sorted((args.out / "figures").glob("*.png")),
-        ]
-        tracking.log_artifacts(outputs)
+        _log_best(best, args.out)
     print(
         f"[tune/{args.variant}] best: head_units={best['head_units']} learning_rate={best['learning_rate']:.3g} "
         f"-> val accuracy {best['value']:.4f} (trial {best['trial']})",
         flush=True,
     )
+
+
+def _log_best(best: dict, out: Path) -> None:
+    """The study's result on its MLflow run: the best trial, the budget spent, the output files."""
+    tracking.log_params({"best": {k: best[k] for k in ("head_units", "learning_rate", "trial")}})
+    budget = best["budget"]
+    tracking.log_metrics(
+        {
+            "tuning/best_value": best["value"],
+            "tuning/trials": budget["trials_run"],
+            "tuning/epochs_run": budget["epochs_run"],
+        }
+    )
+    if best["learning_rate_at_edge"]:
+        tracking.set_tags({"learning_rate_at_edge": best["learning_rate_at_edge"]})
+    tracking.log_artifacts([out / "best_params.json", out / "trials.csv", *sorted((out / "figures").glob("*.png"))])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
-"""The tune stage's files, computed from a finished study: best_params.json, trials.csv, figures/."""
+"""The tune stage's files, computed from a finished study: best_params.json, trials.csv (their
+format: pipeline/results.py), figures/."""
 
 from __future__ import annotations
 
-import csv
-import io
 import warnings
 from pathlib import Path
 
@@ -11,22 +10,11 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import study as studies
-from pipeline.atomic import atomic_dir, write_json, write_text
+from pipeline import optuna_study, results
+from pipeline.atomic import atomic_dir
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 
-TRIAL_COLUMNS = (
-    "trial",
-    "state",
-    "value",
-    "head_units",
-    "learning_rate",
-    "best_epoch",
-    "epochs_run",
-    "train_seconds",
-    "seconds",
-)
 EDGE_SHARE = 0.1  # a learning rate within this share of the log range from an end is "at the edge"
 
 
@@ -100,16 +88,11 @@ def best_params(trials: list[optuna.trial.FrozenTrial], params: Params, variant:
 
 def write_outputs(study: optuna.Study, out: Path, params: Params, variant: str) -> dict:
     """Write best_params.json, trials.csv and figures/ for the study's counted trials."""
-    trials = studies.finished_trials(study)
+    trials = optuna_study.finished_trials(study)
     best = best_params(trials, params, variant, study.study_name)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=TRIAL_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(trial_rows(trials))
     with atomic_dir(out / "figures") as figures:
         best["figures"] = _draw_figures(study, trials, figures, variant)
-    write_text(out / "trials.csv", buffer.getvalue())
-    write_json(out / "best_params.json", best)
+    results.write_tuning(out, best, trial_rows(trials))
     return best
 
 
@@ -117,7 +100,7 @@ def _draw_figures(study: optuna.Study, trials, folder: Path, variant: str) -> di
     """PNG per figure; a figure that needs more completed trials is listed with the reason."""
     from optuna.visualization import matplotlib as optuna_plots
 
-    from pipeline.figures import plt
+    from pipeline.plotting import plt
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     figures = {

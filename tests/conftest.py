@@ -131,6 +131,15 @@ def make_tiny_project(root: Path, variants: dict, override: dict | None = None) 
     return params_path, root / "prepared"
 
 
+def cli(**options: object) -> list[str]:
+    """Command-line options from keywords: `cli(variant="frozen", feature_cache=path, worker=True)`
+    is `["--variant", "frozen", "--feature-cache", path, "--worker"]`."""
+    args: list[object] = []
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}"] + ([] if value is True else [value])
+    return args
+
+
 def stage_command(module: str, *args: object) -> list[str]:
     """`python -m pipeline.<module> ARGS` with the tests' interpreter: a stage as a user runs it."""
     return [sys.executable, "-m", f"pipeline.{module}", *map(str, args)]
@@ -157,3 +166,48 @@ def hed():
     from pipeline.weights import load_base_weights
 
     return load_base_weights("hed")
+
+
+def colour_splits(seed: int, train_per_class: int):
+    """Splits of 3 classes with a learnable signal (class = dominant colour channel), 32x32:
+    `train_per_class`, 4 validation and 4 test images per class."""
+    from pipeline.fit import Splits
+
+    rng = np.random.default_rng(seed)
+
+    def make(n_per_class):
+        labels = np.repeat(np.arange(3), n_per_class)
+        images = rng.integers(0, 90, size=(len(labels), 32, 32, 3))
+        images[np.arange(len(labels)), :, :, labels] += 150
+        return images.astype(np.uint8), labels.astype(np.int64)
+
+    return Splits(make(train_per_class), make(4), make(4))
+
+
+def run_config(spec, **overrides):
+    """A RunConfig for `colour_splits` training the layers `spec`; `overrides` change any field."""
+    from pipeline.fit import RunConfig
+    from pipeline.vgg16 import resolve_trainable
+
+    values = dict(
+        image_size=32,
+        num_classes=3,
+        trainable_layers=resolve_trainable(spec),
+        pooling="flatten",
+        head_units=16,
+        dropout=0.2,
+        learning_rate=3e-4,
+        max_epochs=3,
+        patience=100,
+        min_delta=0.0,
+        batch_size=8,
+        seed=5,
+        head_norm="none",
+        augmentation=False,
+        cache_features=True,
+        jit_compile=False,
+        mixed_precision=False,
+        warmup_epochs=0,
+        lr_multipliers=(),
+    )
+    return RunConfig(**{**values, **overrides})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.baselines import C_GRID, PIXELS, PROBE, fit, fit_logistic_regression
-from tests.conftest import REPO, make_tiny_project, run_stage, stage_env
+from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_env
 
 
 def test_regularisation_is_chosen_on_validation_loss_not_on_test():
@@ -71,14 +71,7 @@ def baselines_run(tmp_path_factory):
     params_path, prepared = make_tiny_project(root, {"frozen": {"trainable": "none"}})
     result = run_stage(
         "baselines",
-        "--params",
-        params_path,
-        "--prepared",
-        prepared,
-        "--out",
-        root / "baselines",
-        "--feature-cache",
-        root / "cache",
+        *cli(params=params_path, prepared=prepared, out=root / "baselines", feature_cache=root / "cache"),
         env=stage_env(root),
     )
     return root, result

@@ -8,16 +8,16 @@ import json
 
 import pytest
 
-from pipeline import bench_measure, bench_report
+from pipeline.bench import measure, tables
+from pipeline.fit import Splits
 from pipeline.model import BARE_HEAD, build_model
 from pipeline.params import load_params
-from pipeline.training import Splits
 from tests.conftest import REPO, make_tiny_project, run_stage, stage_env
 
 
 def test_vgg16_conv_flops_match_the_published_15_3_gmacs_at_224():
     model = build_model(image_size=224, num_classes=10, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD)
-    flops = bench_measure.conv_flops(model)
+    flops = measure.conv_flops(model)
     assert len(flops) == 13
     assert sum(flops.values()) / 2 == pytest.approx(15.35e9, rel=0.005)
     assert flops["block1_conv2"] == 2 * 224 * 224 * 3 * 3 * 64 * 64
@@ -29,13 +29,13 @@ def test_flop_bound_orders_the_strategies_by_what_caching_can_save():
     params = load_params(REPO / "params.yaml")
     labels = np.zeros(params.data.train_per_class * 10, dtype=np.int64)
     splits = Splits((None, labels), (None, labels[: params.data.val_per_class * 10]))
-    bound = bench_measure.flop_bound(params, 10, splits)
+    bound = measure.flop_bound(params, 10, splits)
     assert bound["scratch"] == 1.0 and bound["full"] == 1.0  # nothing frozen in front: nothing to cache
     assert bound["frozen"] > bound["last_layers"] > bound["partial"] > 1.0
 
 
 def test_stats_are_median_min_max_and_count():
-    assert bench_measure.stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert measure.stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
     frozen, full = result["strategies"]
     assert frozen["path"].startswith("cached-features") and frozen["pipeline_run_warm"] is not None
     assert full["path"] == "end-to-end" and full["pipeline_run_warm"] is None
-    assert frozen["pipeline_epoch"]["n"] == bench_measure.TIMED_EPOCHS - 1  # the first (tracing) epoch left out
+    assert frozen["pipeline_epoch"]["n"] == measure.TIMED_EPOCHS - 1  # the first (tracing) epoch left out
     assert all(row["identical_to_first"] for row in result["forward"]["batches"])
     assert result["large_study"]["disk"]["full"] is None
     assert result["large_study"]["disk"]["frozen"]["shape"] == [1, 1, 512]
@@ -88,7 +88,7 @@ def test_report_renders_every_part_it_is_given():
         "commit": "c",
         "rows": [{"variant": "frozen", "trials": 3, "epochs_run": 40, "seconds": 18.0, "trials_per_minute": 10.0}],
     }
-    document = bench_report.render(None, None, numerics, tune)
+    document = tables.render(None, None, numerics, tune)
     assert "| full | mixed_bfloat16 | 4.60 [1.00, 3.00] | 2.30x | 0.100 |" in document
     assert "| frozen | 3 | 40 | 18 | 10.0 |" in document
     assert "## Strategies" not in document  # parts that were not measured are left out, not faked

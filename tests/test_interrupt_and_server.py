@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, make_tiny_project, stage_command, stage_env
+from tests.conftest import REPO, cli, make_tiny_project, stage_command, stage_env
 
 FULL = {"full": {"trainable": "all"}}
 
@@ -24,16 +24,13 @@ pytestmark = pytest.mark.slow  # about 75 s together; CI runs them with `make te
 def _train_command(root: Path, params: Path, variant: str) -> list[str]:
     return stage_command(
         "train",
-        "--variant",
-        variant,
-        "--params",
-        params,
-        "--prepared",
-        root / "prepared",
-        "--out",
-        root / "results" / variant,
-        "--feature-cache",
-        root / "cache",
+        *cli(
+            variant=variant,
+            params=params,
+            prepared=root / "prepared",
+            out=root / "results" / variant,
+            feature_cache=root / "cache",
+        ),
     )
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from pipeline import param_reads
 from pipeline.errors import ConfigError
 from pipeline.params import load_params, parse_params
 from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
@@ -50,6 +56,47 @@ def test_repository_params_load_into_frozen_dataclasses():
         ({"variants": {"partial": {"trainable": "some"}}}, "variants.partial.trainable", "'all', 'none'"),
         ({"variants": {"partial": {"trainable": "all", "lr": 1}}}, "variants.partial.lr", "unknown key"),
         ({"variants": {"frozen": {"weights": "vgg.bin", "trainable": "none"}}}, "variants.frozen.weights", ".h5"),
+        ({"train": {"max_epochs": "five"}}, "train.max_epochs", "expected int, got 'five'"),
+        ({"train": {"max_epochs": -3}}, "train.max_epochs", "at least 1"),
+        ({"train": {"learning_rate": 0.0}}, "train.learning_rate", "> 0"),
+        ({"tune": {"learning_rate": [3.0e-3, 1.0e-5]}}, "tune.learning_rate", "need 0 < low < high"),
+        ({"tune": {"head_units": [-1, 64]}}, "tune.head_units", "choices must be >= 0"),
+        (
+            {"variants": {"partial": {"trainable": ["block5_conv4"]}}},
+            "variants.partial.trainable",
+            "'block5_conv4' is not a VGG16 block or layer",
+        ),
+        (
+            {"variants": {"partial": {"warmup_epochs": 5}}, "train": {"max_epochs": 3}},
+            "variants.partial.warmup_epochs",
+            "leaves no fine-tuning epoch within train.max_epochs=3; lower it below 3",
+        ),
+        (
+            {"variants": {"frozen": {"warmup_epochs": 1}}},
+            "variants.frozen.warmup_epochs",
+            "needs a strategy that trains conv layers",
+        ),
+        (
+            {"variants": {"last_layers": {"lr_multipliers": {"block4": 0.1}}}},
+            "variants.last_layers.lr_multipliers.block4",
+            "block4 does not train in this strategy",
+        ),
+        (
+            {"variants": {"full": {"lr_multipliers": {"head": 2.0}}}},
+            "variants.full.lr_multipliers.head",
+            "use a block name: block1",
+        ),
+        ({"studies": {"depth": {"k": [0, 14]}}}, "studies.depth.k", "every k must be in 0..13"),
+        (
+            {"studies": {"sample_efficiency": {"train_per_class": [10, 10]}}},
+            "studies.sample_efficiency.train_per_class",
+            "sizes must be unique",
+        ),
+        (
+            {"studies": {"robustness": {"corruptions": ["fog"]}}},
+            "studies.robustness.corruptions",
+            "use some of gaussian_noise, blur, contrast",
+        ),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(default_raw_params, override, key, fragment):
@@ -58,6 +105,15 @@ def test_bad_values_are_rejected_naming_the_key(default_raw_params, override, ke
     assert caught.value.key == key
     assert fragment in str(caught.value)
     assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_a_storage_url_with_a_password_is_refused_without_repeating_the_password(default_raw_params):
+    raw = merge(default_raw_params, {"tune": {"storage": "postgresql://optuna:hunter2@db-host/optuna"}})
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw)
+    message = str(caught.value)
+    assert message.startswith("tune.storage: 'postgresql://optuna:***@db-host/optuna'")
+    assert "the URL holds a password" in message and "PGPASSWORD" in message and "hunter2" not in message
 
 
 def test_empty_variants_rejected(default_raw_params):
@@ -116,3 +172,34 @@ def test_every_default_in_the_code_equals_params_yaml():
 
     walk(Params, raw, "")
     assert "studies.robustness.enabled" in checked and "data.skip_unreadable" in checked
+
+
+RECORDED_READS = """
+from pipeline.params import load_params
+params = load_params("params.yaml")
+params.trains_end_to_end("frozen")
+sorted(params.variants)
+exec("params.mlflow.experiment, list(params.variants)", {"__name__": "pipeline.tracking", "params": params})
+depth, name = params.with_depth(2)
+depth.report.baseline, depth.report.target_accuracy, depth.variants[name].trainable
+"""
+
+
+def test_a_process_records_each_params_value_it_reads_except_through_an_observer(tmp_path):
+    """pipeline/param_reads.py, the evidence for dvc.yaml's `params:` lists: values by full key,
+    the strategies' mapping when iterated, nothing read by an observing module (`tracking`) or
+    set by the code (the depth study's baseline and strategy)."""
+    env = {**os.environ, param_reads.ENV: str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", RECORDED_READS], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    [record] = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    assert record["reads"] == [
+        "model.weights",  # frozen has no weights of its own
+        "report.target_accuracy",
+        "studies.depth.weights",
+        "train.augmentation",
+        "train.cache_features",
+        "variants",
+        "variants.frozen.trainable",
+        "variants.frozen.weights",
+    ]

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,21 +16,12 @@ import pytest
 import yaml
 
 from pipeline import param_reads
+from pipeline.bench.scale import copy_repository
 from pipeline.params import load_params
-from pipeline.training import TIMING_COLUMNS
-from tests.conftest import REPO, TINY_OVERRIDE, merge
+from pipeline.results import TIMING_COLUMNS
+from tests.conftest import TINY_OVERRIDE, merge
 
 pytestmark = pytest.mark.slow
-
-
-def _copy_repository(target: Path) -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        output = name.startswith(("results/", "reports/", "docs/")) and not name.endswith("README.md")
-        if output or name == "dvc.lock":
-            continue  # outputs of an earlier run: this copy must produce its own
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target / name)
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -51,9 +41,7 @@ def project(tmp_path_factory):
     from tests.conftest import make_tiny_project
 
     tmp_path = tmp_path_factory.mktemp("dvc")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_repository(repo)
+    repo = copy_repository(tmp_path / "repo")  # tracked files, no outputs, committed
     fixture_params, _ = make_tiny_project(tmp_path / "fixture", {"frozen": {"trainable": "none"}})
     data_dir = yaml.safe_load(fixture_params.read_text())["data"]["fashion_mnist_dir"]
     raw = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY_OVERRIDE)
@@ -67,9 +55,7 @@ def project(tmp_path_factory):
         },
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _git(repo, "init", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "copy")
+    _git(repo, "commit", "-qam", "tiny params")
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -332,13 +318,24 @@ def test_each_study_runs_with_its_one_documented_command(project):
 CONDITIONAL = ("data.directory", "data.skip_unreadable")
 
 
-def _covered(key: str, declared: list[str]) -> bool:
+def _covered(key: str, declared: set[str]) -> bool:
     return any(key == d or key.startswith(f"{d}.") for d in declared)
 
 
+def _generic(keys, stage_params: dict) -> set[str]:
+    """`keys` with the stage's own strategy written `variants.*` (`variants.${key}` in dvc.yaml),
+    so that the instances of one foreach/matrix stage compare as one definition."""
+    own = [key for key in stage_params if key.count(".") == 1 and key.startswith("variants.")]
+    if not own:
+        return set(keys)
+    return {"variants.*" + key[len(own[0]) :] if _covered(key, {own[0]}) else key for key in keys}
+
+
 def test_every_stage_declares_exactly_the_params_it_reads(project):
-    """dvc.yaml's `params:` per stage against what the stage's code read (pipeline/param_reads.py)
-    in every run of this module, the studies included (last: it needs every stage to have run)."""
+    """dvc.yaml's `params:` against what each stage's code read (pipeline/param_reads.py) in every
+    run of this module, the studies included (so last). Per stage instance: no value read that is
+    not declared. Per stage definition (the instances of a foreach/matrix stage together, as they
+    share one `params:` list): no declared value that none of them read."""
     repo, env, _, _ = project
     reads = collections.defaultdict(set)
     for path in Path(env[param_reads.ENV]).glob("*.json"):
@@ -347,11 +344,25 @@ def test_every_stage_declares_exactly_the_params_it_reads(project):
     stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert sorted(reads) == sorted(stages)  # every stage ran and recorded, the studies' too
     leaves = param_reads.leaf_keys(load_params(repo / "params.yaml"))
-    wrong = {}
+    wrong: dict[str, dict] = {}
+    declared_by, read_by, leaves_by = collections.defaultdict(set), collections.defaultdict(set), {}
     for name, stage in stages.items():
-        declared = list(stage.get("params", {}).get("params.yaml", {}))
+        declared = set(stage.get("params", {}).get("params.yaml", {}))
         undeclared = sorted(key for key in reads[name] if not _covered(key, declared))
-        unread = [key for key in leaves if _covered(key, declared) and key not in reads[name] | set(CONDITIONAL)]
-        if undeclared or unread:
-            wrong[name] = {"read but not declared": undeclared, "declared but not read": unread}
+        if undeclared:
+            wrong[name] = {"read but not declared": undeclared}
+        definition = name.split("@")[0]
+        declared_by[definition] |= _generic(declared, declared)
+        read_by[definition] |= _generic(reads[name], declared)
+        leaves_by[definition] = _generic(leaves, declared)
+    for definition, declared in declared_by.items():
+        unread = sorted(
+            key
+            for key in declared
+            if not _covered(key, read_by[definition])  # a mapping iterated whole covers its entries
+            and not {leaf for leaf in leaves_by[definition] if _covered(leaf, {key})}
+            <= read_by[definition] | set(CONDITIONAL)
+        )
+        if unread:
+            wrong.setdefault(definition, {})["declared but not read"] = unread
     assert not wrong, json.dumps(wrong, indent=1)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import predictions_csv
+from pipeline import results
 from pipeline.stats import accuracy_interval
-from pipeline.train import confusion_csv, history_csv
-from tests.conftest import REPO, run_stage, stage_env
+from pipeline.vgg16 import BLOCKS
+from tests.conftest import REPO, cli, run_stage, stage_env
 
 # mean test accuracy, mean best-validation accuracy, compute seconds (tuning + one run) per strategy
 VARIANTS = {"scratch": (0.60, 0.60, 500.0), "frozen": (0.69, 0.64, 10.0), "partial": (0.70, 0.66, 100.0)}
@@ -26,11 +26,11 @@ TEST_IMAGES = 200
 LABELS = np.arange(TEST_IMAGES) % 3
 
 
-def _predictions(accuracy: float) -> str:
+def _probabilities(accuracy: float) -> np.ndarray:
     """The first round(accuracy x N) test images right, the rest wrong (paired across strategies)."""
     right = round(accuracy * TEST_IMAGES)
     predicted = np.where(np.arange(TEST_IMAGES) < right, LABELS, (LABELS + 1) % 3)
-    return predictions_csv(LABELS, np.eye(3)[predicted])
+    return np.eye(3)[predicted]
 
 
 def correct_matrix(accuracy: float) -> np.ndarray:
@@ -42,7 +42,6 @@ def _write_results(root: Path) -> None:
     for v_index, (variant, (accuracy, val_accuracy, compute)) in enumerate(VARIANTS.items()):
         for seed in SEEDS:
             seed_dir = root / "results" / "train" / variant / "seeds" / str(seed)
-            seed_dir.mkdir(parents=True)
             history = [
                 {
                     "epoch": e,
@@ -53,13 +52,12 @@ def _write_results(root: Path) -> None:
                     "epoch_seconds": 1.0 + v_index,
                     "cumulative_seconds": e * (1.0 + v_index),
                     "images_seen": 30 * e,
+                    "phase": "main",
+                    **{column: 0.0 for column in results.DRIFT_COLUMNS},
                 }
                 for e in range(1, 3 + seed)  # early stopping: seeds end at different epochs
             ]
-            (seed_dir / "history.csv").write_text(history_csv(history))
             matrix = [[2, 0, 0], [0, 1, 1], [0, 0, 2]]
-            (seed_dir / "confusion_matrix.csv").write_text(confusion_csv(matrix, CLASSES))
-            (seed_dir / "test_predictions.csv").write_text(_predictions(accuracy + 0.01 * (seed - 2)))
             trainable = 10 ** (v_index + 1)
             unconverged = variant == "scratch" and seed == 3  # best epoch 19 of 20, never stopped
             metrics = {
@@ -84,13 +82,17 @@ def _write_results(root: Path) -> None:
                 "head_units": 8,
                 "learning_rate": 1e-3,
                 "training_path": "end-to-end",
+                "warmup_epochs": 0,
+                "train_images": 30,
+                "weight_drift": {b: 0.1 * seed if b == "block5" and variant != "frozen" else 0.0 for b in BLOCKS},
                 "timing": {
                     "seconds_per_epoch": 1.0 + v_index,
                     "train_seconds": compute / 2 + seed - 2,
                     "extraction_seconds": 0.0,
                 },
             }
-            (seed_dir / "metrics.json").write_text(json.dumps(metrics))
+            probabilities = _probabilities(accuracy + 0.01 * (seed - 2))
+            results.write_seed(seed_dir, history, metrics, LABELS, probabilities, matrix, CLASSES)
         tune_dir = root / "results" / "tune" / variant
         tune_dir.mkdir(parents=True)
         edge = "low" if variant == "frozen" else None
@@ -111,10 +113,9 @@ def _write_results(root: Path) -> None:
             f"1,COMPLETE,0.5,8,0.001,3,5,{compute / 4},{compute / 4 + 1}\n"
         )
     baselines = root / "results" / "baselines"
-    (baselines / "predictions").mkdir(parents=True)
+    baselines.mkdir(parents=True)
     records = {}
     for name, accuracy in BASELINES.items():
-        (baselines / "predictions" / f"{name}.csv").write_text(_predictions(accuracy))
         records[name] = {
             "test_accuracy": accuracy,
             "test_macro_f1": accuracy,
@@ -122,7 +123,7 @@ def _write_results(root: Path) -> None:
             "C": 0.1,
             "test_images": TEST_IMAGES,
         }
-    (baselines / "metrics.json").write_text(json.dumps(records))
+    results.write_baselines(baselines, records, LABELS, {name: _probabilities(a) for name, a in BASELINES.items()})
     prepared = root / "prepared"
     prepared.mkdir()
     summary = {
@@ -138,18 +139,14 @@ def _write_results(root: Path) -> None:
 def _report(root, baselines, out):
     return run_stage(
         "report",
-        "--params",
-        root / "params.yaml",
-        "--prepared",
-        root / "prepared",
-        "--train-dir",
-        root / "results" / "train",
-        "--tune-dir",
-        root / "results" / "tune",
-        "--baselines-dir",
-        baselines,
-        "--out",
-        out,
+        *cli(
+            params=root / "params.yaml",
+            prepared=root / "prepared",
+            train_dir=root / "results" / "train",
+            tune_dir=root / "results" / "tune",
+            baselines_dir=baselines,
+            out=out,
+        ),
         env=stage_env(root),
         timeout=300,
     )
@@ -319,12 +316,10 @@ def test_report_renders_in_headless_chromium_offline(report, tmp_path):
 def test_baselines_from_another_test_set_stop_the_report_with_the_fix(report, tmp_path):
     root, _ = report
     stale = tmp_path / "baselines"
-    (stale / "predictions").mkdir(parents=True)
-    (stale / "predictions" / "pixels_logistic_regression.csv").write_text(
-        predictions_csv(LABELS[:50], np.eye(3)[LABELS[:50]])
-    )
+    stale.mkdir()
     record = {"test_accuracy": 1.0, "test_macro_f1": 1.0, "val_accuracy": 1.0, "C": 1.0, "test_images": 50}
-    (stale / "metrics.json").write_text(json.dumps({"pixels_logistic_regression": record}))
+    probabilities = {"pixels_logistic_regression": np.eye(3)[LABELS[:50]]}
+    results.write_baselines(stale, {"pixels_logistic_regression": record}, LABELS[:50], probabilities)
     result = _report(root, stale, tmp_path / "out")
     assert result.returncode == 2
     assert "another test set (50 images, the strategies have 200); rerun `dvc repro baselines`" in result.stderr
@@ -333,7 +328,7 @@ def test_baselines_from_another_test_set_stop_the_report_with_the_fix(report, tm
 
 def test_data_caveat_names_every_kind_of_image_conversion_in_one_line():
     from pipeline.images import KINDS
-    from pipeline.report_document import _conversions
+    from pipeline.report.document import _conversions
 
     data = {
         "conversions": {**dict.fromkeys(KINDS, 0), "high_bit_depth_16": 41, "exif_orientation": 2},

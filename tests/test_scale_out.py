@@ -18,10 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import study as studies
-from pipeline import team_stack
+from pipeline import optuna_study, team_stack
 from pipeline.errors import PipelineError
-from tests.conftest import REPO, make_tiny_project, run_stage, stage_command
+from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_command
 
 pytestmark = pytest.mark.slow  # real servers and stage processes: about 2 minutes together
 
@@ -133,25 +132,26 @@ def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a
     finally:
         del os.environ["PGPASSWORD"]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.user_attrs[studies.BUDGET_INDEX] for t in complete) == list(range(budget))  # none lost or twice
+    place = optuna_study.BUDGET_INDEX
+    assert sorted(t.user_attrs[place] for t in complete) == list(range(budget))  # none lost or twice
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     killed = [t for t in trials if t.user_attrs.get("worker_pid") == victim.pid and t.state != TrialState.COMPLETE]
     assert len(killed) == 1 and killed[0].state == TrialState.FAIL  # failed by the heartbeat, not by itself
-    [rerun] = [t for t in complete if t.user_attrs[studies.BUDGET_INDEX] == killed[0].user_attrs[studies.BUDGET_INDEX]]
+    [rerun] = [t for t in complete if t.user_attrs[place] == killed[0].user_attrs[place]]
     assert rerun.user_attrs["worker_pid"] != victim.pid
-    if killed[0].user_attrs[studies.BUDGET_INDEX] < 3:  # a design place is rerun with its design point (a TPE
+    if killed[0].user_attrs[place] < 3:  # a design place is rerun with its design point (a TPE
         assert rerun.params == killed[0].params  # place is drawn again from the results known by then)
-    over = [t for t in trials if t.user_attrs.get(studies.OVER_BUDGET)]
+    over = [t for t in trials if t.user_attrs.get(optuna_study.OVER_BUDGET)]
     assert all("epochs_run" not in t.user_attrs for t in over)  # a trial that found no place never trained
     assert len(trials) == budget + 1 + len(over)
     workers = {t.user_attrs["worker_pid"] for t in complete}
     assert {coordinator.pid, survivor.pid} <= workers  # both survivors took part
 
-    winner = max(complete, key=lambda t: (t.value, -t.user_attrs[studies.BUDGET_INDEX]))
+    winner = max(complete, key=lambda t: (t.value, -t.user_attrs[optuna_study.BUDGET_INDEX]))
     assert (best["head_units"], best["learning_rate"], best["trial"]) == (
         winner.params["head_units"],
         winner.params["learning_rate"],
-        winner.user_attrs[studies.BUDGET_INDEX],
+        winner.user_attrs[optuna_study.BUDGET_INDEX],
     )
     assert best["budget"]["trials_run"] == budget
     snapshot = optuna.load_study(
@@ -187,16 +187,7 @@ def test_train_stage_logs_to_an_mlflow_server_on_postgresql_with_served_artifact
         env["MLFLOW_TRACKING_URI"] = uri  # the client talks HTTP only: no database credential
         proc = run_stage(
             "train",
-            "--variant",
-            "frozen",
-            "--params",
-            params,
-            "--prepared",
-            prepared,
-            "--out",
-            out,
-            "--feature-cache",
-            project / "cache",
+            *cli(variant="frozen", params=params, prepared=prepared, out=out, feature_cache=project / "cache"),
             env=env,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]

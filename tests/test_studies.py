@@ -12,8 +12,8 @@ import pytest
 from pipeline.baselines import C_GRID
 from pipeline.corruptions import BLUR_SIGMA_PER_32PX, CONTRAST_FACTOR, NOISE_SIGMA, corrupt
 from pipeline.data import nested_subset
-from pipeline.evaluation import read_predictions
-from pipeline.report_studies import _vanishing_point, advantage_table
+from pipeline.report.studies import _vanishing_point, advantage_table
+from pipeline.results import read_predictions
 from tests.conftest import make_tiny_project, run_stage, stage_env
 
 # --- corruptions ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, make_tiny_project, run_stage, stage_env
+from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_env
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +31,13 @@ def stage_run(tmp_path_factory):
 def _train(root, params_path, variant):
     return run_stage(
         "train",
-        "--variant",
-        variant,
-        "--params",
-        params_path,
-        "--prepared",
-        root / "prepared",
-        "--out",
-        root / "results" / variant,
-        "--feature-cache",
-        root / "cache",
+        *cli(
+            variant=variant,
+            params=params_path,
+            prepared=root / "prepared",
+            out=root / "results" / variant,
+            feature_cache=root / "cache",
+        ),
         env={**stage_env(root), "HOME": str(root)},
     )
 
@@ -359,7 +356,7 @@ def test_mlflow_models_serve_answers_with_class_names(registered):
 
 
 def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_run, tmp_path):
-    from pipeline.training import TIMING_COLUMNS
+    from pipeline.results import TIMING_COLUMNS
 
     root, params_path, result = stage_run
     assert result.returncode == 0

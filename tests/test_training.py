@@ -7,49 +7,20 @@ import numpy as np
 import pytest
 
 from pipeline import features
+from pipeline.fit import NonFiniteLossError, Splits, fit_variant
 from pipeline.model import BARE_HEAD, build_model
-from pipeline.training import TIMING_COLUMNS, NonFiniteLossError, RunConfig, Splits, fit_variant
+from pipeline.results import TIMING_COLUMNS
 from pipeline.vgg16 import BLOCKS, resolve_trainable
+from tests.conftest import colour_splits, run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_splits():
-    """3 classes with a learnable signal (class = dominant colour channel), 32x32."""
-    rng = np.random.default_rng(0)
-
-    def make(n_per_class):
-        labels = np.repeat(np.arange(3), n_per_class)
-        images = rng.integers(0, 90, size=(len(labels), 32, 32, 3))
-        images[np.arange(len(labels)), :, :, labels] += 150
-        return images.astype(np.uint8), labels.astype(np.int64)
-
-    return Splits(make(8), make(4), make(4))
+    return colour_splits(seed=0, train_per_class=8)
 
 
 def _config(spec, **overrides):
-    values = dict(
-        image_size=32,
-        num_classes=3,
-        trainable_layers=resolve_trainable(spec),
-        pooling="flatten",
-        head_units=16,
-        dropout=0.2,
-        learning_rate=1e-4,
-        max_epochs=2,
-        patience=100,
-        min_delta=0.0,
-        batch_size=8,
-        seed=3,
-        head_norm="batchnorm",
-        augmentation=False,
-        cache_features=True,
-        jit_compile=False,
-        mixed_precision=False,
-        warmup_epochs=0,
-        lr_multipliers=(),
-    )
-    values.update(overrides)
-    return RunConfig(**values)
+    return run_config(spec, **{"learning_rate": 1e-4, "max_epochs": 2, "seed": 3, **overrides})
 
 
 def _without_timing(history):
@@ -189,7 +160,7 @@ def test_augmentation_bypasses_the_cache(hed, tiny_splits):
 def _epochs_of_batches(x, y, seed: int, shuffle: bool, epochs: int = 2):
     import keras
 
-    from pipeline.training import _batches
+    from pipeline.fit import _batches
 
     keras.utils.set_random_seed(seed)
     dataset = _batches(x, y, 8, seed, shuffle)
@@ -200,7 +171,7 @@ def _epochs_of_batches(x, y, seed: int, shuffle: bool, epochs: int = 2):
 def test_streamed_batches_equal_in_memory_batches(tmp_path, monkeypatch, shuffle):
     """Large inputs are read batch by batch from their memory map; the batches (order included,
     epoch after epoch) must be exactly those of the in-memory path, or results would change."""
-    import pipeline.training as training
+    import pipeline.fit as training
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.normal(size=(45, 2, 2, 3)).astype(np.float32))
@@ -236,7 +207,7 @@ def test_cached_features_file_equals_the_prefix_output(tmp_path, hed, tiny_split
 
 
 def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatch, hed, tiny_splits):
-    import pipeline.training as training
+    import pipeline.fit as training
 
     def run():
         cache = features.FeatureCache(tmp_path)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline import study as studies
+from pipeline import optuna_study
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.tune import study_identity
@@ -48,16 +48,16 @@ def _tune_command(root, params_path, variant="frozen"):
 
 
 def _study(root, variant="frozen"):
-    storage = studies.open_storage("journal", root / "tune" / variant / "study.journal", heartbeat_seconds=1)
+    storage = optuna_study.open_storage("journal", root / "tune" / variant / "study.journal", heartbeat_seconds=1)
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(storage=storage, study_name=summary.study_name)
 
 
 def test_split_quota_is_exact_and_even():
-    assert studies.split_quota(7, 3) == [3, 2, 2]
-    assert studies.split_quota(2, 4) == [1, 1]
-    assert studies.split_quota(0, 2) == []
-    assert sum(studies.split_quota(13, 5)) == 13
+    assert optuna_study.split_quota(7, 3) == [3, 2, 2]
+    assert optuna_study.split_quota(2, 4) == [1, 1]
+    assert optuna_study.split_quota(0, 2) == []
+    assert sum(optuna_study.split_quota(13, 5)) == 13
 
 
 def test_study_identity_ignores_n_trials_so_raising_it_continues_the_study(default_raw_params):
@@ -68,7 +68,7 @@ def test_study_identity_ignores_n_trials_so_raising_it_continues_the_study(defau
     more = parse_params(merge(default_raw_params, {"tune": {"n_trials": 50}}))
     other_rule = parse_params(merge(default_raw_params, {"train": {"patience": 3}}))
     other_seeds = parse_params(merge(default_raw_params, {"train": {"seeds": [7]}}))
-    name = lambda p: studies.study_name("frozen", study_identity(p, "frozen", "w", "d"))  # noqa: E731
+    name = lambda p: optuna_study.study_name("frozen", study_identity(p, "frozen", "w", "d"))  # noqa: E731
     assert name(base) == name(more) == name(other_seeds)  # train seeds do not touch a trial
     assert name(base) != name(other_rule)  # the training rule does
 
@@ -92,17 +92,17 @@ def test_budget_places_are_distinct_for_simultaneous_trials_and_a_failed_place_i
         frozen = _trial(number, state, 0.5 if state == TrialState.COMPLETE else None, attrs)
         frozen.number = number
         if place is not None:
-            frozen.user_attrs[studies.BUDGET_INDEX] = place
+            frozen.user_attrs[optuna_study.BUDGET_INDEX] = place
         return frozen
 
     done = [trial(0, TrialState.COMPLETE, 0), trial(1, TrialState.COMPLETE, 1)]
     # two workers created trials 2 and 3 at the same moment: whichever looks first, 2 gets place 2
     both_new = [*done, trial(2, TrialState.RUNNING), trial(3, TrialState.RUNNING)]
-    assert (studies.budget_place(both_new, 2), studies.budget_place(both_new, 3)) == (2, 3)
+    assert (optuna_study.budget_place(both_new, 2), optuna_study.budget_place(both_new, 3)) == (2, 3)
     three_took_its_place = [*done, trial(2, TrialState.RUNNING), trial(3, TrialState.RUNNING, 3)]
-    assert studies.budget_place(three_took_its_place, 2) == 2
+    assert optuna_study.budget_place(three_took_its_place, 2) == 2
     two_took_its_place = [*done, trial(2, TrialState.RUNNING, 2), trial(3, TrialState.RUNNING)]
-    assert studies.budget_place(two_took_its_place, 3) == 3
+    assert optuna_study.budget_place(two_took_its_place, 3) == 3
     # the worker of place 2 died (its trial FAIL, not by its own fault): the next trial takes place 2
     after_failure = [
         *done,
@@ -110,19 +110,19 @@ def test_budget_places_are_distinct_for_simultaneous_trials_and_a_failed_place_i
         trial(3, TrialState.COMPLETE, 3),
         trial(4, TrialState.RUNNING),
     ]
-    assert studies.budget_place(after_failure, 4) == 2
+    assert optuna_study.budget_place(after_failure, 4) == 2
     # a NaN trial used its place up
-    nan = [*done, trial(2, TrialState.FAIL, 2, **{studies.FAILED_ON_ITS_OWN: "nan"}), trial(3, TrialState.RUNNING)]
-    assert studies.budget_place(nan, 3) == 3
+    nan = [*done, trial(2, TrialState.FAIL, 2, **{optuna_study.FAILED_ON_ITS_OWN: "nan"}), trial(3, TrialState.RUNNING)]
+    assert optuna_study.budget_place(nan, 3) == 3
 
 
 def test_interrupted_failures_do_not_count_against_the_budget():
     study = optuna.create_study(direction="maximize")
     study.add_trial(_trial(0, TrialState.COMPLETE, 0.5, {"epochs_run": 2}))
     study.add_trial(_trial(1, TrialState.PRUNED, None, {"epochs_run": 1}))
-    study.add_trial(_trial(2, TrialState.FAIL, None, {studies.FAILED_ON_ITS_OWN: "non-finite loss"}))
+    study.add_trial(_trial(2, TrialState.FAIL, None, {optuna_study.FAILED_ON_ITS_OWN: "non-finite loss"}))
     study.add_trial(_trial(3, TrialState.FAIL))  # interrupted from outside: repeated next run
-    assert [t.number for t in studies.finished_trials(study)] == [0, 1, 2]
+    assert [t.number for t in optuna_study.finished_trials(study)] == [0, 1, 2]
 
 
 def test_best_params_records_budget_rule_and_edge(default_raw_params):
@@ -131,7 +131,7 @@ def test_best_params_records_budget_rule_and_edge(default_raw_params):
     params = parse_params(default_raw_params)
     study = optuna.create_study(direction="maximize")
     study.add_trial(_trial(0, TrialState.COMPLETE, 0.5, {"epochs_run": 12, "budget_index": 0}))
-    study.add_trial(_trial(1, TrialState.FAIL, None, {studies.FAILED_ON_ITS_OWN: "nan", "budget_index": 1}))
+    study.add_trial(_trial(1, TrialState.FAIL, None, {optuna_study.FAILED_ON_ITS_OWN: "nan", "budget_index": 1}))
     best = best_params(study.trials, params, "frozen", "s")
     assert best["value"] == 0.5 and best["trial"] == 0
     assert best["budget"]["trials_run"] == 2 and best["budget"]["failed_trials"] == 1
@@ -156,15 +156,15 @@ def test_learning_rate_edges_are_the_outer_tenths_of_the_log_range():
 
 
 def test_start_up_design_covers_the_range_and_differs_per_strategy():
-    points = studies.design(42, "frozen", [0, 64, 256], (1e-5, 1e-2), 8)
+    points = optuna_study.design(42, "frozen", [0, 64, 256], (1e-5, 1e-2), 8)
     positions = (np.log10([p["learning_rate"] for p in points]) + 5) / 3  # 0..1 across the log range
     for k in range(2, 9):  # every prefix (a short budget uses the first points) spreads over the range
         ordered = np.sort(positions[:k])
         widest = np.diff(np.r_[ordered, ordered[0] + 1]).max()  # gaps on the circle
         assert widest <= 1.81 / k
     assert [p["head_units"] for p in points[:3]] in ([0, 64, 256], [64, 256, 0], [256, 0, 64])  # each in turn
-    assert points[:3] == studies.design(42, "frozen", [0, 64, 256], (1e-5, 1e-2), 3)  # prefix-stable, seeded
-    assert points != studies.design(42, "partial", [0, 64, 256], (1e-5, 1e-2), 8)
+    assert points[:3] == optuna_study.design(42, "frozen", [0, 64, 256], (1e-5, 1e-2), 3)  # prefix-stable, seeded
+    assert points != optuna_study.design(42, "partial", [0, 64, 256], (1e-5, 1e-2), 8)
 
 
 def test_end_to_end_strategies_get_their_own_trial_and_seed_budget(default_raw_params):
@@ -240,7 +240,7 @@ def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
             break
     assert process.wait(timeout=120) != 0
     first = _study(resumed_root)
-    kept = {t.number: t.datetime_start for t in studies.finished_trials(first)}
+    kept = {t.number: t.datetime_start for t in optuna_study.finished_trials(first)}
     assert 1 <= len(kept) < 4
     assert not (resumed_root / "tune" / "frozen" / "best_params.json").exists()
 
@@ -248,8 +248,8 @@ def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(kept)} trials done, {4 - len(kept)} to run" in result.stdout
     resumed = _study(resumed_root)
-    assert len(studies.finished_trials(resumed)) == 4
-    assert all(t.datetime_start == kept[t.number] for t in studies.finished_trials(resumed) if t.number in kept)
+    assert len(optuna_study.finished_trials(resumed)) == 4
+    assert all(t.datetime_start == kept[t.number] for t in optuna_study.finished_trials(resumed) if t.number in kept)
     # the same trials (parameters, values, epochs) and the same best parameters as the clean study
     assert _deterministic(resumed_root) == _deterministic(clean_root)
     # and MLflow shows the interrupted study run as KILLED, not RUNNING

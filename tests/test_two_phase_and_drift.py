@@ -11,51 +11,18 @@ import pytest
 
 from pipeline.drift import block_drift
 from pipeline.features import FeatureCache
+from pipeline.fit import Splits, fit_variant
 from pipeline.model import BARE_HEAD, build_model, compile_model
-from pipeline.training import TIMING_COLUMNS, RunConfig, Splits, fit_variant
+from pipeline.results import TIMING_COLUMNS
 from pipeline.vgg16 import BLOCKS, resolve_trainable
+from tests.conftest import colour_splits, run_config
 
 DRIFTS = [f"drift_{b}" for b in BLOCKS]
 
 
 @pytest.fixture(scope="module")
 def splits():
-    """3 classes with a learnable signal (class = dominant colour channel), 32x32."""
-    rng = np.random.default_rng(1)
-
-    def make(n_per_class):
-        labels = np.repeat(np.arange(3), n_per_class)
-        images = rng.integers(0, 90, size=(len(labels), 32, 32, 3))
-        images[np.arange(len(labels)), :, :, labels] += 150
-        return images.astype(np.uint8), labels.astype(np.int64)
-
-    return Splits(make(10), make(4), make(4))
-
-
-def _config(spec, **overrides):
-    values = dict(
-        image_size=32,
-        num_classes=3,
-        trainable_layers=resolve_trainable(spec),
-        pooling="flatten",
-        head_units=16,
-        dropout=0.2,
-        learning_rate=3e-4,
-        max_epochs=3,
-        patience=100,
-        min_delta=0.0,
-        batch_size=8,
-        seed=5,
-        head_norm="none",
-        augmentation=False,
-        cache_features=True,
-        jit_compile=False,
-        mixed_precision=False,
-        warmup_epochs=0,
-        lr_multipliers=(),
-    )
-    values.update(overrides)
-    return RunConfig(**values)
+    return colour_splits(seed=1, train_per_class=10)
 
 
 def _strip(rows, keep=("loss", "accuracy", "val_loss", "val_accuracy")):
@@ -63,8 +30,8 @@ def _strip(rows, keep=("loss", "accuracy", "val_loss", "val_accuracy")):
 
 
 def test_warmup_epochs_train_the_head_exactly_like_the_frozen_strategy_then_fine_tune(hed, splits):
-    two_phase = fit_variant(_config(["block5"], warmup_epochs=2, max_epochs=4), hed, splits, "d")
-    frozen = fit_variant(_config("none", max_epochs=2), hed, splits, "d")
+    two_phase = fit_variant(run_config(["block5"], warmup_epochs=2, max_epochs=4), hed, splits, "d")
+    frozen = fit_variant(run_config("none", max_epochs=2), hed, splits, "d")
 
     history = two_phase.history
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]  # one continuous epoch axis
@@ -85,7 +52,7 @@ def test_warmup_epochs_train_the_head_exactly_like_the_frozen_strategy_then_fine
 
 
 def test_final_weight_drift_is_measured_from_the_weights_and_exactly_zero_for_frozen_blocks(hed, splits):
-    result = fit_variant(_config(["block5_conv3"]), hed, splits, "d")
+    result = fit_variant(run_config(["block5_conv3"]), hed, splits, "d")
     by_hand = {}
     for block, layers in BLOCKS.items():
         now = [w.astype(np.float64) for name in layers for w in result.model.get_layer(name).get_weights()]
@@ -153,7 +120,7 @@ def test_training_on_a_pool_subset_equals_training_on_that_subset(hed, splits, t
     index = np.array([0, 3, 4, 11, 12, 19, 25, 28])  # sorted, like nested_subset gives
     subset = Splits((splits.train[0][index], splits.train[1][index]), splits.val, splits.test)
     pooled = dataclasses.replace(splits, train_index=index)
-    config = _config(["block5_conv3"], max_epochs=2)
+    config = run_config(["block5_conv3"], max_epochs=2)
     cache = FeatureCache(tmp_path)
     from_pool = fit_variant(config, hed, pooled, "pool-sha", cache)
     direct = fit_variant(config, hed, subset, "subset-sha", cache)

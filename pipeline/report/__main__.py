@@ -15,108 +15,33 @@ and logs them as the artifacts of one MLflow run `report`.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import report_diagnostics as diagnostics
-from pipeline import report_figures as figures
-from pipeline import report_studies as research
 from pipeline import tracking
-from pipeline.answer import choose, read_evidence
-from pipeline.atomic import atomic_dir, ensure_writable, write_json, write_text
+from pipeline.atomic import atomic_dir, atomic_path, ensure_writable, write_json, write_text
 from pipeline.cli import run_stage
 from pipeline.data import load_summary
 from pipeline.errors import DataError
-from pipeline.evaluation import read_predictions
-from pipeline.figures import confusion_matrix_figure, plt
 from pipeline.params import Params, load_params
-from pipeline.report_answer import unconverged
-from pipeline.report_document import build_document, to_html, to_markdown
+from pipeline.plotting import confusion_matrix_figure, plt
+from pipeline.recommendation import choose
+from pipeline.report import diagnostics, figures
+from pipeline.report import studies as research
+from pipeline.report.answer import unconverged
+from pipeline.report.document import build_document, to_html, to_markdown
+from pipeline.results import read_baselines, read_evidence, read_strategy, read_tuning
 from pipeline.stats import accuracy_interval
 
 
-def _number(text: str):
-    return None if text in ("", "None") else float(text)
-
-
-def _history_row(row: dict) -> dict:
-    """A history.csv row as numbers (`phase` stays text; empty cells, absent in older files, are left out)."""
-    return {k: (v if k == "phase" else float(v)) for k, v in row.items() if v != ""}
-
-
-def read_variant(train_dir: Path, variant: str) -> dict:
-    """One strategy's per-seed results from the train stage's files."""
-    seeds_dir = train_dir / variant / "seeds"
-    if not seeds_dir.is_dir():
-        raise DataError(f"{seeds_dir} not found; run `dvc repro train@{variant}` first")
-    result = {
-        "histories": {},
-        "test_accuracy": {},
-        "macro_f1": {},
-        "epochs_to_target": {},
-        "seconds_per_epoch": {},
-        "weight_drift": {},
-        "robustness": {},
-        "convergence": {},
-    }
-    confusion = None
-    for seed_dir in sorted(seeds_dir.iterdir(), key=lambda p: int(p.name)):
-        seed = int(seed_dir.name)
-        metrics = json.loads((seed_dir / "metrics.json").read_text())
-        with (seed_dir / "history.csv").open() as f:
-            result["histories"][seed] = [_history_row(row) for row in csv.DictReader(f)]
-        result["test_accuracy"][seed] = metrics["test_accuracy"]
-        result["macro_f1"][seed] = metrics["test_macro_f1"]
-        result["epochs_to_target"][seed] = metrics["epochs_to_target"]
-        result["seconds_per_epoch"][seed] = metrics["timing"]["seconds_per_epoch"]
-        result["convergence"][seed] = {
-            k: metrics[k] for k in ("best_epoch", "epochs_run", "max_epochs", "stopped_early")
-        }
-        if "weight_drift" in metrics:
-            result["weight_drift"][seed] = metrics["weight_drift"]
-        if "robustness" in metrics:
-            result["robustness"][seed] = metrics["robustness"]
-        with (seed_dir / "confusion_matrix.csv").open() as f:
-            rows = list(csv.reader(f))
-        matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
-        confusion = matrix if confusion is None else confusion + matrix
-        result.update(
-            parameters=metrics["parameters"],
-            head_units=metrics["head_units"],
-            learning_rate=metrics["learning_rate"],
-            training_path=metrics["training_path"],
-            target_accuracy=metrics["target_accuracy"],
-            warmup_epochs=metrics.get("warmup_epochs", 0),
-            train_images=metrics.get("train_images"),
-        )
-    if not result["histories"]:
-        raise DataError(f"{seeds_dir} holds no seed results; rerun `dvc repro train@{variant}`")
-    result["confusion"] = confusion.tolist()
-    return result
-
-
 def read_results(train_dir: Path, tune_dir: Path, variant: str) -> dict:
-    """`read_variant` plus the answer's evidence (per-image correctness, compute) and the test
+    """`results.read_strategy` plus the answer's evidence (per-image correctness, compute) and the test
     accuracy interval over seeds and test images."""
-    result = read_variant(train_dir, variant)
+    result = read_strategy(train_dir, variant)
     result["evidence"] = read_evidence(train_dir, tune_dir, variant)
     result["interval"] = accuracy_interval(result["evidence"]["correct"])
     return result
-
-
-def read_baselines(baselines_dir: Path) -> dict:
-    """{baseline: metrics record + "correct" (1 x test images)} from the baselines stage, or {}."""
-    path = baselines_dir / "metrics.json"
-    if not path.is_file():
-        return {}
-    out = {}
-    for name, record in json.loads(path.read_text()).items():
-        labels, predicted = read_predictions(baselines_dir / "predictions" / f"{name}.csv")
-        out[name] = {**record, "labels": labels, "correct": (predicted == labels)[None, :].astype(np.int8)}
-    return out
 
 
 def check_same_test_set(results: dict, baselines: dict, baselines_dir: Path) -> None:
@@ -129,16 +54,6 @@ def check_same_test_set(results: dict, baselines: dict, baselines_dir: Path) -> 
                 f"{baselines_dir}: {name} was computed on another test set ({len(baseline['labels'])} images, the "
                 f"strategies have {len(labels)}); rerun `dvc repro baselines` (or pass --baselines-dir)"
             )
-
-
-def read_tuning(tune_dir: Path, variant: str) -> dict | None:
-    """The tune stage's record of one strategy, or None when it was not tuned."""
-    best_path = tune_dir / variant / "best_params.json"
-    if not best_path.is_file():
-        return None
-    with (tune_dir / variant / "trials.csv").open() as f:
-        trials = [{**row, "trial": int(row["trial"]), "value": _number(row["value"])} for row in csv.DictReader(f)]
-    return {"best": json.loads(best_path.read_text()), "trials": trials}
 
 
 def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, data: dict) -> dict:
@@ -249,8 +164,6 @@ def _thumbnail(source: Path, target: Path, width: int = 720) -> None:
     """A small PNG copy (for the README), written atomically."""
     from PIL import Image
 
-    from pipeline.atomic import atomic_path
-
     with Image.open(source) as image:
         small = image.convert("RGB").resize(
             (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS
@@ -290,9 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     baselines = read_baselines(args.baselines_dir)
     check_same_test_set(results, baselines, args.baselines_dir)
     answer = choose({v: r["evidence"] for v, r in results.items()})
-    studies = research.read_studies(args.studies_dir, params, read_variant, baselines)
-    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri, Path(args.params).resolve().parent)
-    tracking.connect(uri, params.mlflow.experiment)
+    studies = research.read_studies(args.studies_dir, params, baselines)
+    tracking.open_store(params.mlflow, args.params)
 
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
     with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):

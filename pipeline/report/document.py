@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import report_diagnostics
 from pipeline.images import KINDS
 from pipeline.params import Params
-from pipeline.report_answer import answer_blocks, baseline_rows, unconverged, versus_pixels
-from pipeline.report_studies import study_blocks
+from pipeline.report import diagnostics
+from pipeline.report.answer import answer_blocks, baseline_rows, unconverged, versus_pixels
+from pipeline.report.studies import study_blocks
 from pipeline.stats import difference_interval
 
 WEIGHT_MEANINGS = {
@@ -174,6 +174,7 @@ def build_document(
     baselines: dict | None = None,
     answer: dict | None = None,
 ) -> list[tuple]:
+    # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
     baseline = params.report.baseline
     baselines = baselines or {}
     shown = answer["recommended"] if answer else max(results, key=lambda v: results[v]["interval"].mean)
@@ -240,7 +241,7 @@ def build_document(
     ]
     if "tuning" in files:
         doc.append(("figure", files["tuning"], "Trial values against learning rate; ring: the chosen trial."))
-    doc += report_diagnostics.blocks(params, results, files)
+    doc += diagnostics.blocks(params, results, files)
     doc += study_blocks(params, studies or {}, files)
     doc += [
         ("h2", f"Confusion matrix of {shown}" + (" (recommended)" if answer else "")),

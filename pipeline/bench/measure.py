@@ -144,7 +144,7 @@ def _config(params: Params, variant: str, num_classes: int, seed: int, epochs: i
     beyond the budget: a timing compares equal epoch counts)."""
     import dataclasses
 
-    from pipeline.training import RunConfig
+    from pipeline.fit import RunConfig
 
     config = RunConfig.from_params(
         params,
@@ -163,8 +163,8 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     import keras
 
     from pipeline.features import predict
+    from pipeline.fit import seed_everything
     from pipeline.model import build_model, compile_model
-    from pipeline.training import seed_everything
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -211,7 +211,7 @@ def strategy_timings(params: Params, weights_for, splits, data_sha: str, num_cla
     import keras
 
     from pipeline.features import FeatureCache
-    from pipeline.training import fit_variant
+    from pipeline.fit import fit_variant
 
     rows = []
     epochs = TIMED_EPOCHS
@@ -324,8 +324,8 @@ def _warm_feature_cache(params: Params, variant: str, context: dict) -> None:
     """Compute the strategy's cached features before timing trials, so that neither study pays
     the one-time extraction."""
     from pipeline.features import cache_key, cut_layer, extraction_batch_size, split_model
+    from pipeline.fit import RunConfig
     from pipeline.model import BARE_HEAD, build_model
-    from pipeline.training import RunConfig
 
     weights = context["weights"]
     config = RunConfig.from_params(
@@ -363,8 +363,7 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int) 
     import mlflow
     import optuna
 
-    from pipeline import study as studies
-    from pipeline import tracking
+    from pipeline import optuna_study, tracking
     from pipeline.tune import Objective, _context
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -375,9 +374,9 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int) 
         for variant in params.variants:
             context = _context(params, variant, prepared, str(cache_root / variant))
             _warm_feature_cache(params, variant, context)
-            points = studies.design(params.seed, variant, list(tune.head_units), tune.learning_rate, n_trials)
-            study = studies.load_or_create(
-                optuna.storages.InMemoryStorage(), variant, sampler=studies.BudgetSampler(params.seed, points)
+            points = optuna_study.design(params.seed, variant, list(tune.head_units), tune.learning_rate, n_trials)
+            study = optuna_study.load_or_create(
+                optuna.storages.InMemoryStorage(), variant, sampler=optuna_study.BudgetSampler(params.seed, points)
             )
             with mlflow.start_run(run_name=f"bench/{variant}") as parent:
                 objective = Objective(params, variant, context, parent.info.run_id)
@@ -412,7 +411,7 @@ def numerics_options(params: Params, weights_for, splits, data_sha: str, num_cla
 
     import keras
 
-    from pipeline.training import fit_variant
+    from pipeline.fit import fit_variant
 
     rows = []
     for variant in [v for v in ("full", "partial") if v in params.variants]:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import ensure_writable, write_json, write_text
-from pipeline.bench_measure import (
+from pipeline.bench.measure import (
     flop_bound,
     forward_throughput,
     matmul_flops,
@@ -34,26 +34,22 @@ from pipeline.bench_measure import (
     strategy_timings,
     tune_rates,
 )
-from pipeline.bench_report import render
-from pipeline.bench_study import end_to_end, large_study
+from pipeline.bench.scale import end_to_end, large_study
+from pipeline.bench.tables import render
 from pipeline.cli import run_stage
 from pipeline.params import load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_sections(args) -> dict:
     """The in-process sections named in `args.sections`, in this process."""
     import tensorflow as tf
 
-    from pipeline.data import load_split, load_summary
-    from pipeline.training import Splits
     from pipeline.weights import load_base_weights
 
-    params = load_params(args.params)
+    params, splits, summary = _load(args)
     sections = set(args.sections.split(","))
-    summary = load_summary(args.prepared)
-    splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
     num_classes = len(summary["class_names"])
     weights = {v: load_base_weights(params.variant_weights(v)) for v in params.variants}
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="vgg16-bench-cache-"))
@@ -84,7 +80,7 @@ def _commit() -> str:
     return "unknown"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
@@ -105,63 +101,64 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, help="with --end-to-end: move the finished copy here")
     parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # internal: one section's JSON
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # internal: shared feature cache
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _load(args):
+    """(params, prepared splits, summary) of the prepared data the benchmark measures on."""
+    from pipeline.data import load_split, load_summary
+    from pipeline.fit import Splits
+
+    params = load_params(args.params)
+    splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
+    return params, splits, load_summary(args.prepared)
+
+
+def _numerics(args) -> list[dict]:
+    from pipeline.weights import load_base_weights
+
+    params, splits, summary = _load(args)
+
+    def weights_for(variant: str):
+        return load_base_weights(params.variant_weights(variant))
+
+    return numerics_options(params, weights_for, splits, summary["data_sha256"], len(summary["class_names"]), 3)
+
+
+def _sections_in_processes(args, argv: list[str] | None) -> dict:
+    """Every in-process section in its own process: Keras does not free trained models
+    (keras-team/keras#17458), so one process would carry every earlier section's memory into the
+    next one's figures."""
+    bench: dict = {}
+    with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as scratch:
+        for section in args.sections.split(","):
+            part = Path(scratch) / f"{section}.json"
+            internal = ["--sections", section, "--section-out", str(part), "--cache-dir", str(Path(scratch) / "cache")]
+            subprocess.run([sys.executable, "-m", "pipeline.bench", *(argv or sys.argv[1:]), *internal], check=True)
+            bench.update(json.loads(part.read_text()))
+    return bench
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     ensure_writable(args.out, "--out")
-    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
     header = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
-
-    if args.end_to_end:
-        result = {**header, **end_to_end(max(3, args.repeats), args.keep)}
-        write_json(args.out / "benchmark_e2e.json", result)
-    elif args.numerics:
-        from pipeline.data import load_split, load_summary
-        from pipeline.training import Splits
-        from pipeline.weights import load_base_weights
-
-        params = load_params(args.params)
-        summary = load_summary(args.prepared)
-        splits = Splits(*(load_split(args.prepared, s) for s in ("train", "val", "test")))
-        rows = numerics_options(
-            params,
-            lambda v: load_base_weights(params.variant_weights(v)),
-            splits,
-            summary["data_sha256"],
-            len(summary["class_names"]),
-            epochs=3,
-        )
-        write_json(args.out / "benchmark_numerics.json", {**header, "rows": rows})
-    elif args.tune:
-        params = load_params(args.params)
-        with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as cache:
-            rows = tune_rates(params, args.prepared, Path(cache), args.tune_trials)
-        write_json(args.out / "benchmark_tune.json", {**header, "rows": rows})
-    elif args.section_out:
+    if args.section_out:
         write_json(args.section_out, run_sections(args))
         return
+    if args.end_to_end:
+        write_json(args.out / "benchmark_e2e.json", {**header, **end_to_end(max(3, args.repeats), args.keep)})
+    elif args.numerics:
+        write_json(args.out / "benchmark_numerics.json", {**header, "rows": _numerics(args)})
+    elif args.tune:
+        with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as cache:
+            rows = tune_rates(load_params(args.params), args.prepared, Path(cache), args.tune_trials)
+        write_json(args.out / "benchmark_tune.json", {**header, "rows": rows})
     else:
-        # each section in its own process: Keras does not free trained models (keras-team/keras#17458),
-        # so one process would carry every earlier section's memory into the next one's figures
         start = time.perf_counter()
-        bench: dict = {**header, "machine": machine}
-        with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as scratch:
-            for section in args.sections.split(","):
-                part = Path(scratch) / f"{section}.json"
-                command = [
-                    sys.executable,
-                    "-m",
-                    "pipeline.bench",
-                    *(argv or sys.argv[1:]),
-                    "--sections",
-                    section,
-                    "--section-out",
-                    str(part),
-                    "--cache-dir",
-                    str(Path(scratch) / "cache"),
-                ]
-                subprocess.run(command, check=True)
-                bench.update(json.loads(part.read_text()))
-        bench["seconds"] = time.perf_counter() - start
-        write_json(args.out / "benchmark.json", bench)
+        machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+        bench = {**header, "machine": machine, **_sections_in_processes(args, argv)}
+        write_json(args.out / "benchmark.json", {**bench, "seconds": time.perf_counter() - start})
     parts = [args.out / f"benchmark{suffix}.json" for suffix in ("", "_e2e", "_numerics", "_tune")]
     document = render(*(json.loads(path.read_text()) if path.is_file() else None for path in parts))
     write_text(args.out / "benchmark.md", document)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.figures import plt
+from pipeline.plotting import plt
 from pipeline.stats import t_interval
 from pipeline.vgg16 import BLOCKS
 

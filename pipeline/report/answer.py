@@ -52,6 +52,7 @@ def versus_pixels(results: dict, baselines: dict) -> dict[str, tuple]:
 
 
 def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, unconverged: dict) -> list[tuple]:
+    # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
     best, recommended = answer["best_on_validation"], answer["recommended"]
     tied = answer["indistinguishable_from_best"]
     cost = answer["compute_seconds"]

@@ -18,16 +18,11 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import features as feature_path
-from pipeline.drift import DRIFT_COLUMNS, DriftRecorder, block_drift
+from pipeline.drift import DriftRecorder, block_drift
 from pipeline.errors import PipelineError
 from pipeline.model import build_model, compile_model, set_head_statistics, set_trainable
-from pipeline.vgg16 import block_of
-
-HISTORY_COLUMNS = (
-    "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
-    "epoch_seconds", "cumulative_seconds", "images_seen", *DRIFT_COLUMNS,
-)  # fmt: skip
-TIMING_COLUMNS = ("epoch_seconds", "cumulative_seconds")
+from pipeline.results import DRIFT_COLUMNS
+from pipeline.vgg16 import block_of, resolve_trainable
 
 
 class NonFiniteLossError(PipelineError):
@@ -65,8 +60,6 @@ class RunConfig:
         """The run of `variant` under `params` (a pipeline.params.Params) with the given
         hyperparameters: the one place where the tune and train stages turn settings into a run,
         so a tune trial and a train run follow the same training rule by construction."""
-        from pipeline.vgg16 import resolve_trainable
-
         strategy, train = params.variant(variant), params.train
         return cls(
             image_size=params.data.image_size,
@@ -151,9 +144,8 @@ def fit_variant(
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verbose) -> FitResult:
-    seed_everything(config.seed)
-    model = build_model(
+def _build(config: RunConfig, base_weights) -> keras.Model:
+    return build_model(
         image_size=config.image_size,
         num_classes=config.num_classes,
         trainable_layers=config.trainable_layers,
@@ -164,6 +156,13 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
         augmentation=config.augmentation,
         head_norm=config.head_norm,
     )
+
+
+def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verbose) -> FitResult:
+    # one function on purpose: the training rule (phases, early stopping across them, the frozen
+    # weights check) reads as one sequence; the phase inputs and the batches are helpers
+    seed_everything(config.seed)
+    model = _build(config, base_weights)
     frozen_before = _frozen_snapshot(model)
     (x_train, y_train), val, test = data.train, data.val, data.test
     if data.train_index is not None:  # a subset of a larger pool whose features may be cached
@@ -177,15 +176,9 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
     inference_batch = feature_path.extraction_batch_size(config.image_size)
     for phase, trainable_layers, last_epoch in phases:
         set_trainable(model, trainable_layers)
+        images = {"train": x_train, "val": val[0], "test": test[0] if test is not None else None}
         inputs, path, (seconds, one_time) = _phase_inputs(
-            model,
-            config,
-            trainable_layers,
-            base_weights,
-            data_sha256,
-            feature_cache,
-            {"train": x_train, "val": val[0], "test": test[0] if test is not None else None},
-            data.train_index,
+            model, config, trainable_layers, base_weights, data_sha256, feature_cache, images, data.train_index
         )
         feature_seconds += seconds
         extraction_seconds += one_time
@@ -215,12 +208,7 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
             break
     keep_best.restore()
     frozen_after = _frozen_snapshot(model)
-    frozen_unchanged = frozen_after.keys() == frozen_before.keys() and all(
-        np.array_equal(frozen_before[k], v) for k, v in frozen_after.items()
-    )
-    test_probabilities = None
-    if inputs.get("test") is not None:
-        test_probabilities = feature_path.predict(trained, inputs["test"], inference_batch)
+    test = inputs.get("test")
     return FitResult(
         model=model,
         history=recorder.rows,
@@ -231,8 +219,9 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
         feature_seconds=feature_seconds,
         extraction_seconds=extraction_seconds,
         train_seconds=train_seconds,
-        frozen_weights_unchanged=frozen_unchanged,
-        test_probabilities=test_probabilities,
+        frozen_weights_unchanged=frozen_after.keys() == frozen_before.keys()
+        and all(np.array_equal(frozen_before[k], v) for k, v in frozen_after.items()),
+        test_probabilities=None if test is None else feature_path.predict(trained, test, inference_batch),
         weight_drift=block_drift(model, drift.initial),
         warmup_epochs=config.warmup_epochs,
     )

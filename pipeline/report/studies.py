@@ -3,7 +3,7 @@ rules: the same training rule, reference baselines, and intervals over seeds and
 
 Each section appears when its results exist: `read_studies` returns only what was run for the
 current params, `draw` lists its figures and `study_blocks` writes the text and tables (the
-block format of `pipeline.report_document`).
+block format of `pipeline.report.document`).
 
   sample efficiency  every strategy at n training images per class, against the two baselines
                      fitted on each seed's very subset (`pipeline.baselines --train-per-class`)
@@ -13,16 +13,16 @@ block format of `pipeline.report_document`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.answer import choose, read_correct, read_evidence
 from pipeline.errors import DataError
-from pipeline.figures import plt
-from pipeline.report_answer import BASELINE_NAMES, PIXELS, PROBE, unconverged
-from pipeline.report_diagnostics import drift_heatmap, drift_text, mean_drift
+from pipeline.plotting import plt
+from pipeline.recommendation import choose
+from pipeline.report.answer import BASELINE_NAMES, PIXELS, PROBE, unconverged
+from pipeline.report.diagnostics import drift_heatmap, drift_text, mean_drift
+from pipeline.results import read_correct, read_evidence, read_sample_baselines, read_strategy
 from pipeline.stats import Interval, accuracy_interval, difference_interval
 from pipeline.vgg16 import BLOCKS, CONV_LAYERS
 
@@ -42,11 +42,11 @@ def ran(studies: dict) -> list[str]:
     return [name for name in ("sample_efficiency", "depth") if name in studies]
 
 
-def read_studies(studies_dir: Path, params, read_variant, baselines: dict | None = None) -> dict:
+def read_studies(studies_dir: Path, params, baselines: dict | None = None) -> dict:
     """{"sample_efficiency": {variant: {n: result}}, "sample_efficiency_baselines": {name: {n: ...}},
     "depth": {k: result}, "depth_answer": ..., "depth_baselines": ...} for the sizes and depths in
-    params whose results exist. A result is `read_variant(folder, name)` plus `correct` (seeds x
-    test images, 0/1) and its `interval`; `baselines` are the main comparison's (`report.read_baselines`)."""
+    params whose results exist. A result is `results.read_strategy(folder, name)` plus `correct` (seeds x
+    test images, 0/1) and its `interval`; `baselines` are the main comparison's (`results.read_baselines`)."""
     out: dict = {}
     sample_dir = Path(studies_dir) / "sample_efficiency"
     sizes = sorted(params.studies.sample_efficiency.train_per_class)
@@ -55,7 +55,7 @@ def read_studies(studies_dir: Path, params, read_variant, baselines: dict | None
         found = {}
         for n in sizes:
             if (sample_dir / variant / f"n{n}" / "seeds").is_dir():
-                found[n] = _with_correct(read_variant(sample_dir / variant, f"n{n}"), sample_dir / variant / f"n{n}")
+                found[n] = _with_correct(read_strategy(sample_dir / variant, f"n{n}"), sample_dir / variant / f"n{n}")
         if found:
             sample[variant] = found
     if sample:
@@ -65,7 +65,7 @@ def read_studies(studies_dir: Path, params, read_variant, baselines: dict | None
     depth = {}
     for k in sorted(params.studies.depth.k):
         if (depth_dir / "train" / f"top{k}" / "seeds").is_dir():
-            result = read_variant(depth_dir / "train", f"top{k}")
+            result = read_strategy(depth_dir / "train", f"top{k}")
             result["evidence"] = read_evidence(depth_dir / "train", depth_dir / "tune", f"top{k}")
             result["correct"] = result["evidence"]["correct"]
             result["interval"] = accuracy_interval(result["correct"])
@@ -95,23 +95,14 @@ def _read_sample_baselines(folder: Path, sizes: list[int], sample: dict) -> dict
     labels = next(iter(next(iter(sample.values())).values()))["labels"]
     out: dict = {}
     for n in sizes:
-        path = folder / f"n{n}" / "metrics.json"
-        if not path.is_file():
-            continue
-        for name, record in json.loads(path.read_text()).items():
-            seeds = sorted(record["seeds"], key=int)
-            files = [folder / f"n{n}" / "predictions" / name / f"{s}.csv" for s in seeds]
-            found, correct = read_correct(files)
-            if not np.array_equal(found, labels):
+        for name, found in (read_sample_baselines(folder, n) or {}).items():
+            if not np.array_equal(found["labels"], labels):
                 raise DataError(
                     f"{folder / f'n{n}'}: {name} was computed on another test set than the study's "
                     f"strategies; rerun `dvc repro sample_efficiency_baselines@{n}`"
                 )
-            out.setdefault(name, {})[n] = {
-                "correct": correct,
-                "interval": accuracy_interval(correct),
-                "C": {int(s): record["seeds"][s]["C"] for s in seeds},
-            }
+            correct = found["correct"]
+            out.setdefault(name, {})[n] = {"correct": correct, "interval": accuracy_interval(correct), "C": found["C"]}
     return out
 
 
@@ -291,7 +282,7 @@ def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]
     return headers, rows
 
 
-def depth_answer_lines(answer: dict, depth: dict) -> list[str]:
+def depth_answer_lines(answer: dict) -> list[str]:
     """The main comparison's rule applied to the depths: best k on validation, the ks
     indistinguishable from it on test, the cheapest of those in measured compute."""
     best, recommended = answer["best_on_validation"], answer["recommended"]
@@ -350,6 +341,7 @@ STUDY_INTERVALS = (
 
 
 def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
+    # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
     doc: list[tuple] = []
     if "sample_efficiency" in studies:
         sample, references = studies["sample_efficiency"], studies["sample_efficiency_baselines"]
@@ -410,7 +402,7 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
         if "depth_answer" in studies:
             doc += [
                 ("p", "The main answer's rule applied to the depths:"),
-                ("list", depth_answer_lines(studies["depth_answer"], depth)),
+                ("list", depth_answer_lines(studies["depth_answer"])),
             ]
         doc += [
             ("figure", files["depth"], "Test accuracy and trainable parameters vs k."),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.figures import plt
+from pipeline.plotting import plt
 
 
 def colours(variants: list[str]) -> dict[str, str]:

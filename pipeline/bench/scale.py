@@ -4,7 +4,6 @@ per-image seconds at a large image size and the cost of a full study, and the en
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench_measure import MemorySampler, timed
+from pipeline.bench.measure import MemorySampler, timed
 from pipeline.params import Params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------ streaming a large study
 
@@ -46,10 +45,11 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     """Disk needed by the feature caches of a `image_size` study of `images_total` images, and a
     synthetic run: the frozen strategy's cached features of that study written to a memory-mapped
     file, then one epoch of head training streamed from it, with peak memory sampled."""
+    # one function on purpose: a single measured sequence (write, then stream while sampling memory)
 
     from pipeline.features import cut_layer, split_model
+    from pipeline.fit import STREAM_BYTES, _batches, seed_everything
     from pipeline.model import BARE_HEAD, build_model, compile_model
-    from pipeline.training import STREAM_BYTES, _batches, seed_everything
     from pipeline.vgg16 import resolve_trainable
 
     model = build_model(
@@ -188,35 +188,26 @@ def study_cost(per_image: dict, study: dict) -> dict[str, dict]:
 # ------------------------------------------------------------------ end to end
 
 
-def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
-    """`dvc repro` from clean outputs in a temporary git copy of the repository (no feature
-    cache, new MLflow store, no Optuna journals), then no-op reruns."""
-    work = Path(tempfile.mkdtemp(prefix="vgg16-bench-"))
-    repo = work / "repo"
+def copy_repository(repo: Path) -> Path:
+    """A git repository at `repo` holding this one's tracked files, outputs left out (results,
+    reports, figures, dvc.lock; the READMEs that explain output folders stay): a fresh clone's
+    state before its first `dvc repro`."""
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if name.startswith(("results/", "reports/", "docs/")) or name == "dvc.lock":
+        output = name.startswith(("results/", "reports/", "docs/")) and not name.endswith("README.md")
+        if output or name == "dvc.lock":
             continue
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
-    git_env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "bench@localhost",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "bench@localhost",
-    }
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench copy"]):
+    names = {"GIT_AUTHOR_NAME": "bench", "GIT_COMMITTER_NAME": "bench"}
+    git_env = {**os.environ, **names, "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         subprocess.run(["git", *args], cwd=repo, env=git_env, check=True, capture_output=True)
-    usage = work / "usage.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    env.update(
-        {
-            "PIPELINE_USAGE_LOG": str(usage),
-            "DVC_NO_ANALYTICS": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        }
-    )
+    return repo
+
+
+def _repro(repo: Path, env: dict, log_path: Path) -> tuple[float, float]:
+    """(seconds, peak resident MB of any process) of one `dvc repro`, its output kept in `log_path`."""
     start = time.perf_counter()
     with subprocess.Popen(
         ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -228,24 +219,22 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
                 print(f"[bench] {time.perf_counter() - start:6.0f}s {line.strip()}", flush=True)
         _, status, rusage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
-    clean_seconds = time.perf_counter() - start
-    (work / "dvc_repro.log").write_text("".join(log))  # the terminal output a user sees, kept with --keep
+    seconds = time.perf_counter() - start
+    log_path.write_text("".join(log))  # the terminal output a user sees, kept with --keep
     if process.returncode != 0:
         raise RuntimeError(f"dvc repro failed in {repo}:\n{''.join(log[-60:])}")
-    noop, _ = timed(
-        lambda: subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True), noop_repeats
-    )
-    stages = []
-    for line in usage.read_text().splitlines():
-        record = json.loads(line)
-        if "--worker" not in record["argv"]:
-            stages.append(record)
+    return seconds, rusage.ru_maxrss / 1024
+
+
+def _tuning_rates(repo: Path) -> dict:
+    """Per strategy: trials, epochs and seconds the run's tuning took, and the learning rate it chose."""
+    from pipeline.results import read_tuning
+
     tuning = {}
-    for best_path in sorted((repo / "results" / "tune").glob("*/best_params.json")):
-        best = json.loads(best_path.read_text())
-        with open(best_path.parent / "trials.csv") as f:
-            seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
-        budget = best["budget"]
+    for variant in sorted(p.parent.name for p in (repo / "results" / "tune").glob("*/best_params.json")):
+        record = read_tuning(repo / "results" / "tune", variant)
+        best, budget = record["best"], record["best"]["budget"]
+        seconds = sum(float(row["seconds"]) for row in record["trials"])
         tuning[best["variant"]] = {
             "trials": budget["trials_run"],
             "epochs_run": budget["epochs_run"],
@@ -254,12 +243,34 @@ def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
             "learning_rate": best["learning_rate"],
             "learning_rate_at_edge": best["learning_rate_at_edge"],
         }
+    return tuning
+
+
+def end_to_end(noop_repeats: int, keep: Path | None) -> dict:
+    """`dvc repro` from clean outputs in a temporary git copy of the repository (no feature
+    cache, new MLflow store, no Optuna journals), then no-op reruns."""
+    work = Path(tempfile.mkdtemp(prefix="vgg16-bench-"))
+    repo = copy_repository(work / "repo")
+    usage = work / "usage.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env.update(
+        {
+            "PIPELINE_USAGE_LOG": str(usage),
+            "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        }
+    )
+    clean_seconds, peak_mb = _repro(repo, env, work / "dvc_repro.log")
+    noop, _ = timed(
+        lambda: subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True), noop_repeats
+    )
+    records = [json.loads(line) for line in usage.read_text().splitlines()]
     result = {
-        "tuning": tuning,
+        "tuning": _tuning_rates(repo),
         "clean_seconds": clean_seconds,
         "noop_seconds": noop,
-        "peak_rss_mb_all_stages": rusage.ru_maxrss / 1024,
-        "stages": stages,
+        "peak_rss_mb_all_stages": peak_mb,
+        "stages": [record for record in records if "--worker" not in record["argv"]],
         "results": {
             str(p.relative_to(repo)): json.loads(p.read_text())
             for p in sorted((repo / "results" / "train").glob("*/metrics.json"))
