@@ -7,11 +7,11 @@ the pool (the largest size of the study) is prepared in-process from `data`, eac
 the first N per class of its own shuffle of the pool (nested sizes), features of the pool are
 cached once and shared by every size and seed.
 
-Reads params.yaml (`seed`, `model`, `train`, `variants.<variant>`, `mlflow`, `report`), the
+Reads params.yaml (the keys dvc.yaml lists for the stage; `mlflow` only to mirror the runs), the
 prepared data (`--prepared`), and the tuned hyperparameters (`--best-params`, optional: without
 it `model.head_units` and `train.learning_rate` apply). Writes, atomically, into `--out`
-(results/train/<variant>):
-  metrics.json                   per-seed and mean test metrics (a DVC metric)
+(results/train/<variant>; the format: pipeline/results.py):
+  metrics.json                   per-seed headline numbers, their mean, the best seed
   model.keras                    the model of the seed with the best validation accuracy
   seeds/<seed>/history.csv       per epoch: loss, accuracy, val_loss, val_accuracy, timings
   seeds/<seed>/metrics.json      test metrics, best epoch, epochs run, max epochs, whether patience
