@@ -26,20 +26,10 @@ from pipeline.data import load_split, load_summary
 from pipeline.errors import DataError
 from pipeline.params import load_params
 from pipeline.recommendation import choose
-from pipeline.results import read_evidence
+from pipeline.results import read_evidence, read_seed_metrics, read_strategy_summary
 from pipeline.stats import accuracy_interval
 
 EXAMPLE_IMAGES = 3  # test images stored with the model as its input example
-
-
-def read_summaries(train_dir: Path, variants: list[str]) -> dict[str, dict]:
-    summaries = {}
-    for variant in variants:
-        path = train_dir / variant / "metrics.json"
-        if not path.is_file():
-            raise DataError(f"{path} not found; run `dvc repro train@{variant}` first")
-        summaries[variant] = json.loads(path.read_text())
-    return summaries
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,15 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     ensure_writable(args.out.parent, "--out")
-    summaries = read_summaries(args.train_dir, list(params.variants))
     evidence = {v: read_evidence(args.train_dir, args.tune_dir, v) for v in params.variants}
     chosen = choose(evidence)
     variant = chosen["recommended"]
-    summary = summaries[variant]
+    summary = read_strategy_summary(args.train_dir, variant)
     model_path = args.train_dir / variant / "model.keras"
     if not model_path.is_file():
         raise DataError(f"{model_path} not found; rerun `dvc repro train@{variant}`")
-    run = json.loads((args.train_dir / variant / "seeds" / str(summary["best_seed"]) / "metrics.json").read_text())
+    run = read_seed_metrics(args.train_dir, variant, summary["best_seed"])
     card = model_card(params, variant, summary, evidence[variant], chosen, load_summary(args.prepared), run)
 
     tracking.open_store(params.mlflow, args.params)

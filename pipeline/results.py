@@ -128,13 +128,33 @@ def _history_row(row: dict) -> dict:
     return {k: (v if k == "phase" else float(v)) for k, v in row.items()}
 
 
+def read_strategy_summary(train_dir: Path, variant: str) -> dict:
+    """A strategy's metrics.json (`strategy_summary`)."""
+    path = Path(train_dir) / variant / "metrics.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro train@{variant}` first")
+    return json.loads(path.read_text())
+
+
+def read_seed_metrics(train_dir: Path, variant: str, seed: int) -> dict:
+    """One seed's metrics.json."""
+    seeds_dir, _ = _seeds_dir(train_dir, variant)
+    return json.loads((seeds_dir / str(seed) / "metrics.json").read_text())
+
+
+def read_test_correct(train_dir: Path, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, seeds x test images 0/1) of a strategy's seeds, in seed order (`read_correct`)."""
+    seeds_dir, seeds = _seeds_dir(train_dir, variant)
+    return read_correct([seeds_dir / str(s) / "test_predictions.csv" for s in seeds])
+
+
 def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
     """One strategy's inputs to the recommendation rule (pipeline/recommendation.py):
     {"val_accuracy", "correct" (seeds x images 0/1), "labels", "seeds", "params_trainable",
     "compute_seconds" and its parts}."""
     seeds_dir, seeds = _seeds_dir(train_dir, variant)
     metrics = [json.loads((seeds_dir / str(s) / "metrics.json").read_text()) for s in seeds]
-    labels, correct = read_correct([seeds_dir / str(s) / "test_predictions.csv" for s in seeds])
+    labels, correct = read_test_correct(train_dir, variant)
     tuning = tuning_seconds(Path(tune_dir) / variant / "trials.csv")
     training = float(np.mean([m["timing"]["train_seconds"] for m in metrics]))
     extraction = max(m["timing"]["extraction_seconds"] for m in metrics)

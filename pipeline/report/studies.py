@@ -22,7 +22,7 @@ from pipeline.plotting import plt
 from pipeline.recommendation import choose
 from pipeline.report.answer import BASELINE_NAMES, PIXELS, PROBE, unconverged
 from pipeline.report.diagnostics import drift_heatmap, drift_text, mean_drift
-from pipeline.results import read_correct, read_evidence, read_sample_baselines, read_strategy
+from pipeline.results import read_evidence, read_sample_baselines, read_strategy, read_test_correct
 from pipeline.stats import Interval, accuracy_interval, difference_interval
 from pipeline.vgg16 import BLOCKS, CONV_LAYERS
 
@@ -55,7 +55,7 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None) -> di
         found = {}
         for n in sizes:
             if (sample_dir / variant / f"n{n}" / "seeds").is_dir():
-                found[n] = _with_correct(read_strategy(sample_dir / variant, f"n{n}"), sample_dir / variant / f"n{n}")
+                found[n] = _with_correct(read_strategy(sample_dir / variant, f"n{n}"), sample_dir / variant, f"n{n}")
         if found:
             sample[variant] = found
     if sample:
@@ -81,10 +81,8 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None) -> di
     return out
 
 
-def _with_correct(result: dict, folder: Path) -> dict:
-    seeds = sorted(result["test_accuracy"])
-    files = [folder / "seeds" / str(s) / "test_predictions.csv" for s in seeds]
-    result["labels"], result["correct"] = read_correct(files)
+def _with_correct(result: dict, train_dir: Path, name: str) -> dict:
+    result["labels"], result["correct"] = read_test_correct(train_dir, name)
     result["interval"] = accuracy_interval(result["correct"])
     return result
 
