@@ -45,8 +45,9 @@ def _record_usage(seconds: float, status: int) -> None:
     path = os.environ.get("PIPELINE_USAGE_LOG")
     if not path:
         return
+    entry = Path(sys.argv[0])  # pipeline/train.py, or pipeline/report/__main__.py for a package
     record = {
-        "argv": [Path(sys.argv[0]).stem, *sys.argv[1:]],
+        "argv": [entry.parent.name if entry.stem == "__main__" else entry.stem, *sys.argv[1:]],
         "seconds": round(seconds, 3),
         "status": status,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
