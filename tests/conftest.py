@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -129,6 +130,13 @@ def make_tiny_project(root: Path, variants: dict, override: dict | None = None) 
     params = load_params(params_path)
     write_prepared(prepare(params.data, params.seed), root / "prepared")
     return params_path, root / "prepared"
+
+
+def as_from_a_terminal() -> None:
+    """`preexec_fn` for a process a test interrupts with SIGINT: the disposition a command typed in a
+    terminal has. A test runner started in the background (`cmd &`, nohup, some CI runners) has
+    SIGINT ignored, its children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(**options: object) -> list[str]:

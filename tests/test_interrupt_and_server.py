@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, cli, make_tiny_project, stage_command, stage_env
+from tests.conftest import REPO, as_from_a_terminal, cli, make_tiny_project, stage_command, stage_env
 
 FULL = {"full": {"trainable": "all"}}
 
@@ -49,6 +49,7 @@ def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )
     seen = []
     for line in process.stdout:  # interrupt once seed 2 has finished its first epoch (of 6)
@@ -57,7 +58,7 @@ def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_
             process.send_signal(signal.SIGINT)
             break
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == 130, "".join(seen)[-3000:] + stderr[-3000:]
     assert "interrupted: outputs of this stage were not written" in stderr
     assert "[train/full/seed-1] test accuracy" in "".join(seen)
     # the earlier output is untouched and nothing half-written lies beside it

@@ -19,7 +19,7 @@ from pipeline import param_reads
 from pipeline.bench.scale import copy_repository
 from pipeline.params import load_params
 from pipeline.results import TIMING_COLUMNS
-from tests.conftest import TINY_OVERRIDE, merge
+from tests.conftest import TINY_OVERRIDE, as_from_a_terminal, merge
 
 pytestmark = pytest.mark.slow
 
@@ -238,16 +238,18 @@ def test_ctrl_c_during_dvc_repro_then_repro_resumes_where_it_stopped(project):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=as_from_a_terminal,
     )
-    started = []
+    started, seen = [], []
     for line in process.stdout:
+        seen.append(line)
         if line.startswith("Running stage 'train@"):
             started.append(line.split("'")[1])
         elif len(started) == 2 and line.startswith("[train/"):  # the second train stage is training
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
             break
     process.communicate(timeout=300)
-    assert process.returncode != 0
+    assert process.returncode != 0, "".join(seen)[-3000:]
     done, interrupted = started
 
     resumed = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
