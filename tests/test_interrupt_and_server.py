@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import team_stack
 from tests.conftest import REPO, as_from_a_terminal, cli, make_tiny_project, stage_command, stage_env
 
 FULL = {"full": {"trainable": "all"}}
@@ -83,50 +82,15 @@ def _free_port() -> int:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts in `tmp_path`."""
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts in `tmp_path` (the
+    team stack's own start-up, on SQLite instead of PostgreSQL)."""
     port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--artifacts-destination",
-            str(tmp_path / "art"),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    log = tmp_path / "mlflow-server.log"
+    server = team_stack.start_mlflow_server(
+        f"sqlite:///{tmp_path}/server.db", tmp_path / "art", port, log, dict(os.environ)
     )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"mlflow server did not start: {server.stderr.read()[-3000:]}")
-        time.sleep(0.5)
-    yield uri, tmp_path / "art"
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    yield f"http://127.0.0.1:{port}", tmp_path / "art"
+    team_stack.stop_process(server.pid)
 
 
 def test_train_stage_logs_to_a_real_mlflow_server_over_http(tmp_path, mlflow_server):
