@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import KINDS, decode
-from tests.conftest import REPO
+from tests.conftest import REPO, cli, run_stage
 
 S = 32  # the prepared size: files are written at it, so no resampling blurs the expected values
 LEFT = np.s_[:, : S // 2]
@@ -268,8 +266,7 @@ def prepared(tmp_path_factory):
             "test_per_class": 1,
         },
     )
-    command = [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(root / "prepared")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_stage("prepare", *cli(params=params, out=root / "prepared"), timeout=300)
     assert result.returncode == 0, result.stderr
     classes = json.loads((root / "prepared" / "classes.json").read_text())
     found = []

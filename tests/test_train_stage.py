@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_env
+from tests.conftest import cli, make_tiny_project, run_stage, stage_env
 
 
 @pytest.fixture(scope="module")
@@ -208,26 +208,10 @@ def test_unknown_variant_exits_2_naming_the_defined_ones(stage_run):
 def registered(stage_run):
     root, params_path, result = stage_run
     assert result.returncode == 0
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.register",
-            "--params",
-            str(params_path),
-            "--train-dir",
-            str(root / "results"),
-            "--prepared",
-            str(root / "prepared"),
-            "--out",
-            str(root / "registered.json"),
-        ],
-        cwd=REPO,
-        env=stage_env(root),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    options = cli(
+        params=params_path, train_dir=root / "results", prepared=root / "prepared", out=root / "registered.json"
     )
+    run = run_stage("register", *options, env=stage_env(root), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return root, run
 
@@ -360,28 +344,14 @@ def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_ru
 
     root, params_path, result = stage_run
     assert result.returncode == 0
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.train",
-            "--variant",
-            "last_layers",
-            "--params",
-            str(params_path),
-            "--prepared",
-            str(root / "prepared"),
-            "--out",
-            str(tmp_path / "again"),
-            "--feature-cache",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=stage_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    options = cli(
+        variant="last_layers",
+        params=params_path,
+        prepared=root / "prepared",
+        out=tmp_path / "again",
+        feature_cache=tmp_path,
     )
+    again = run_stage("train", *options, env=stage_env(tmp_path))
     assert again.returncode == 0, again.stderr[-3000:]
     for seed in ("1", "2"):
         first, second = root / "results" / "last_layers" / "seeds" / seed, tmp_path / "again" / "seeds" / seed
