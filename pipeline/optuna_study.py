@@ -96,12 +96,46 @@ def study_name(variant: str, identity: dict) -> str:
     return f"{variant}-{digest}"
 
 
-def load_or_create(storage, name: str, *, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create the study or join the existing one (`load_if_exists`). Optuna does not store the
-    sampler: every process passes it again."""
+def load_or_create(
+    storage, name: str, *, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner
+) -> optuna.Study:
+    """Create the study or join the existing one (`load_if_exists`). Optuna stores neither the
+    sampler nor the pruner: every process passes them again."""
     return optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", load_if_exists=True, sampler=sampler
+        storage=storage, study_name=name, direction="maximize", load_if_exists=True, sampler=sampler, pruner=pruner
     )
+
+
+class HalvingPruner(optuna.pruners.BasePruner):
+    """Successive halving with one rung, inside one strategy's study: at epoch `rung` a trial
+    continues only when its reported value (the best validation accuracy so far) ranks in the
+    top ceil(n / `factor`) of the n trials that reached the rung, itself included. Ties keep the
+    trial. Trials that stop early before the rung are never cut. `rung` 0: no pruning.
+
+    The decision depends only on the trials before it in the study, so a sequential study (and a
+    resumed one) cuts the same trials. Keep one study per strategy: a cheap strategy's early
+    epochs must not cut an expensive one's (Optuna's own halving pruners compare the study's
+    trials at a rung in the same way).
+    """
+
+    def __init__(self, rung: int, factor: int):
+        self.rung, self.factor = rung, factor
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if not self.rung or trial.last_step != self.rung:
+            return False
+        others = [
+            t.intermediate_values[self.rung]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if self.rung in t.intermediate_values and t.number != trial.number
+        ]
+        return halving_cuts(trial.intermediate_values[self.rung], others, self.factor)
+
+
+def halving_cuts(value: float, others: list[float], factor: int) -> bool:
+    """True when `value` is outside the top ceil(n / factor) of `others` plus itself (n values)."""
+    kept = -(-(len(others) + 1) // factor)
+    return sum(other > value for other in others) >= kept
 
 
 GOLDEN = (5**0.5 - 1) / 2
@@ -111,8 +145,8 @@ def design(seed: int, variant: str, head_units: list[int], learning_rate: tuple[
     """`n` space-filling start-up points: learning rates at positions u0 + k*0.618 (mod 1) of the
     log range (a golden-ratio sequence: every prefix of k points leaves no gap wider than 1.81/k of
     the range, so a short budget covers it as well as a long one), head sizes in turn. The offset
-    u0 and the first head size are drawn from (seed, variant): strategies start from different
-    points; the first k points do not depend on `n`."""
+    u0 and the first head size are drawn from (seed, variant), `seed` being `tune.design_seed`:
+    strategies start from different points; the first k points do not depend on `n`."""
     rng = np.random.default_rng([seed, zlib.crc32(variant.encode())])
     start, first_unit = rng.uniform(), int(rng.integers(len(head_units)))
     low, high = np.log(learning_rate[0]), np.log(learning_rate[1])

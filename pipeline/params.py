@@ -100,8 +100,7 @@ class TrainParams:
     min_delta: float
     batch_size: int
     learning_rate: float
-    seeds: tuple[int, ...]  # strategies trained on cached features (seconds per seed)
-    seeds_end_to_end: tuple[int, ...]  # strategies trained end to end (minutes per seed)
+    seeds: tuple[int, ...]  # every strategy, the end-to-end ones too: comparisons are paired on seeds
     cache_features: bool = True
     augmentation: bool = False
     jit_compile: bool = False  # XLA: changes numerics, no faster on this CPU (reports/benchmark.md)
@@ -114,7 +113,6 @@ class TrainParams:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "it must be at least 1")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "it must be > 0")
         _check_seeds("seeds", self.seeds)
-        _check_seeds("seeds_end_to_end", self.seeds_end_to_end)
 
 
 @dataclass(frozen=True)
@@ -158,14 +156,20 @@ class VariantParams:
 
 @dataclass(frozen=True)
 class TuneParams:
-    """The tuning budget and search space. Every trial trains under the train stage's rule
-    (`train.max_epochs`, `patience`, `min_delta`); strategies that must train end to end (no frozen
-    prefix to cache) cost ~100x more per trial and get `n_trials_end_to_end` trials."""
+    """The tuning budget and search space, equal for every strategy: `n_trials` trials from the
+    same kind of design, each trained under the train stage's rule (`train.max_epochs`,
+    `patience`, `min_delta`). Successive halving inside each strategy's own study makes the
+    end-to-end strategies affordable: at epoch `halving_epoch` a trial continues only when its
+    best validation accuracy so far is in the top 1/`halving_factor` of the study's trials at
+    that epoch (0 = no halving)."""
 
     n_trials: int
-    n_trials_end_to_end: int
     head_units: tuple[int, ...]
-    learning_rate: tuple[float, ...]  # [low, high], searched log-uniformly
+    learning_rate: tuple[float, ...]  # [low, high], log-uniform, for strategies that train conv layers
+    learning_rate_head_only: tuple[float, ...]  # [low, high] for strategies that train the head only
+    halving_epoch: int  # the rung: the epoch at which trials are compared (0 = off)
+    halving_factor: int  # keep the top 1/halving_factor of the trials at the rung (rounded up)
+    design_seed: int  # the start-up design's offsets and TPE's draws (a second value repeats the tuning)
     storage: str  # "journal" (a file per variant under results/tune) or an RDB URL
     n_workers: int
     trials_per_process: int  # a long study restarts its process after this many trials (memory)
@@ -173,16 +177,19 @@ class TuneParams:
     heartbeat_seconds: int  # database storage: a worker silent for 4 heartbeats has its trial failed and rerun
 
     def __post_init__(self):
-        for name in ("n_trials", "n_trials_end_to_end", "n_workers", "trials_per_process", "heartbeat_seconds"):
+        for name in ("n_trials", "n_workers", "trials_per_process", "heartbeat_seconds"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "it must be at least 1")
         _check(self.startup_trials >= 1, "startup_trials", self.startup_trials, "it must be at least 1")
+        _check(self.halving_epoch >= 0, "halving_epoch", self.halving_epoch, "it must be >= 0 (0 = no halving)")
+        _check(self.halving_factor >= 2, "halving_factor", self.halving_factor, "it must be at least 2 (keep 1/2)")
         units = list(self.head_units)
         _check(len(units) >= 1, "head_units", units, "give at least one choice, e.g. [0, 64, 256]")
         _check(all(u >= 0 for u in units), "head_units", units, "choices must be >= 0 (0 = no hidden layer)")
         _check(len(set(units)) == len(units), "head_units", units, "choices must be unique")
-        low_high = list(self.learning_rate)
-        _check(len(low_high) == 2, "learning_rate", low_high, "give a range [low, high], e.g. [1.0e-5, 1.0e-2]")
-        _check(0 < low_high[0] < low_high[1], "learning_rate", low_high, "need 0 < low < high")
+        for name in ("learning_rate", "learning_rate_head_only"):
+            low_high = list(getattr(self, name))
+            _check(len(low_high) == 2, name, low_high, "give a range [low, high], e.g. [1.0e-5, 3.0e-3]")
+            _check(0 < low_high[0] < low_high[1], name, low_high, "need 0 < low < high")
         _check(
             self.storage == "journal" or "://" in self.storage,
             "storage",
@@ -309,6 +316,12 @@ class Params:
                     f"{variant.warmup_epochs} leaves no fine-tuning epoch within train.max_epochs={limit}; "
                     f"lower it below {limit} (the warm-up counts in the budget)",
                 )
+        if self.tune.halving_epoch >= limit:
+            raise ConfigError(
+                "tune.halving_epoch",
+                f"{self.tune.halving_epoch} is not below train.max_epochs={limit}: no trial could be cut before "
+                "its rule ends it; lower it, or use 0 (no halving)",
+            )
         if self.report.baseline not in self.variants:
             raise ConfigError(
                 "report.baseline", f"{self.report.baseline!r} is not a strategy; defined: {', '.join(self.variants)}"
@@ -325,15 +338,16 @@ class Params:
             or self.train.augmentation
         )
 
-    def tune_trials(self, variant: str) -> int:
-        """The trial budget of `variant`: `tune.n_trials`, or `tune.n_trials_end_to_end` for a
-        strategy that trains end to end (each trial costs ~100x more there)."""
-        return self.tune.n_trials_end_to_end if self.trains_end_to_end(variant) else self.tune.n_trials
+    def learning_rate_key(self, variant: str) -> str:
+        """The params key of `variant`'s searched learning-rate range: `tune.learning_rate_head_only`
+        when no conv layer ever trains (the head alone is stable at rates that wreck a pretrained
+        base), else `tune.learning_rate`."""
+        trains_conv = bool(resolve_trainable(self.variant(variant).trainable))
+        return "tune.learning_rate" if trains_conv else "tune.learning_rate_head_only"
 
-    def train_seeds(self, variant: str) -> tuple[int, ...]:
-        """The seeds `variant` trains with: `train.seeds_end_to_end` for a strategy that trains
-        end to end, else `train.seeds`. Paired comparisons use the seeds two strategies share."""
-        return self.train.seeds_end_to_end if self.trains_end_to_end(variant) else self.train.seeds
+    def learning_rate_range(self, variant: str) -> tuple[float, float]:
+        """The searched learning-rate range of `variant` (see `learning_rate_key`)."""
+        return tuple(getattr(self.tune, self.learning_rate_key(variant).split(".")[1]))
 
     def variant_weights(self, variant: str) -> str:
         """The weight source of `variant`: its own override, else `model.weights`."""

@@ -37,7 +37,8 @@ HISTORY_COLUMNS = (
 )  # fmt: skip
 TIMING_COLUMNS = ("epoch_seconds", "cumulative_seconds")
 TRIAL_COLUMNS = (
-    "trial", "state", "value", "head_units", "learning_rate", "best_epoch", "epochs_run", "train_seconds", "seconds",
+    "trial", "state", "value", "rung_value", "head_units", "learning_rate", "best_epoch", "epochs_run",
+    "stopped_early", "train_seconds", "seconds",
 )  # fmt: skip
 CONVERGENCE = ("best_epoch", "epochs_run", "max_epochs", "stopped_early")
 SEED_HEADLINE = ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch", "epochs_run", "stopped_early")
@@ -270,7 +271,10 @@ def read_tuning(tune_dir: Path, variant: str) -> dict | None:
     if not best_path.is_file():
         return None
     with (best_path.parent / "trials.csv").open() as f:
-        trials = [{**row, "trial": int(row["trial"]), "value": _number(row["value"])} for row in csv.DictReader(f)]
+        numbers = {"value", "rung_value"}
+        trials = [
+            {**row, "trial": int(row["trial"]), **{k: _number(row[k]) for k in numbers}} for row in csv.DictReader(f)
+        ]
     return {"best": json.loads(best_path.read_text()), "trials": trials}
 
 

@@ -96,3 +96,39 @@ def difference_interval(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) 
     mean = float(a.mean() - b.mean())
     interval = _interval(mean, [_components(a), _components(b), image_part], confidence)
     return Interval(interval.mean, interval.low, interval.high, min(a.shape[0], b.shape[0]))
+
+
+@dataclass(frozen=True)
+class TuningCurve:
+    """Expected best validation accuracy after n trials, n = 1..len(values) (Dodge et al. 2019,
+    "Show Your Work": n configurations drawn with replacement from the trials observed)."""
+
+    expected: list[float]  # E[max of n], n = 1..N
+    std: list[float]  # its standard deviation (the band)
+
+    @property
+    def last_gain(self) -> float:
+        """What the N-th trial is expected to add over N-1 (0.0 for a single trial)."""
+        return self.expected[-1] - self.expected[-2] if len(self.expected) > 1 else 0.0
+
+
+def tuning_curve(values: list[float]) -> TuningCurve:
+    """The expected-maximum estimator: with the N values sorted v_1 <= ... <= v_N, the best of n
+    draws is v_i with probability (i/N)^n - ((i-1)/N)^n; mean and standard deviation of that.
+    Raises ValueError on an empty list."""
+    if not values:
+        raise ValueError("tuning_curve: no trial values")
+    v = np.sort(np.asarray(values, dtype=float))
+    cdf = np.arange(1, len(v) + 1) / len(v)
+    expected, std = [], []
+    for n in range(1, len(v) + 1):
+        weight = cdf**n - np.concatenate(([0.0], cdf[:-1])) ** n
+        mean = float(weight @ v)
+        expected.append(mean)
+        std.append(float(np.sqrt(max(0.0, weight @ v**2 - mean**2))))
+    return TuningCurve(expected, std)
+
+
+def accuracy_standard_error(accuracy: float, images: int) -> float:
+    """Binomial standard error of one accuracy measured on `images` images."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / images)

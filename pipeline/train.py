@@ -222,7 +222,7 @@ def _setup(args, params: Params):
     if args.train_per_class is not None:
         prefix = f"sample_efficiency/{variant}/n{args.train_per_class}"
         return params, variant, params.studies.sample_efficiency.seeds, prefix, "sample_efficiency"
-    return params, variant, params.train_seeds(variant), f"train/{variant}", None
+    return params, variant, params.train.seeds, f"train/{variant}", None
 
 
 def _load_data(args, params: Params) -> tuple[Splits, dict, str]:

@@ -5,12 +5,12 @@ Reads params.yaml (`seed`, `model`, `train`, `variants.<variant>`, `tune`, `mlfl
 prepared data. Every trial is trained by the train stage's function under its rule (up to
 `train.max_epochs`, early stopping on validation loss with `train.patience`, best epoch kept),
 so a learning rate is judged at the horizon it will be used at; the value maximised is the kept
-epoch's validation accuracy. No pruning: a trial is never judged on fewer epochs than the rule
-gives it. Budget: `tune.n_trials` trials (`tune.n_trials_end_to_end` for strategies that cannot
-use the feature cache), the first `tune.startup_trials` a space-filling design, then TPE.
+epoch's validation accuracy. Budget: `tune.n_trials` trials for every strategy, the first
+`tune.startup_trials` a space-filling design, then TPE; successive halving inside the study
+(`tune.halving_epoch`, `tune.halving_factor`) stops the trials that rank low at the rung epoch.
 Writes into `--out` (results/tune/<variant>):
   best_params.json   head_units, learning_rate, best value, trial, budget, edge flag
-  trials.csv         one row per trial: params, state, value, best epoch, epochs run, seconds
+  trials.csv         one row per trial: params, state, value, value at the rung, epochs, seconds
   figures/           optimization history, parameter importances, head_units x learning_rate
   study.journal      the Optuna study (persistent: an interrupted study resumes, only the
                      missing trials run); with `tune.storage` a database URL the study lives
@@ -70,7 +70,13 @@ def study_identity(params: Params, variant: str, weights_sha256: str | None, dat
         "augmentation": params.train.augmentation,
         "numerics": {"jit_compile": params.train.jit_compile, "mixed_precision": params.train.mixed_precision},
         "seed": params.seed,
-        "search": {k: getattr(params.tune, k) for k in ("head_units", "learning_rate", "startup_trials")},
+        "search": {
+            "head_units": params.tune.head_units,
+            "learning_rate": params.learning_rate_range(variant),
+            "startup_trials": params.tune.startup_trials,
+            "design_seed": params.tune.design_seed,
+            "halving": [params.tune.halving_epoch, params.tune.halving_factor],
+        },
     }
 
 
@@ -80,7 +86,7 @@ class Objective:
     def __init__(self, params: Params, variant: str, context: dict, parent_run_id: str | None):
         self.params, self.variant, self.context = params, variant, context
         self.parent_run_id = parent_run_id
-        self.budget = params.tune_trials(variant)
+        self.budget = params.tune.n_trials
 
     def __call__(self, trial: optuna.Trial) -> float:
         tune = self.params.tune
@@ -92,7 +98,7 @@ class Objective:
                 "while this trial started; it did not train"
             )
         head_units = trial.suggest_categorical("head_units", list(tune.head_units))
-        learning_rate = trial.suggest_float("learning_rate", *tune.learning_rate, log=True)
+        learning_rate = trial.suggest_float("learning_rate", *self.params.learning_rate_range(self.variant), log=True)
         config = RunConfig.from_params(
             self.params,
             self.variant,
@@ -116,6 +122,7 @@ class Objective:
             digests = tracking.split_digests(self.context["summary"])
             del digests["test"]  # trials never see the test split
             tracking.log_datasets(self.context["prepared"], tracking.dataset_name(self.context["summary"]), digests)
+            rung = _ReportToTrial(trial, config.max_epochs)
             try:
                 result = fit_variant(
                     config,
@@ -123,25 +130,60 @@ class Objective:
                     self.context["splits"],
                     self.context["data_sha256"],
                     self.context["cache"],
-                    [tracking.EpochLogger(), tracking.ProgressLine(name, config.max_epochs)],
+                    [tracking.EpochLogger(), tracking.ProgressLine(name, config.max_epochs), rung],
                 )
             except NonFiniteLossError:
                 trial.set_user_attr(optuna_study.FAILED_ON_ITS_OWN, "non-finite loss")
                 tracking.set_tags({"state": "FAIL"})
                 raise
-            trial.set_user_attr("epochs_run", len(result.history))
-            trial.set_user_attr("best_epoch", result.best_epoch)
-            trial.set_user_attr("stopped_early", result.stopped_early)
-            trial.set_user_attr("train_seconds", result.train_seconds)
-            tracking.set_tags({"state": "COMPLETE"})
-            tracking.log_metrics(
-                {
-                    "evaluation/best_val_accuracy": result.best_val_accuracy,
-                    "evaluation/best_epoch": result.best_epoch,
-                    "evaluation/epochs_run": len(result.history),
-                }
-            )
+            except optuna.TrialPruned:
+                # the MLflow run ends FINISHED: a cut at the rung is the tuning rule working, not a failure
+                trial.set_user_attr("epochs_run", rung.epochs)
+                trial.set_user_attr("train_seconds", rung.seconds)  # epochs only, as result.train_seconds
+                tracking.set_tags({"state": "PRUNED"})
+                tracking.log_metrics({"evaluation/epochs_run": rung.epochs})
+                result = None
+            else:
+                trial.set_user_attr("epochs_run", len(result.history))
+                trial.set_user_attr("best_epoch", result.best_epoch)
+                trial.set_user_attr("stopped_early", result.stopped_early)
+                trial.set_user_attr("train_seconds", result.train_seconds)
+                tracking.set_tags({"state": "COMPLETE"})
+                tracking.log_metrics(
+                    {
+                        "evaluation/best_val_accuracy": result.best_val_accuracy,
+                        "evaluation/best_epoch": result.best_epoch,
+                        "evaluation/epochs_run": len(result.history),
+                    }
+                )
+        if result is None:
+            raise optuna.TrialPruned(f"cut at epoch {rung.epochs} by successive halving")
         return result.best_val_accuracy
+
+
+class _ReportToTrial(keras.callbacks.Callback):
+    """Reports the best validation accuracy so far to the Optuna trial after every epoch (its
+    intermediate values: the halving rung and `pipeline.bench.halving` read them) and stops the
+    trial when the study's pruner says so (`optuna.TrialPruned` out of `fit`). A trial whose
+    training rule has just ended it (patience ran out, or its last epoch) is complete, never
+    pruned. `seconds`: the epochs' wall time, what `FitResult.train_seconds` counts."""
+
+    def __init__(self, trial: optuna.Trial, max_epochs: int):
+        super().__init__()
+        self.trial, self.max_epochs = trial, max_epochs
+        self.best, self.epochs, self.seconds = float("-inf"), 0, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._start
+        self.epochs = epoch + 1
+        self.best = max(self.best, float((logs or {}).get("val_accuracy", float("-inf"))))
+        self.trial.report(self.best, step=self.epochs)
+        finished = self.model.stop_training or self.epochs >= self.max_epochs
+        if not finished and self.trial.should_prune():
+            raise optuna.TrialPruned()
 
 
 def _print_trial(variant: str, start: float):
@@ -150,6 +192,8 @@ def _print_trial(variant: str, start: float):
         epochs = trial.user_attrs.get("epochs_run", "?")
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         outcome = f"value {trial.value:.4f}" if complete else trial.state.name.lower()
+        if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+            outcome += f" at {trial.intermediate_values[trial.last_step]:.4f}"
         index = trial.user_attrs.get("budget_index", trial.number)
         print(
             f"[tune/{variant}] trial {index}: {params} -> {outcome} ({epochs} epochs, "
@@ -180,9 +224,12 @@ def _open_study(params: Params, variant: str, out: Path, context: dict) -> optun
     storage = optuna_study.open_storage(params.tune.storage, out / "study.journal", params.tune.heartbeat_seconds)
     identity = study_identity(params, variant, context["weights"].sha256, context["data_sha256"])
     tune = params.tune
-    points = optuna_study.design(params.seed, variant, list(tune.head_units), tune.learning_rate, tune.startup_trials)
-    sampler = optuna_study.BudgetSampler(params.seed, points)
-    return optuna_study.load_or_create(storage, optuna_study.study_name(variant, identity), sampler=sampler)
+    search = params.learning_rate_range(variant)
+    points = optuna_study.design(tune.design_seed, variant, list(tune.head_units), search, tune.startup_trials)
+    sampler = optuna_study.BudgetSampler(tune.design_seed, points)
+    pruner = optuna_study.HalvingPruner(tune.halving_epoch, tune.halving_factor)
+    name = optuna_study.study_name(variant, identity)
+    return optuna_study.load_or_create(storage, name, sampler=sampler, pruner=pruner)
 
 
 def run_trials(
@@ -280,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         done = len(optuna_study.finished_trials(study))
         print(
             f"[tune/{args.variant}] worker done: {started} trial(s) started here; "
-            f"{done} of {params.tune_trials(args.variant)} done in the study",
+            f"{done} of {params.tune.n_trials} done in the study",
             flush=True,
         )
     else:
@@ -295,7 +342,7 @@ def coordinate(args, study: optuna.Study, params: Params, context: dict) -> None
     heartbeat = optuna_study.has_heartbeat(study)
     stale = optuna_study.fail_stale(study) if heartbeat else optuna_study.fail_stale_running(study)
     done = len(optuna_study.finished_trials(study))
-    remaining = optuna_study.open_places(study, params.tune_trials(args.variant))
+    remaining = optuna_study.open_places(study, params.tune.n_trials)
     elsewhere = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
     print(
         f"[tune/{args.variant}] study {study.study_name}: {done} trials done, {remaining} to run"
@@ -320,7 +367,7 @@ def coordinate(args, study: optuna.Study, params: Params, context: dict) -> None
             finish_study(study, params, args.variant, context, parent_run_id)
         if params.tune.storage != "journal":
             optuna_study.snapshot_to_journal(study, args.out / "study.journal")
-        best = write_outputs(study, args.out, params, args.variant)
+        best = write_outputs(study, args.out, params, args.variant, len(context["splits"].val[1]))
         _log_best(best, args.out)
     print(
         f"[tune/{args.variant}] best: head_units={best['head_units']} learning_rate={best['learning_rate']:.3g} "
@@ -337,9 +384,16 @@ def _log_best(best: dict, out: Path) -> None:
         {
             "tuning/best_value": best["value"],
             "tuning/trials": budget["trials_run"],
+            "tuning/pruned_trials": budget["pruned_trials"],
+            "tuning/capped_trials": budget["capped_trials"],
             "tuning/epochs_run": budget["epochs_run"],
+            "tuning/validation_standard_error": best["validation"]["standard_error"],
         }
     )
+    # the tuning curve: expected best validation accuracy after n trials, one step per n (Dodge et al. 2019)
+    curve = best["tuning_curve"]
+    for n, (expected, std) in enumerate(zip(curve["expected_best"], curve["std"], strict=True), 1):
+        tracking.log_metrics({"tuning/expected_best_val_accuracy": expected, "tuning/expected_best_std": std}, step=n)
     if best["learning_rate_at_edge"]:
         tracking.set_tags({"learning_rate_at_edge": best["learning_rate_at_edge"]})
     tracking.log_artifacts([out / "best_params.json", out / "trials.csv", *sorted((out / "figures").glob("*.png"))])

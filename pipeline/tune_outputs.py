@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import optuna_study, results
+from pipeline import optuna_study, results, stats
 from pipeline.atomic import atomic_dir
 from pipeline.errors import PipelineError
 from pipeline.params import Params
@@ -18,9 +18,10 @@ from pipeline.params import Params
 EDGE_SHARE = 0.1  # a learning rate within this share of the log range from an end is "at the edge"
 
 
-def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
+def trial_rows(trials: list[optuna.trial.FrozenTrial], halving_epoch: int) -> list[dict]:
     """One row per counted trial in budget order (`trial` = its place in the budget, the same in a
-    resumed study as in an uninterrupted one; Optuna's own numbers also count interrupted attempts)."""
+    resumed study as in an uninterrupted one; Optuna's own numbers also count interrupted attempts).
+    `rung_value`: the best validation accuracy up to `halving_epoch`, for trials that reached it."""
     rows = []
     for trial in sorted(trials, key=_budget_index):
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else None
@@ -29,10 +30,12 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
                 "trial": _budget_index(trial),
                 "state": trial.state.name,
                 "value": trial.value,
+                "rung_value": trial.intermediate_values.get(halving_epoch) if halving_epoch else None,
                 "head_units": trial.params.get("head_units"),
                 "learning_rate": trial.params.get("learning_rate"),
                 "best_epoch": trial.user_attrs.get("best_epoch"),
                 "epochs_run": trial.user_attrs.get("epochs_run"),
+                "stopped_early": trial.user_attrs.get("stopped_early"),
                 "train_seconds": trial.user_attrs.get("train_seconds"),
                 "seconds": seconds,
             }
@@ -46,22 +49,48 @@ def _budget_index(trial: optuna.trial.FrozenTrial) -> int:
 
 def learning_rate_edge(learning_rate: float, search: tuple[float, float]) -> str | None:
     """ "low" / "high" when `learning_rate` lies within EDGE_SHARE of the log range from that end
-    (the optimum may lie outside the range: widen tune.learning_rate), else None."""
+    (the optimum may lie outside the range: widen it), else None."""
     low, high = np.log(search[0]), np.log(search[1])
     position = (np.log(learning_rate) - low) / (high - low)
     return "low" if position < EDGE_SHARE else "high" if position > 1 - EDGE_SHARE else None
 
 
-def best_params(trials: list[optuna.trial.FrozenTrial], params: Params, variant: str, study_name: str) -> dict:
-    """The best complete trial plus the budget and search space (the fairness record)."""
+def curve_value(trial: optuna.trial.FrozenTrial) -> float:
+    """A trial's value on the tuning curve: its value when complete; when cut by halving, the best
+    validation accuracy it had reached by the rung (an approximation: a complete trial's value is
+    its kept epoch's accuracy); 0.0 for a trial that failed on its own (a non-finite loss)."""
+    if trial.state == TrialState.COMPLETE:
+        return float(trial.value)
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        return float(trial.intermediate_values[trial.last_step])
+    return 0.0
+
+
+def hit_cap(trial: optuna.trial.FrozenTrial, max_epochs: int) -> bool:
+    """A complete trial that used every epoch without patience running out: still improving."""
+    return (
+        trial.state == TrialState.COMPLETE
+        and not trial.user_attrs.get("stopped_early")
+        and ((trial.user_attrs.get("epochs_run") or 0) >= max_epochs)
+    )
+
+
+def best_params(
+    trials: list[optuna.trial.FrozenTrial], params: Params, variant: str, study_name: str, val_images: int
+) -> dict:
+    """The best complete trial plus the budget, the search space (the fairness record) and the
+    tuning curve (expected best validation accuracy against the number of trials)."""
     tune, train = params.tune, params.train
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise PipelineError(
             f"tune@{variant}: none of {len(trials)} trials completed (all failed with a non-finite loss); "
-            "lower the top of tune.learning_rate or check the data"
+            f"lower the top of {params.learning_rate_key(variant)} or check the data"
         )
     best = max(complete, key=lambda t: (t.value, -_budget_index(t)))  # earliest trial wins ties
+    search = params.learning_rate_range(variant)
+    curve = stats.tuning_curve([curve_value(t) for t in sorted(trials, key=_budget_index)])
+    one_image = 1.0 / val_images
     return {
         "variant": variant,
         "head_units": best.params["head_units"],
@@ -71,28 +100,43 @@ def best_params(trials: list[optuna.trial.FrozenTrial], params: Params, variant:
         "trial": _budget_index(best),
         "best_epoch": best.user_attrs.get("best_epoch"),
         "study": study_name,
-        "learning_rate_at_edge": learning_rate_edge(best.params["learning_rate"], tune.learning_rate),
+        "learning_rate_at_edge": learning_rate_edge(best.params["learning_rate"], search),
+        "validation": {
+            "images": val_images,
+            "standard_error": stats.accuracy_standard_error(best.value, val_images),
+        },
         "budget": {
-            "n_trials": params.tune_trials(variant),
+            "n_trials": tune.n_trials,
             "trials_run": len(trials),
             "complete_trials": len(complete),
+            "pruned_trials": sum(t.state == TrialState.PRUNED for t in trials),
             "failed_trials": sum(t.state == TrialState.FAIL for t in trials),
+            "capped_trials": sum(hit_cap(t, train.max_epochs) for t in trials),
             "epochs_run": sum(t.user_attrs.get("epochs_run") or 0 for t in trials),
             "startup_trials": tune.startup_trials,
+            "design_seed": tune.design_seed,
+            "halving": {"epoch": tune.halving_epoch, "factor": tune.halving_factor},
             "trains_end_to_end": params.trains_end_to_end(variant),
             "rule": {"max_epochs": train.max_epochs, "patience": train.patience, "min_delta": train.min_delta},
         },
-        "search_space": {"head_units": list(tune.head_units), "learning_rate": list(tune.learning_rate)},
+        "search_space": {"head_units": list(tune.head_units), "learning_rate": list(search)},
+        "tuning_curve": {
+            "expected_best": curve.expected,
+            "std": curve.std,
+            "last_gain": curve.last_gain,
+            # the last trial is expected to add more than one validation image: more tuning may pay
+            "still_rising": curve.last_gain > one_image,
+        },
     }
 
 
-def write_outputs(study: optuna.Study, out: Path, params: Params, variant: str) -> dict:
+def write_outputs(study: optuna.Study, out: Path, params: Params, variant: str, val_images: int) -> dict:
     """Write best_params.json, trials.csv and figures/ for the study's counted trials."""
     trials = optuna_study.finished_trials(study)
-    best = best_params(trials, params, variant, study.study_name)
+    best = best_params(trials, params, variant, study.study_name, val_images)
     with atomic_dir(out / "figures") as figures:
         best["figures"] = _draw_figures(study, trials, figures, variant)
-    results.write_tuning(out, best, trial_rows(trials))
+    results.write_tuning(out, best, trial_rows(trials, params.tune.halving_epoch))
     return best
 
 

@@ -100,9 +100,9 @@ def image_folder(tmp_path) -> Path:
 
 TINY_OVERRIDE = {
     "data": {"train_per_class": 2, "val_per_class": 1, "test_per_class": 2},
-    "train": {"max_epochs": 2, "patience": 1, "seeds": [1, 2], "seeds_end_to_end": [1, 2], "batch_size": 8},
+    "train": {"max_epochs": 2, "patience": 1, "seeds": [1, 2], "batch_size": 8},
     "model": {"head_units": 8},
-    "tune": {"n_trials": 3, "n_trials_end_to_end": 2, "head_units": [0, 8], "startup_trials": 2},
+    "tune": {"n_trials": 3, "head_units": [0, 8], "startup_trials": 2, "halving_epoch": 0},
 }  # fmt: skip
 
 

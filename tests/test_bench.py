@@ -92,3 +92,44 @@ def test_report_renders_every_part_it_is_given():
     assert "| full | mixed_bfloat16 | 4.60 [1.00, 3.00] | 2.30x | 0.100 |" in document
     assert "| frozen | 3 | 40 | 18 | 10.0 |" in document
     assert "## Strategies" not in document  # parts that were not measured are left out, not faked
+
+
+def _trial(curve: list[float], value: float) -> dict:
+    return {"curve": dict(enumerate(curve, 1)), "value": value, "epochs": len(curve), "learning_rate": 1e-3}
+
+
+def test_halving_replay_cuts_low_trials_at_the_rung_and_counts_what_it_saves():
+    from pipeline.bench.halving import at_rung
+
+    trials = [
+        _trial([0.5, 0.6, 0.7, 0.7], 0.7),
+        _trial([0.2, 0.3, 0.8, 0.8, 0.8], 0.8),  # slow starter, best at the end
+        _trial([0.6, 0.65, 0.66], 0.66),
+        _trial([0.1, 0.1], 0.1),  # stopped before rung 3: never cut there
+    ]
+    early = at_rung(trials, 1, 2)
+    assert early["cut"] == [1, 3]  # 0.2 < 0.5 (top 1 of 2); 0.1 is third of 4 (top 2)
+    assert early["best_cut"] and early["regret"] == pytest.approx(0.8 - 0.7)
+    assert early["epochs_unpruned"] == 4 + 5 + 3 + 2 and early["epochs_pruned"] == 4 + 1 + 3 + 1
+    late = at_rung(trials, 3, 2)
+    assert late["cut"] == [2] and not late["best_cut"] and late["regret"] == 0.0  # 0.66 below 0.7 and 0.8
+    assert late["reached"] == 3 and late["spearman"] == pytest.approx(1.0)
+
+
+def test_tuning_noise_spread_is_the_learning_rate_ratio_and_paired_test_difference():
+    import numpy as np
+
+    from pipeline.bench.tuning_noise import spread
+
+    rows = {
+        "a": {"learning_rate": 1e-4, "head_units": 0, "test_accuracy": 0.70},
+        "b": {"learning_rate": 4e-4, "head_units": 64, "test_accuracy": 0.72},
+    }
+    first = np.zeros((2, 100))
+    first[:, :70] = 1
+    second = first.copy()
+    second[:, 70:72] = 1  # the same images right, plus two more on both seeds
+    out = spread(rows, [first, second])
+    assert out["learning_rate_ratio"] == pytest.approx(4.0) and out["head_units"] == [0, 64]
+    assert out["test_accuracy_range"] == pytest.approx(0.02)
+    assert out["paired_difference"]["mean"] == pytest.approx(0.02)

@@ -34,9 +34,7 @@ def _train_command(root: Path, params: Path, variant: str) -> list[str]:
 
 
 def test_sigint_during_the_second_seed_keeps_the_previous_results_and_ends_runs_honestly(tmp_path):
-    params, _ = make_tiny_project(
-        tmp_path, FULL, {"train": {"max_epochs": 6, "patience": 6, "seeds_end_to_end": [1, 2]}}
-    )
+    params, _ = make_tiny_project(tmp_path, FULL, {"train": {"max_epochs": 6, "patience": 6, "seeds": [1, 2]}})
     out = tmp_path / "results" / "full"
     out.mkdir(parents=True)
     (out / "metrics.json").write_text('{"from": "the previous complete run"}\n')

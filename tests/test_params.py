@@ -72,6 +72,14 @@ def test_repository_params_load_into_frozen_dataclasses():
             "leaves no fine-tuning epoch within train.max_epochs=3; lower it below 3",
         ),
         (
+            {"tune": {"halving_epoch": 3}, "train": {"max_epochs": 3}},
+            "tune.halving_epoch",
+            "3 is not below train.max_epochs=3",
+        ),
+        ({"tune": {"halving_factor": 1}}, "tune.halving_factor", "at least 2"),
+        ({"tune": {"learning_rate_head_only": [1e-2, 1e-3]}}, "tune.learning_rate_head_only", "need 0 < low < high"),
+        ({"tune": {"n_trials_end_to_end": 3}}, "tune.n_trials_end_to_end", "unknown key"),
+        (
             {"variants": {"frozen": {"warmup_epochs": 1}}},
             "variants.frozen.warmup_epochs",
             "needs a strategy that trains conv layers",

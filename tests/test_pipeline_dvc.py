@@ -50,7 +50,7 @@ def project(tmp_path_factory):
         {
             "data": {"fashion_mnist_dir": data_dir},
             "train": {"max_epochs": 1},
-            "tune": {"n_trials": 2, "n_trials_end_to_end": 1},
+            "tune": {"n_trials": 2},
             "studies": {"robustness": {"enabled": True}},  # every setting of every stage is read
         },
     )

@@ -96,22 +96,42 @@ def _write_results(root: Path) -> None:
         tune_dir = root / "results" / "tune" / variant
         tune_dir.mkdir(parents=True)
         edge = "low" if variant == "frozen" else None
-        budget = {"trials_run": 2, "epochs_run": 9}
+        rising = variant == "partial"  # one strategy's tuning curve still rising at the budget
         best = {
+            "variant": variant,
             "head_units": 8,
             "learning_rate": 1e-3,
             "value": 0.5,
             "trial": 1,
-            "budget": budget,
+            "budget": {
+                "n_trials": 3,
+                "trials_run": 3,
+                "complete_trials": 2,
+                "pruned_trials": 1,
+                "failed_trials": 0,
+                "capped_trials": 1 if variant == "full" else 0,
+                "epochs_run": 10,
+            },
+            "validation": {"images": 500, "standard_error": 0.0224},
             "learning_rate_at_edge": edge,
             "search_space": {"learning_rate": [1e-5, 1e-2]},
+            "tuning_curve": {
+                "expected_best": [0.4, 0.45, 0.5 if rising else 0.4501],
+                "std": [0.05, 0.04, 0.03],
+                "last_gain": 0.05 if rising else 0.0001,
+                "still_rising": rising,
+            },
         }
-        (tune_dir / "best_params.json").write_text(json.dumps(best))
-        (tune_dir / "trials.csv").write_text(
-            "trial,state,value,head_units,learning_rate,best_epoch,epochs_run,train_seconds,seconds\n"
-            f"0,COMPLETE,0.4,0,0.0001,2,4,{compute / 4},{compute / 4 + 1}\n"
-            f"1,COMPLETE,0.5,8,0.001,3,5,{compute / 4},{compute / 4 + 1}\n"
-        )
+        trials = [
+            {"trial": 0, "state": "COMPLETE", "value": 0.4, "rung_value": 0.35, "head_units": 0},
+            {"trial": 1, "state": "COMPLETE", "value": 0.5, "rung_value": 0.45, "head_units": 8},
+            # a pruned trial's value (best so far at the rung) is never the runner-up of complete trials
+            {"trial": 2, "state": "PRUNED", "value": 0.6, "rung_value": 0.6, "head_units": 8},
+        ]
+        for row, lr in zip(trials, (1e-4, 1e-3, 3e-3), strict=True):
+            row.update(learning_rate=lr, best_epoch=2, epochs_run=4, stopped_early=True)
+            row.update(train_seconds=compute / 6, seconds=compute / 6 + 1)
+        results.write_tuning(tune_dir, best, trials)
     baselines = root / "results" / "baselines"
     baselines.mkdir(parents=True)
     records = {}
@@ -193,6 +213,7 @@ def test_report_writes_its_outputs_and_leaves_other_files(report):
         "accuracy_vs_trainable.png",
         "parameters.png",
         "tuning.png",
+        "tuning_curves.png",
         "confusion_best.png",
         "confusion_scratch.png",
     } <= names
@@ -237,7 +258,7 @@ def test_markdown_opens_with_the_answer_and_shows_baselines_and_checks(report):
     answer = text.index("## Answer")
     assert answer < text.index("## Comparison")
     assert "**Best on validation: `partial`**" in text and "**Recommended: `frozen`**" in text
-    assert "10.0× cheaper" in text  # 100 s vs 10 s: tuning 2 x compute/4 + one run compute/2
+    assert "10.0× cheaper" in text  # 100 s vs 10 s: tuning 3 x compute/6 + one run compute/2
     assert "Pixel baseline (logistic regression on pixels): test accuracy 0.650" in text
     assert re.search(r"beat it with an interval excluding 0: `frozen`, `partial`", text)
     assert "`scratch` (below it" in text
@@ -249,6 +270,23 @@ def test_markdown_opens_with_the_answer_and_shows_baselines_and_checks(report):
     assert "3.0 (3/3 seeds)" in text and "not reached (0/3)" in text  # epochs to target
     for name in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (out / name).is_file()
+
+
+def test_tuning_section_shows_equal_budgets_standard_errors_caps_and_rising_curves(report):
+    _, out = report
+    text = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "Tuning budget: 3 trials for every strategy." in text
+    capped = "**Tune trials that hit `train.max_epochs` still improving** (judged before they converged): `full` 1."
+    assert capped in text
+    assert "**Tuning curve still rising at the budget**" in text and "Still rising at the budget: `partial`." in text
+    assert "standard error of one trial's accuracy there is 0.022–0.022" in text and "500 validation images" in text
+    row = next(line for line in text.splitlines() if line.startswith("| **frozen** | 3 (1) |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[5] == "0.500 ± 0.022" and cells[6] == "0.400"  # runner-up: the other complete trial, not the pruned
+    assert "0.450 → 0.450 |" in row and "still rising" not in row
+    assert summary["partial"]["tuning"]["still_rising"] is True and summary["frozen"]["tuning"]["pruned_trials"] == 1
+    assert summary["frozen"]["tuning"]["val_standard_error"] == 0.0224
 
 
 def test_html_is_self_contained(report):

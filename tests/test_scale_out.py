@@ -81,7 +81,7 @@ def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a
     url = _database(postgres, "optuna_workers")
     budget = 6
     override = {
-        "tune": {"storage": url, "heartbeat_seconds": 1, "n_trials_end_to_end": budget, "startup_trials": 3},
+        "tune": {"storage": url, "heartbeat_seconds": 1, "n_trials": budget, "startup_trials": 3},
         "train": {"max_epochs": 4, "patience": 4},  # every trial runs 4 epochs: a kill lands mid-trial
     }
     machines = [tmp_path / f"machine{i}" for i in range(3)]

@@ -108,3 +108,28 @@ def test_difference_is_paired_on_images():
     assert unpaired.high - unpaired.low > 3 * (paired.high - paired.low)
     with pytest.raises(ValueError, match="paired on images"):
         difference_interval(a, a[:, :10])
+
+
+def test_tuning_curve_is_the_expected_best_of_n_draws_with_replacement():
+    import itertools
+
+    from pipeline.stats import tuning_curve
+
+    values = [0.61, 0.7, 0.55, 0.7, 0.68]
+    curve = tuning_curve(values)
+    for n in range(1, len(values) + 1):  # every ordered draw of n trials, equally likely
+        maxima = [max(draw) for draw in itertools.product(values, repeat=n)]
+        assert curve.expected[n - 1] == pytest.approx(np.mean(maxima))
+        assert curve.std[n - 1] == pytest.approx(np.std(maxima), abs=1e-9)
+    assert curve.expected[0] == pytest.approx(np.mean(values)) and curve.expected[-1] < max(values)
+    assert curve.last_gain == pytest.approx(curve.expected[-1] - curve.expected[-2])
+    assert tuning_curve([0.5]).last_gain == 0.0
+    with pytest.raises(ValueError, match="no trial values"):
+        tuning_curve([])
+
+
+def test_accuracy_standard_error_is_binomial():
+    from pipeline.stats import accuracy_standard_error
+
+    assert accuracy_standard_error(0.7, 500) == pytest.approx(0.0205, abs=1e-4)
+    assert accuracy_standard_error(0.7, 200) == pytest.approx(0.0324, abs=1e-4)

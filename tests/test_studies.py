@@ -140,7 +140,7 @@ STUDIES = {
         "depth": {"k": [1], "seeds": [1]},
         "robustness": {"enabled": True, "severity": 2},
     },
-    "train": {"max_epochs": 2, "patience": 1, "seeds": [1], "seeds_end_to_end": [1], "batch_size": 8},
+    "train": {"max_epochs": 2, "patience": 1, "seeds": [1], "batch_size": 8},
 }
 
 

@@ -131,8 +131,9 @@ def test_best_params_records_budget_rule_and_edge(default_raw_params):
     study = optuna.create_study(direction="maximize")
     study.add_trial(_trial(0, TrialState.COMPLETE, 0.5, {"epochs_run": 12, "budget_index": 0}))
     study.add_trial(_trial(1, TrialState.FAIL, None, {optuna_study.FAILED_ON_ITS_OWN: "nan", "budget_index": 1}))
-    best = best_params(study.trials, params, "frozen", "s")
+    best = best_params(study.trials, params, "frozen", "s", 500)
     assert best["value"] == 0.5 and best["trial"] == 0
+    assert best["validation"] == {"images": 500, "standard_error": pytest.approx((0.5 * 0.5 / 500) ** 0.5)}
     assert best["budget"]["trials_run"] == 2 and best["budget"]["failed_trials"] == 1
     assert best["budget"]["epochs_run"] == 12 and best["budget"]["n_trials"] == params.tune.n_trials
     assert best["budget"]["rule"] == {
@@ -140,9 +141,13 @@ def test_best_params_records_budget_rule_and_edge(default_raw_params):
         "patience": params.train.patience,
         "min_delta": params.train.min_delta,
     }
-    assert best["learning_rate_at_edge"] is None  # 1e-3 in [1e-5, 1e-2]: inside
+    assert best["search_space"]["learning_rate"] == list(params.tune.learning_rate_head_only)  # frozen: head only
+    assert best["learning_rate_at_edge"] == "low"  # 1e-3 below frozen's range [2e-3, 2e-2]
+    # the failed trial enters the tuning curve as 0.0: best of 1 is 0.25 on average, of 2 is 0.375
+    assert best["tuning_curve"]["expected_best"] == pytest.approx([0.25, 0.375])
+    assert best["tuning_curve"]["still_rising"] is True  # +0.125 > one validation image (0.002)
     with pytest.raises(PipelineError, match="none of 1 trials completed"):
-        best_params([study.trials[1]], params, "frozen", "s")
+        best_params([study.trials[1]], params, "frozen", "s", 500)
 
 
 def test_learning_rate_edges_are_the_outer_tenths_of_the_log_range():
@@ -166,31 +171,79 @@ def test_start_up_design_covers_the_range_and_differs_per_strategy():
     assert points != optuna_study.design(42, "partial", [0, 64, 256], (1e-5, 1e-2), 8)
 
 
-def test_end_to_end_strategies_get_their_own_trial_and_seed_budget(default_raw_params):
+def test_head_only_strategies_search_their_own_learning_rate_range(default_raw_params):
     from pipeline.params import parse_params
 
     params = parse_params(default_raw_params)
     assert [params.trains_end_to_end(v) for v in params.variants] == [True, False, False, False, True]
-    assert params.tune_trials("full") == params.tune.n_trials_end_to_end
-    assert params.tune_trials("frozen") == params.tune.n_trials
-    assert params.train_seeds("scratch") == params.train.seeds_end_to_end
-    assert params.train_seeds("partial") == params.train.seeds
-    assert len(params.train.seeds) >= 5 and len(params.train.seeds_end_to_end) >= 3
+    ranges = {v: params.learning_rate_range(v) for v in params.variants}
+    assert ranges["frozen"] == tuple(params.tune.learning_rate_head_only)
+    assert {ranges[v] for v in ("scratch", "last_layers", "partial", "full")} == {tuple(params.tune.learning_rate)}
+    depth0, name = params.with_depth(0)
+    assert depth0.learning_rate_range(name) == tuple(params.tune.learning_rate_head_only)
+    assert len(params.train.seeds) >= 5 and params.data.val_per_class >= 50
+
+
+@pytest.mark.parametrize(
+    ("value", "others", "factor", "cut"),
+    [
+        (0.5, [], 3, False),  # the first trial at the rung always continues
+        (0.5, [0.6], 3, True),  # 2 trials: top ceil(2/3) = 1 continues
+        (0.6, [0.6], 3, False),  # a tie keeps the trial
+        (0.5, [0.6, 0.4, 0.3], 3, False),  # 4 trials: top 2 continue, 0.5 is second
+        (0.4, [0.6, 0.5, 0.3], 3, True),
+        (0.4, [0.6, 0.5, 0.3, 0.2, 0.1], 2, False),  # halving: top 3 of 6, 0.4 is third
+        (0.1, [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 3, True),  # 8 trials: top 3 continue
+        (0.75, [0.2, 0.3, 0.4, 0.5, 0.7, 0.8, 0.9], 3, False),  # third of 8: continues
+    ],
+)
+def test_halving_keeps_the_top_share_of_the_trials_at_the_rung(value, others, factor, cut):
+    assert optuna_study.halving_cuts(value, others, factor) is cut
+
+
+def test_halving_pruner_decides_only_at_its_rung_within_one_study():
+    pruner = optuna_study.HalvingPruner(rung=2, factor=2)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for value in (0.7, 0.6):  # two finished trials reached the rung with these values
+        trial = study.ask()
+        trial.report(0.1, 1)
+        trial.report(value, 2)
+        study.tell(trial, value)
+    low = study.ask()
+    low.report(0.9, 1)
+    assert not low.should_prune()  # epoch 1: before the rung, whatever the value
+    low.report(0.5, 2)
+    assert low.should_prune()  # 3 trials at the rung: top ceil(3/2) = 2 continue, 0.5 is third
+    high = study.ask()
+    high.report(0.65, 2)
+    assert not high.should_prune()  # second of the three at the rung (low is still running): continues
+    high.report(0.1, 3)
+    assert not high.should_prune()  # after the rung nothing is cut
+    assert not optuna_study.HalvingPruner(rung=0, factor=2).prune(study, study.trials[2])  # 0: off
 
 
 @pytest.mark.slow  # tune stage processes: 15-40 s
 def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    params_path, _ = make_tiny_project(tmp_path, FROZEN)
+    halving = {"tune": {"halving_epoch": 1, "halving_factor": 2}}
+    params_path, _ = make_tiny_project(tmp_path, FROZEN, halving)
     result = _run_tune(tmp_path, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[tune/frozen] trial ") == 3
     out = tmp_path / "tune" / "frozen"
     best = json.loads((out / "best_params.json").read_text())
-    assert best["head_units"] in (0, 8) and 1e-5 <= best["learning_rate"] <= 1e-2
+    low, high = load_params(params_path).tune.learning_rate_head_only
+    assert best["head_units"] in (0, 8) and low <= best["learning_rate"] <= high
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [r["trial"] for r in rows] == ["0", "1", "2"]
+    # the halving decisions replay from the recorded values at the rung, in budget order
+    at_rung = [float(r["rung_value"]) for r in rows]
+    for k, row in enumerate(rows):
+        cut = optuna_study.halving_cuts(at_rung[k], at_rung[:k], 2)
+        assert row["state"] == ("PRUNED" if cut else "COMPLETE")
+        assert int(row["epochs_run"]) == (1 if cut else 2)
+    assert best["budget"]["pruned_trials"] == sum(r["state"] == "PRUNED" for r in rows)
     assert (out / "figures" / "optimization_history.png").stat().st_size > 1000
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("vgg16-freezing")
@@ -200,6 +253,10 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     assert sorted(r.info.run_name for r in children) == [f"tune/frozen/trial-{i}" for i in range(3)]
     assert {r.data.tags["state"] for r in children} <= {"COMPLETE", "PRUNED"}
     assert parent.data.metrics["tuning/best_value"] == pytest.approx(best["value"])
+    curve = client.get_metric_history(parent.info.run_id, "tuning/expected_best_val_accuracy")
+    assert [(m.step, m.value) for m in curve] == [
+        (n, pytest.approx(v)) for n, v in enumerate(best["tuning_curve"]["expected_best"], 1)
+    ]
     # the train stage reads them
     from pipeline.train import hyperparameters
 
@@ -219,7 +276,10 @@ def _deterministic(root, variant="frozen"):
 
 @pytest.mark.slow  # tune stage processes: 15-40 s
 def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
-    override = {"tune": {"n_trials": 4, "startup_trials": 2}, "train": {"max_epochs": 3, "patience": 2}}
+    override = {
+        "tune": {"n_trials": 4, "startup_trials": 2, "halving_epoch": 1, "halving_factor": 2},  # cuts replay too
+        "train": {"max_epochs": 3, "patience": 2},
+    }
     clean_root, resumed_root = tmp_path / "clean", tmp_path / "resumed"
     params_path, _ = make_tiny_project(clean_root, FROZEN, override)
     assert _run_tune(clean_root, params_path).returncode == 0

@@ -263,7 +263,7 @@ def _budget(params: Params, variant: str, row: dict) -> dict:
     bound (every run to train.max_epochs), naive vs the pipeline, estimated from the measured
     per-epoch, per-run and feature-extraction times: the pipeline extracts features once per
     strategy, the naive way recomputes them every epoch."""
-    runs = params.tune_trials(variant) + len(params.train_seeds(variant))
+    runs = params.tune.n_trials + len(params.train.seeds)
     epochs = runs * params.train.max_epochs
     naive_overhead = row["naive_run"] - row["epochs"] * row["naive_epoch"]["median"]
     naive = runs * naive_overhead + epochs * row["naive_epoch"]["median"]
@@ -374,9 +374,13 @@ def tune_rates(params: Params, prepared: Path, cache_root: Path, n_trials: int) 
         for variant in params.variants:
             context = _context(params, variant, prepared, str(cache_root / variant))
             _warm_feature_cache(params, variant, context)
-            points = optuna_study.design(params.seed, variant, list(tune.head_units), tune.learning_rate, n_trials)
+            search = params.learning_rate_range(variant)
+            points = optuna_study.design(tune.design_seed, variant, list(tune.head_units), search, n_trials)
             study = optuna_study.load_or_create(
-                optuna.storages.InMemoryStorage(), variant, sampler=optuna_study.BudgetSampler(params.seed, points)
+                optuna.storages.InMemoryStorage(),
+                variant,
+                sampler=optuna_study.BudgetSampler(tune.design_seed, points),
+                pruner=optuna_study.HalvingPruner(0, tune.halving_factor),  # rates under the whole rule
             )
             with mlflow.start_run(run_name=f"bench/{variant}") as parent:
                 objective = Objective(params, variant, context, parent.info.run_id)

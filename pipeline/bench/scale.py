@@ -237,6 +237,7 @@ def _tuning_rates(repo: Path) -> dict:
         seconds = sum(float(row["seconds"]) for row in record["trials"])
         tuning[best["variant"]] = {
             "trials": budget["trials_run"],
+            "pruned_trials": budget["pruned_trials"],
             "epochs_run": budget["epochs_run"],
             "trial_seconds": seconds,
             "trials_per_minute": 60 * budget["trials_run"] / seconds,

@@ -210,17 +210,18 @@ def _end_to_end(e2e: dict) -> list[str]:
         lines.append(f"| {_stage_name(record['argv'])} | {record['seconds']:.0f} | {peak:.0f} |")
     lines += [
         "",
-        "Tuning inside that run (the default budget, every trial under the training rule, no pruning):",
+        "Tuning inside that run (the default budget, every trial under the training rule, cut at the halving "
+        "rung when it ranks low there):",
         "",
-        "| strategy | trials | epochs run | trial seconds | trials/min | chosen learning rate |",
+        "| strategy | trials (cut at the rung) | epochs run | trial seconds | trials/min | chosen learning rate |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for variant, t in e2e["tuning"].items():
         edge = f" (at the {t['learning_rate_at_edge']} edge)" if t.get("learning_rate_at_edge") else ""
         rate = t.get("learning_rate", float("nan"))
         lines.append(
-            f"| {variant} | {t['trials']} | {t['epochs_run']} | {t['trial_seconds']:.0f} | "
-            f"{t['trials_per_minute']:.1f} | {rate:.2g}{edge} |"
+            f"| {variant} | {t['trials']} ({t.get('pruned_trials', 0)}) | {t['epochs_run']} | "
+            f"{t['trial_seconds']:.0f} | {t['trials_per_minute']:.1f} | {rate:.2g}{edge} |"
         )
     return lines
 

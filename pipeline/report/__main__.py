@@ -77,6 +77,7 @@ def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, 
             "unconverged_seeds": unconverged(result),
             "learning_rate": result["learning_rate"],
             "learning_rate_at_edge": tune["best"].get("learning_rate_at_edge") if tune else None,
+            "tuning": _tuning_summary(tune["best"]) if tune else None,
         }
     out["baselines"] = {
         name: {k: b[k] for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "C")}
@@ -94,6 +95,23 @@ def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, 
     }
     out["data_conversions"] = {kind: n for kind, n in data.get("conversions", {}).items() if n}
     return out
+
+
+def _tuning_summary(best: dict) -> dict:
+    """The tuning record a reviewer checks: budget spent, trials cut or capped, the chosen trial's
+    validation standard error, and whether the tuning curve is still rising at the budget."""
+    budget, curve = best["budget"], best["tuning_curve"]
+    return {
+        "trials": budget["trials_run"],
+        "complete_trials": budget["complete_trials"],
+        "pruned_trials": budget["pruned_trials"],
+        "capped_trials": budget["capped_trials"],
+        "epochs_run": budget["epochs_run"],
+        "best_val_accuracy": best["value"],
+        "val_standard_error": best["validation"]["standard_error"],
+        "expected_best_curve": curve["expected_best"],
+        "still_rising": curve["still_rising"],
+    }
 
 
 def compared_metrics(summary: dict) -> dict:
@@ -145,6 +163,7 @@ def draw_figures(
     tuned = {v: t for v, t in tuning.items() if t is not None}
     if tuned:
         drawings["tuning"] = lambda: figures.tuning_history(tuned, palette)
+        drawings["tuning_curves"] = lambda: figures.tuning_curves(tuned, palette)
     drawings.update(diagnostics.draw(results, palette))
     drawings.update(research.draw(studies or {}, palette))
     for variant, result in results.items():

@@ -117,15 +117,48 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
     if edges:
         checks.append(
             "**Tuned learning rate at the edge of the searched range** (the optimum may lie outside it; "
-            "widen `tune.learning_rate`): " + ", ".join(f"`{v}` ({e} end)" for v, e in edges.items()) + "."
+            "widen `tune.learning_rate`, or `tune.learning_rate_head_only` for a head-only strategy): "
+            + ", ".join(f"`{v}` ({e} end)" for v, e in edges.items())
+            + "."
         )
     elif any(tuning.values()):
         checks.append(
             "Every tuned learning rate lies inside the searched range (not within 10% of its log width "
             "from either end)."
         )
+    checks += tuning_checks(tuning)
     doc += [("p", "Checks behind the answer:"), ("list", checks), ("p", INTERVAL_METHOD)]
     return doc
+
+
+def tuning_checks(tuning: dict) -> list[str]:
+    """Equal budgets, tune trials that hit the epoch cap, tuning curves still rising."""
+    tuned = {v: t["best"] for v, t in tuning.items() if t}
+    if not tuned:
+        return []
+    budgets = {b["budget"]["trials_run"] for b in tuned.values()}
+    checks = [
+        f"Tuning budget: {budgets.pop()} trials for every strategy."
+        if len(budgets) == 1
+        else "**Unequal tuning budgets**: "
+        + ", ".join(f"`{v}` {b['budget']['trials_run']}" for v, b in tuned.items())
+        + " trials."
+    ]
+    capped = {v: b["budget"]["capped_trials"] for v, b in tuned.items() if b["budget"]["capped_trials"]}
+    checks.append(
+        "**Tune trials that hit `train.max_epochs` still improving** (judged before they converged): "
+        + ", ".join(f"`{v}` {n}" for v, n in capped.items())
+        + "."
+        if capped
+        else "No tune trial hit `train.max_epochs` while still improving."
+    )
+    rising = [v for v, b in tuned.items() if b["tuning_curve"]["still_rising"]]
+    if rising:
+        checks.append(
+            "**Tuning curve still rising at the budget** (the last trial is expected to add more than one "
+            "validation image; more trials may change the ranking): " + ", ".join(f"`{v}`" for v in rising) + "."
+        )
+    return checks
 
 
 def _difference(answer: dict, variant: str) -> Interval:

@@ -133,35 +133,69 @@ def convergence_table(results: dict) -> tuple[list[str], list[list[str]]]:
 def tuning_table(tuning: dict) -> tuple[list[str], list[list[str]]]:
     headers = [
         "strategy",
-        "trials",
+        "trials (cut at rung)",
+        "hit max_epochs",
         "epochs trained",
         "tuning s",
-        "best val accuracy",
+        "best val accuracy ± SE",
+        "runner-up",
+        "expected best: N-1 → N trials",
         "head_units",
-        "learning rate",
+        "learning rate (range)",
         "inside the range",
     ]
     rows = []
     for variant, tune in tuning.items():
         if tune is None:
-            rows.append([f"**{variant}**", "not tuned", "", "", "", "", "", ""])
+            rows.append([f"**{variant}**", "not tuned", *[""] * (len(headers) - 2)])
             continue
-        b, budget = tune["best"], tune["best"]["budget"]
+        b, budget, curve = tune["best"], tune["best"]["budget"], tune["best"]["tuning_curve"]
         seconds = sum(float(t.get("train_seconds") or 0.0) for t in tune["trials"])
+        others = [t["value"] for t in tune["trials"] if t["state"] == "COMPLETE" and t["trial"] != b["trial"]]
         edge = b.get("learning_rate_at_edge")
+        expected = curve["expected_best"]
+        low, high = b["search_space"]["learning_rate"]
         rows.append(
             [
                 f"**{variant}**",
-                str(budget["trials_run"]),
+                f"{budget['trials_run']} ({budget['pruned_trials']})",
+                str(budget["capped_trials"]) if not budget["capped_trials"] else f"**{budget['capped_trials']}**",
                 str(budget["epochs_run"]),
                 f"{seconds:.0f}",
-                f"{b['value']:.3f}",
+                f"{b['value']:.3f} ± {b['validation']['standard_error']:.3f}",
+                f"{max(others):.3f}" if others else "–",
+                f"{expected[-2] if len(expected) > 1 else expected[-1]:.3f} → {expected[-1]:.3f}"
+                + (" **still rising**" if curve["still_rising"] else ""),
                 str(b["head_units"]),
-                f"{b['learning_rate']:.2g}",
+                f"{b['learning_rate']:.2g} ({low:g}–{high:g})",
                 f"**no: at the {edge} end**" if edge else "yes",
             ]
         )
     return headers, rows
+
+
+def tuning_text(tuning: dict) -> str:
+    """What the tuning table's numbers mean, with this run's validation size and standard error."""
+    tuned = [t["best"] for t in tuning.values() if t]
+    images = tuned[0]["validation"]["images"]
+    errors = [b["validation"]["standard_error"] for b in tuned]
+    rising = [b["variant"] for b in tuned if b["tuning_curve"]["still_rising"]]
+    return (
+        f"Every strategy had the same budget of {tuned[0]['budget']['n_trials']} trials. Every choice is made on "
+        f"the {images} validation images: the standard error of one trial's accuracy there is "
+        f"{min(errors):.3f}–{max(errors):.3f} (binomial, at the chosen trial's accuracy), so trials closer than "
+        "about two standard errors are not told apart by this set. `runner-up`: the second-best complete trial. "
+        "Expected best: the expected maximum validation accuracy of n trials drawn from the observed ones (Dodge "
+        'et al. 2019, "Show Your Work"; a trial cut at the rung enters with the best validation accuracy it had '
+        "reached there, a trial that failed on its own with 0); "
+        "a curve that still gains more than one validation image with its last trial is flagged: more tuning may "
+        "change that strategy's standing. "
+        + (
+            "Still rising at the budget: " + ", ".join(f"`{v}`" for v in rising) + "."
+            if rising
+            else "No strategy's curve is still rising at the budget."
+        )
+    )
 
 
 def build_document(
@@ -237,8 +271,12 @@ def build_document(
         ("figure", files["accuracy_vs_trainable"], "Test accuracy against trainable parameters (log scale)."),
         ("figure", files["parameters"], "Trainable and frozen parameters per strategy."),
         ("h2", "Tuning"),
-        ("table", *tuning_table(tuning)),
     ]
+    if any(tuning.values()):
+        doc.append(("p", tuning_text(tuning)))
+    doc.append(("table", *tuning_table(tuning)))
+    if "tuning_curves" in files:
+        doc.append(("figure", files["tuning_curves"], "Expected best validation accuracy against trials."))
     if "tuning" in files:
         doc.append(("figure", files["tuning"], "Trial values against learning rate; ring: the chosen trial."))
     doc += diagnostics.blocks(params, results, files)
@@ -280,18 +318,29 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         f"size {train.batch_size}, Adam, head `{params.model.pooling}` → `{params.model.head_norm}` normalisation "
         f"→ optional Dense(head_units, relu) + dropout {params.model.dropout}, augmentation "
         f"{'on' if train.augmentation else 'off'}.",
-        f"Seeds: {list(train.seeds)} for strategies on cached features, {list(train.seeds_end_to_end)} for "
-        "strategies trained end to end (minutes per seed on 2 CPU cores).",
-        f"Tuning: {tune.n_trials} trials per strategy on cached features, {tune.n_trials_end_to_end} per strategy "
-        f"trained end to end (a trial costs ~100× more there); head_units in {list(tune.head_units)}, learning "
-        f"rate log-uniform in [{tune.learning_rate[0]:g}, {tune.learning_rate[1]:g}]; the first "
-        f"{tune.startup_trials} trials a space-filling design (one learning-rate stratum each), then TPE, seeded "
-        f"{params.seed}; no pruning (every trial trains under the rule above).",
+        f"Seeds: {list(train.seeds)} for every strategy.",
+        f"Tuning: an equal budget of {tune.n_trials} trials per strategy; head_units in {list(tune.head_units)}, "
+        f"learning rate log-uniform in [{tune.learning_rate[0]:g}, {tune.learning_rate[1]:g}] for strategies that "
+        f"train conv layers and [{tune.learning_rate_head_only[0]:g}, {tune.learning_rate_head_only[1]:g}] for "
+        f"head-only ones; the first {tune.startup_trials} trials a space-filling design (one learning-rate stratum "
+        f"each), then TPE, design seed {tune.design_seed}; every trial trains under the rule above, except that "
+        + _halving(tune)
+        + ".",
         "Test metrics use each seed's kept (lowest validation loss) epoch. Wall-clock curves count training epochs "
         "only: cached strategies also pay a one-time feature extraction shared by all their trials and seeds.",
         "Training paths: " + "; ".join(paths) + ".",
         *_strategy_options(params),
     ]
+
+
+def _halving(tune) -> str:
+    if not tune.halving_epoch:
+        return "nothing is pruned (no successive halving)"
+    return (
+        f"at epoch {tune.halving_epoch} a trial continues only when its best validation accuracy so far ranks in "
+        f"the top 1/{tune.halving_factor} (rounded up) of its own strategy's trials that reached that epoch before "
+        "it, itself included (the first trial always continues)"
+    )
 
 
 def _conversions(data: dict) -> str:

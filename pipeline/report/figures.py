@@ -168,6 +168,30 @@ def parameter_counts(results: dict, palette: dict) -> plt.Figure:
     return figure
 
 
+def tuning_curves(tuning: dict, palette: dict) -> plt.Figure:
+    """Expected best validation accuracy against the number of trials, per strategy (Dodge et al.
+    2019), with a one-standard-deviation band; a hollow end marker: still rising at the budget."""
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for variant, tune in tuning.items():
+        curve = tune["best"]["tuning_curve"]
+        mean, std = np.asarray(curve["expected_best"]), np.asarray(curve["std"])
+        trials = np.arange(1, len(mean) + 1)
+        axes.plot(trials, mean, color=palette[variant], label=variant)
+        axes.fill_between(trials, mean - std, mean + std, color=palette[variant], alpha=0.12)
+        rising = curve["still_rising"]
+        axes.scatter(
+            [trials[-1]], [mean[-1]], s=50, color=palette[variant], facecolors="white" if rising else palette[variant]
+        )
+    axes.set_xlabel("trials")
+    axes.set_ylabel("expected best validation accuracy")
+    axes.set_xticks(np.arange(1, max(len(t["best"]["tuning_curve"]["expected_best"]) for t in tuning.values()) + 1))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title("Tuning curves: expected best of n trials (band: ±1 SD; hollow end: still rising)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
     """Per strategy: each trial's value against its learning rate (marker = head size), the
     searched range's ends (dashed) and the chosen trial (ringed): a choice at an end says the
@@ -177,6 +201,15 @@ def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
     figure, grid = _panels(len(tuning))
     for axes, (variant, tune) in zip(grid.flat, tuning.items(), strict=False):
         complete = [t for t in tune["trials"] if t["state"] == "COMPLETE"]
+        pruned = [t for t in tune["trials"] if t["state"] == "PRUNED" and t["rung_value"] is not None]
+        axes.scatter(
+            [float(t["learning_rate"]) for t in pruned],
+            [t["rung_value"] for t in pruned],
+            marker="x",
+            color=palette[variant],
+            alpha=0.6,
+            label="cut at the rung (value there)",
+        )
         for units, marker in markers.items():
             chosen = [t for t in complete if int(t["head_units"]) == units]
             axes.scatter(
@@ -197,7 +230,7 @@ def tuning_history(tuning: dict, palette: dict) -> plt.Figure:
         axes.set_xlabel("learning rate")
         axes.grid(alpha=0.3)
     for axes in grid[:, 0]:
-        axes.set_ylabel("validation accuracy (kept epoch)")
+        axes.set_ylabel("validation accuracy (kept epoch; x: at the rung)")
     grid.flat[0].legend(fontsize=8)
     figure.suptitle("Tuning per strategy: trial value against learning rate (ring: chosen; dashed: searched range)")
     figure.tight_layout()

@@ -391,7 +391,7 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
                 "p",
                 "The transferability curve: train the top k of VGG16's 13 conv layers (k = 0: frozen base, "
                 "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies "
-                f"(`tune.n_trials` for a k trained on cached features, `tune.n_trials_end_to_end` for k = 13) "
+                f"(`tune.n_trials` = {params.tune.n_trials} trials for every k) "
                 f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
                 f"{seeds}. Reference lines: the main comparison's baselines on the same data. Dotted "
                 "lines: where k first covers a whole block. " + STUDY_INTERVALS,
