@@ -109,7 +109,7 @@ def _write_results(root: Path) -> None:
                 "complete_trials": 2,
                 "pruned_trials": 1,
                 "failed_trials": 0,
-                "capped_trials": 1 if variant == "full" else 0,
+                "capped_trials": 1 if variant == "scratch" else 0,
                 "epochs_run": 10,
             },
             "validation": {"images": 500, "standard_error": 0.0224},
@@ -277,7 +277,7 @@ def test_tuning_section_shows_equal_budgets_standard_errors_caps_and_rising_curv
     text = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert "Tuning budget: 3 trials for every strategy." in text
-    capped = "**Tune trials that hit `train.max_epochs` still improving** (judged before they converged): `full` 1."
+    capped = "**Tune trials that hit `train.max_epochs` still improving** (judged before they converged): `scratch` 1."
     assert capped in text
     assert "**Tuning curve still rising at the budget**" in text and "Still rising at the budget: `partial`." in text
     assert "standard error of one trial's accuracy there is 0.022–0.022" in text and "500 validation images" in text
