@@ -104,13 +104,14 @@ def test_halving_replay_cuts_low_trials_at_the_rung_and_counts_what_it_saves():
     trials = [
         _trial([0.5, 0.6, 0.7, 0.7], 0.7),
         _trial([0.2, 0.3, 0.8, 0.8, 0.8], 0.8),  # slow starter, best at the end
-        _trial([0.6, 0.65, 0.66], 0.66),
+        _trial([0.6, 0.65, 0.66, 0.66], 0.66),
         _trial([0.1, 0.1], 0.1),  # stopped before rung 3: never cut there
     ]
     early = at_rung(trials, 1, 2)
     assert early["cut"] == [1, 3]  # 0.2 < 0.5 (top 1 of 2); 0.1 is third of 4 (top 2)
     assert early["best_cut"] and early["regret"] == pytest.approx(0.8 - 0.7)
-    assert early["epochs_unpruned"] == 4 + 5 + 3 + 2 and early["epochs_pruned"] == 4 + 1 + 3 + 1
+    assert early["epochs_unpruned"] == 4 + 5 + 4 + 2 and early["epochs_pruned"] == 4 + 1 + 4 + 1
+    assert at_rung(trials, 2, 2)["cut"] == [1]  # trial 3 stopped at epoch 2 by its rule: complete, not cut
     late = at_rung(trials, 3, 2)
     assert late["cut"] == [2] and not late["best_cut"] and late["regret"] == 0.0  # 0.66 below 0.7 and 0.8
     assert late["reached"] == 3 and late["spearman"] == pytest.approx(1.0)

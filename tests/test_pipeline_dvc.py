@@ -49,8 +49,8 @@ def project(tmp_path_factory):
         raw,
         {
             "data": {"fashion_mnist_dir": data_dir},
-            "train": {"max_epochs": 1},
-            "tune": {"n_trials": 2},
+            "train": {"max_epochs": 2},
+            "tune": {"n_trials": 3, "halving_epoch": 1, "halving_factor": 2},  # the halving path, rerun bit for bit
             "studies": {"robustness": {"enabled": True}},  # every setting of every stage is read
         },
     )
