@@ -5,6 +5,8 @@
 Compares every JSON and CSV file under results/ plus reports/summary.json and
 reports/metrics.json, file by file, after removing what measures time or names a registry entry
 or a study: JSON keys holding "seconds" and those in VOLATILE_KEYS, CSV columns holding "seconds".
+The answer (reports/summary.json `answer`: costs in FLOPs, cost ratios, the recommendation) is
+compared in full: two runs of the same code and data must agree on it to the last digit.
 Not compared: models and figures (binary files with timestamps; the models are compared through
 `test_predictions.csv`, every test image's prediction) and the Optuna journals (timestamps;
 `trials.csv` has every trial).
@@ -23,7 +25,6 @@ from pathlib import Path
 REPORT_FILES = ("reports/summary.json", "reports/metrics.json")
 VOLATILE_KEYS = (
     "timing",  # wall-clock measurements
-    "recommended_cost_ratio",  # a ratio of measured compute seconds
     "model_uri",  # a new MLflow model on every registration
     "version",  # its registry version
     "study",  # the Optuna study's name hashes the stage's code: any code change renames it

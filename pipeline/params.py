@@ -223,13 +223,20 @@ class MlflowParams:
         _check(bool(self.registered_model.strip()), "registered_model", self.registered_model, "give a non-empty name")
 
 
+# summary.json's sections beside the strategies, and the reference baselines (candidates of the
+# answer beside the strategies): a strategy may not take one of these names
+RESERVED_NAMES = ("baselines", "answer", "data_conversions", "pixels_logistic_regression", "frozen_linear_probe")
+
+
 @dataclass(frozen=True)
 class ReportParams:
     target_accuracy: float
     baseline: str  # the strategy every other one is compared against, seed by seed
+    margin: float  # non-inferiority margin (accuracy) of the answer rule (pipeline/recommendation.py)
 
     def __post_init__(self):
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy", self.target_accuracy, "it must be in (0, 1]")
+        _check(0.0 <= self.margin < 0.5, "margin", self.margin, "it must be in [0, 0.5): an accuracy difference")
 
 
 @dataclass(frozen=True)
@@ -304,9 +311,9 @@ class Params:
     def __post_init__(self):
         if not self.variants:
             raise ConfigError("variants", "is empty; define at least one strategy, e.g. frozen: {trainable: none}")
-        reserved = sorted(set(self.variants) & {"baselines", "answer"})
+        reserved = sorted(set(self.variants) & set(RESERVED_NAMES))
         if reserved:
-            problem = "is a reserved name (a section of reports/summary.json); rename the strategy"
+            problem = "is a reserved name (a section of reports/summary.json or a baseline); rename the strategy"
             raise ConfigError(f"variants.{reserved[0]}", problem)
         limit = self.train.max_epochs
         for name, variant in self.variants.items():

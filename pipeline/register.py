@@ -1,10 +1,13 @@
 """Stage `register`: log the best strategy's model to MLflow and register it.
 
 Reads every `results/train/<variant>/` (`--train-dir`: metrics, per-image test predictions,
-model.keras), the tune records (`--tune-dir`, for the compute account) and params.yaml
-`mlflow`. The strategy registered is the report's answer (`pipeline.answer`): the best on
-*validation*, or the cheapest strategy whose test accuracy is statistically indistinguishable
-from it. Writes `--out` (results/registered.json): the variant, seed, model URI and version.
+model.keras), the tune records (`--tune-dir`, for the FLOP account), the baselines
+(`--baselines-dir`, candidates of the answer too) and params.yaml `mlflow` and `report.margin`.
+The strategy registered is the report's answer (`pipeline/recommendation.py`) among the networks:
+the cheapest network shown non-inferior within the margin to the best on *validation*. When a
+baseline is non-inferior too (training VGG16 does not pay off on this data), the model card says
+so; the registered model is still that network. Writes `--out` (results/registered.json): the
+variant, seed, model URI and version.
 
 The registered model is an MLflow pyfunc model (`pipeline/serving.py`, the project's code shipped
 inside it) with a signature and an input example; its version carries a description and tags
@@ -25,8 +28,8 @@ from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary
 from pipeline.errors import DataError
 from pipeline.params import load_params
-from pipeline.recommendation import choose
-from pipeline.results import read_evidence, read_seed_metrics, read_strategy_summary
+from pipeline.recommendation import choose, read_inputs
+from pipeline.results import read_baselines, read_seed_metrics, read_strategy_summary
 from pipeline.stats import accuracy_interval
 
 EXAMPLE_IMAGES = 3  # test images stored with the model as its input example
@@ -37,20 +40,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--train-dir", type=Path, default=Path("results/train"))
     parser.add_argument("--tune-dir", type=Path, default=Path("results/tune"))
+    parser.add_argument("--baselines-dir", type=Path, default=Path("results/baselines"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="class names, example images")
     parser.add_argument("--out", type=Path, default=Path("results/registered.json"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
     ensure_writable(args.out.parent, "--out")
-    evidence = {v: read_evidence(args.train_dir, args.tune_dir, v) for v in params.variants}
-    chosen = choose(evidence)
-    variant = chosen["recommended"]
+    data = load_summary(args.prepared)
+    baselines = read_baselines(args.baselines_dir)
+    evidence, baseline_evidence = read_inputs(params, data, args.train_dir, args.tune_dir, baselines)
+    chosen = choose(evidence, params.report.margin, baseline_evidence)
+    variant = chosen["recommended_network"]
     summary = read_strategy_summary(args.train_dir, variant)
     model_path = args.train_dir / variant / "model.keras"
     if not model_path.is_file():
         raise DataError(f"{model_path} not found; rerun `dvc repro train@{variant}`")
     run = read_seed_metrics(args.train_dir, variant, summary["best_seed"])
-    card = model_card(params, variant, summary, evidence[variant], chosen, load_summary(args.prepared), run)
+    card = model_card(params, variant, summary, evidence[variant], chosen, data, run)
 
     tracking.open_store(params.mlflow, args.params)
     tags = {"stage": "register", "variant": variant, "seed": summary["best_seed"], **tracking.environment_tags()}
@@ -66,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         "seed": summary["best_seed"],
         "selection": chosen["rule"],
         "best_on_validation": chosen["best_on_validation"],
-        "indistinguishable_from_best": chosen["indistinguishable_from_best"],
+        "margin": chosen["margin"],
+        "candidates": sorted(chosen["candidates"]),
+        "baselines_non_inferior": chosen["baselines_non_inferior"],
         "best_val_accuracy_mean": summary["best_val_accuracy_mean"],
         "test_accuracy_mean": summary["test_accuracy_mean"],
         "registered_model": params.mlflow.registered_model,
@@ -92,7 +100,9 @@ def model_card(params, variant: str, summary: dict, evidence: dict, chosen: dict
     description = (
         f"VGG16 with the `{variant}` freezing strategy (trainable: {trainable}), the model of seed {seed} (the best "
         f"validation accuracy of its {len(evidence['seeds'])} seeds). Chosen by the rule: {chosen['rule']}; best on "
-        f"validation: {chosen['best_on_validation']}. Test accuracy over seeds {interval.mean:.3f} "
+        f"validation: {chosen['best_on_validation']}; non-inferiority margin {chosen['margin']:g}. "
+        + baseline_note(chosen)
+        + f"Test accuracy over seeds {interval.mean:.3f} "
         f"[{interval.low:.3f}, {interval.high:.3f}] (95%, seeds and {evidence['correct'].shape[1]} test images). "
         f"Input: RGB images, uint8 0..255, shape (n, {size}, {size}, 3). Output: `predicted_class` and one "
         "probability column per class."
@@ -114,8 +124,21 @@ def model_card(params, variant: str, summary: dict, evidence: dict, chosen: dict
         "learning_rate": run["learning_rate"],
         "max_epochs": run["max_epochs"],
         "best_epoch": run["best_epoch"],
+        "baselines_non_inferior": json.dumps(chosen["baselines_non_inferior"]),
     }
     return {"description": description, "tags": tags}
+
+
+def baseline_note(chosen: dict) -> str:
+    """The model card's warning when a reference baseline is non-inferior to the best network."""
+    if not chosen["baselines_non_inferior"]:
+        return "No reference baseline is non-inferior to the best network. "
+    names = ", ".join(chosen["baselines_non_inferior"])
+    return (
+        f"On this data training VGG16 does not pay off: {names} is non-inferior to the best network within the "
+        f"margin at a fraction of the cost (reports/report.md); this network is registered as the best network "
+        "the rule recommends, for users who need one. "
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ TRIAL_COLUMNS = (
     "stopped_early", "train_seconds", "seconds",
 )  # fmt: skip
 CONVERGENCE = ("best_epoch", "epochs_run", "max_epochs", "stopped_early")
+COST_KEYS = ("epochs_run", "warmup_epochs", "training_path", "head_units", "train_images")
 SEED_HEADLINE = ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch", "epochs_run", "stopped_early")
 
 
@@ -152,7 +153,8 @@ def read_test_correct(train_dir: Path, variant: str) -> tuple[np.ndarray, np.nda
 def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
     """One strategy's inputs to the recommendation rule (pipeline/recommendation.py):
     {"val_accuracy", "correct" (seeds x images 0/1), "labels", "seeds", "params_trainable",
-    "compute_seconds" and its parts}."""
+    "runs" (per seed: what its cost depends on, COST_KEYS), "trials" (per counted tune trial:
+    head_units and epochs_run), "compute_seconds" and its parts}."""
     seeds_dir, seeds = _seeds_dir(train_dir, variant)
     metrics = [json.loads((seeds_dir / str(s) / "metrics.json").read_text()) for s in seeds]
     labels, correct = read_test_correct(train_dir, variant)
@@ -165,6 +167,8 @@ def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
         "labels": labels,
         "seeds": seeds,
         "params_trainable": metrics[0]["parameters"]["trainable"],
+        "runs": [{k: m.get(k) for k in COST_KEYS} for m in metrics],
+        "trials": tuning_trials(Path(tune_dir) / variant / "trials.csv"),
         "compute_seconds": tuning + training + extraction,
         "compute_parts": {"tuning": tuning, "training_per_run": training, "feature_extraction": extraction},
     }
@@ -295,6 +299,14 @@ def tuning_seconds(trials_csv: Path) -> float:
         return 0.0
     with trials_csv.open() as f:
         return float(sum(float(row["train_seconds"] or 0.0) for row in csv.DictReader(f)))
+
+
+def tuning_trials(trials_csv: Path) -> list[dict]:
+    """[{"head_units", "epochs_run"}] of every counted tune trial ([] when not tuned)."""
+    if not trials_csv.is_file():
+        return []
+    with trials_csv.open() as f:
+        return [{"head_units": int(r["head_units"]), "epochs_run": int(r["epochs_run"])} for r in csv.DictReader(f)]
 
 
 def _number(text: str):

@@ -1,4 +1,5 @@
-"""Small statistics for comparing strategies over seeds (t-intervals, paired t-tests)."""
+"""Small statistics for comparing strategies over seeds and test images (t-intervals, paired
+differences, non-inferiority within a margin, tuning curves)."""
 
 from __future__ import annotations
 
@@ -49,21 +50,39 @@ def paired_t_test(a: dict[int, float], b: dict[int, float], confidence: float = 
 #
 # A strategy's test accuracy varies with its training seed (initialisation, batch order) and
 # with the draw of test images. `correct[s, i]` (1 if seed s classified test image i correctly)
-# holds both. With S seeds and N images, the mean accuracy's variance is estimated as
-#     var(per-seed accuracies) / S  +  var(per-image accuracies, averaged over seeds) / N,
-# the seed component from the spread between seeds (all seeds saw the same images, so it
-# excludes image sampling) and the image component from the spread between images. A difference
-# between two strategies is paired on the images (the same N images; per-image differences) and
-# independent over seeds. The interval is mean ± t * SE with Welch–Satterthwaite degrees of
-# freedom, so a handful of seeds gets the wide t quantile it needs.
+# holds both. It is read as a two-way random-effects table with one observation per cell,
+#     correct[s, i] = mu + seed_s + image_i + residual_si,
+# whose mean over S seeds and N images has variance
+#     sigma_seed^2 / S + sigma_image^2 / N + sigma_residual^2 / (S N).
+# From the ANOVA mean squares (E[MS_seed] = sigma_res^2 + N sigma_seed^2, E[MS_image] =
+# sigma_res^2 + S sigma_image^2, E[MS_residual] = sigma_res^2) the unbiased estimate is
+#     (MS_seed + MS_image - MS_residual) / (S N)
+# = (MS_seed - MS_residual) / (S N)  [the seed part]  +  var(per-image means) / N  [the image part],
+# since var(per-image means) = MS_image / S. The seed part is floored at 0 (a negative estimate of
+# a variance component). Adding var(per-seed accuracies) / S instead would count the residual
+# twice (once in each part). A difference between two strategies is paired on the images and
+# independent over seeds: each strategy's seed part, plus var(per-image differences of seed
+# means) / N, which carries both strategies' residuals once. The interval is mean ± t * SE with
+# Satterthwaite degrees of freedom, so a handful of seeds gets the wide t quantile it needs.
 
 
-def _components(correct: np.ndarray) -> tuple[float, int]:
-    """(seed variance component of the mean, its degrees of freedom) of a seeds x images matrix."""
-    seeds = correct.shape[0]
+def _components(correct: np.ndarray) -> tuple[float, float]:
+    """(seed variance component of the mean, its Satterthwaite degrees of freedom) of a seeds x
+    images matrix: (MS_seed - MS_residual) / (S N), floored at 0."""
+    seeds, images = correct.shape
     if seeds < 2:
-        return 0.0, 1
-    return float(correct.mean(axis=1).var(ddof=1) / seeds), seeds - 1
+        return 0.0, 1.0
+    seed_means, image_means = correct.mean(axis=1), correct.mean(axis=0)
+    ms_seed = images * float(seed_means.var(ddof=1))
+    residual = correct - seed_means[:, None] - image_means[None, :] + correct.mean()
+    df_residual = (seeds - 1) * (images - 1)
+    ms_residual = float((residual**2).sum()) / df_residual if df_residual else 0.0
+    scale = 1.0 / (seeds * images)
+    component = scale * (ms_seed - ms_residual)
+    if component <= 0:
+        return 0.0, 1.0
+    df = component**2 / ((scale * ms_seed) ** 2 / (seeds - 1) + (scale * ms_residual) ** 2 / max(df_residual, 1))
+    return component, df
 
 
 def _interval(mean: float, parts: list[tuple[float, int]], confidence: float) -> Interval:
@@ -96,6 +115,42 @@ def difference_interval(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) 
     mean = float(a.mean() - b.mean())
     interval = _interval(mean, [_components(a), _components(b), image_part], confidence)
     return Interval(interval.mean, interval.low, interval.high, min(a.shape[0], b.shape[0]))
+
+
+@dataclass(frozen=True)
+class NonInferiority:
+    """Is `a` no worse than `b` by more than `margin`? One-sided bounds of the paired difference
+    a - b (seeds and test images, `difference_interval`) at the stated confidence."""
+
+    mean: float
+    lower: float  # one-sided lower bound: a - b >= lower at the confidence
+    upper: float  # one-sided upper bound
+    margin: float
+
+    @property
+    def non_inferior(self) -> bool:
+        """The lower bound lies above -margin: a loss of `margin` or more is ruled out."""
+        return self.lower > -self.margin
+
+    @property
+    def worse(self) -> bool:
+        """The upper bound lies below 0: significantly worse."""
+        return self.upper < 0
+
+    @property
+    def verdict(self) -> str:
+        """'non-inferior', 'worse' (and not non-inferior) or 'inconclusive' (neither shown)."""
+        return "non-inferior" if self.non_inferior else "worse" if self.worse else "inconclusive"
+
+
+def noninferiority(a: np.ndarray, b: np.ndarray, margin: float, confidence: float = 0.95) -> NonInferiority:
+    """Non-inferiority of `a` against `b` (seeds x images each, paired on images) within `margin`
+    (accuracy, >= 0): the one-sided `confidence` bounds are the ends of the two-sided
+    (2 * confidence - 1) interval. Raises ValueError on a negative margin."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    interval = difference_interval(a, b, confidence=2 * confidence - 1)
+    return NonInferiority(interval.mean, interval.low, interval.high, margin)
 
 
 @dataclass(frozen=True)

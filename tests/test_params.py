@@ -57,6 +57,13 @@ def test_repository_params_load_into_frozen_dataclasses():
         ({"variants": {"partial": {"trainable": "all", "lr": 1}}}, "variants.partial.lr", "unknown key"),
         ({"variants": {"frozen": {"weights": "vgg.bin", "trainable": "none"}}}, "variants.frozen.weights", ".h5"),
         ({"train": {"max_epochs": "five"}}, "train.max_epochs", "expected int, got 'five'"),
+        ({"report": {"margin": -0.01}}, "report.margin", "in [0, 0.5)"),
+        ({"variants": {"data_conversions": {"trainable": "none"}}}, "variants.data_conversions", "reserved name"),
+        (
+            {"variants": {"frozen_linear_probe": {"trainable": "none"}}},
+            "variants.frozen_linear_probe",
+            "a baseline",
+        ),
         ({"train": {"max_epochs": -3}}, "train.max_epochs", "at least 1"),
         ({"train": {"learning_rate": 0.0}}, "train.learning_rate", "> 0"),
         ({"tune": {"learning_rate": [3.0e-3, 1.0e-5]}}, "tune.learning_rate", "need 0 < low < high"),

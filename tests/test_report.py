@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import results
-from pipeline.stats import accuracy_interval
+from pipeline.stats import accuracy_interval, noninferiority
 from pipeline.vgg16 import BLOCKS
 from tests.conftest import REPO, cli, run_stage, stage_env
 
@@ -142,6 +142,10 @@ def _write_results(root: Path) -> None:
             "val_accuracy": accuracy,
             "C": 0.1,
             "test_images": TEST_IMAGES,
+            "train_images": 30,
+            "dimensions": 3072 if name == "pixels_logistic_regression" else 512,
+            "iterations": {"0.1": 40, "1.0": 60},
+            "conv_base_features": name == "frozen_linear_probe",
         }
     results.write_baselines(baselines, records, LABELS, {name: _probabilities(a) for name, a in BASELINES.items()})
     prepared = root / "prepared"
@@ -149,6 +153,7 @@ def _write_results(root: Path) -> None:
     summary = {
         "source": "directory",
         "num_classes": 3,
+        "image_size": 32,
         "class_names": CLASSES,
         "data_sha256": "f" * 64,
         "totals": {"train": 30, "val": 9, "test": TEST_IMAGES},
@@ -185,6 +190,7 @@ def report(tmp_path_factory):
         "partial": {"trainable": ["block5"]},
     }
     raw["train"]["seeds"] = list(SEEDS)
+    raw["report"]["margin"] = 0.05  # wide enough for frozen (-0.01) and the probe (0.00), not the pixels (-0.05)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = root / "reports"
     out.mkdir()
@@ -246,8 +252,19 @@ def test_summary_has_intervals_baselines_and_the_answer_chosen_on_validation(rep
     assert summary["baselines"]["frozen_linear_probe"]["test_accuracy"] == 0.70
     answer = summary["answer"]
     assert answer["best_on_validation"] == "partial"  # highest validation accuracy, not test
-    assert answer["indistinguishable_from_best"] == ["frozen"]  # 0.69 vs 0.70 on the same images
-    assert answer["recommended"] == "frozen"  # the cheaper of the two
+    assert answer["margin"] == 0.05
+    assert set(answer["candidates"]) == {"partial", "frozen", "frozen_linear_probe"}  # 0.69 and 0.70 vs 0.70
+    expected_bound = noninferiority(correct_matrix(0.69), correct_matrix(0.70), 0.05).lower
+    assert answer["candidates"]["frozen"]["lower_bound"] == pytest.approx(expected_bound)
+    assert answer["comparisons"]["scratch"]["verdict"] == "worse"
+    assert answer["comparisons"]["pixels_logistic_regression"]["verdict"] == "worse"  # 0.65: -0.05
+    assert answer["baselines_non_inferior"] == ["frozen_linear_probe"]
+    assert answer["recommended"] == "frozen_linear_probe"  # the cheapest candidate: no network to train
+    assert answer["recommended_network"] == "frozen"  # cheaper than partial: no conv layer trains
+    flops = answer["flops"]
+    assert flops["frozen_linear_probe"] < flops["frozen"] < flops["partial"] < flops["scratch"]
+    assert answer["cheaper_than_best"] == pytest.approx(flops["partial"] / flops["frozen_linear_probe"])
+    assert "seconds" not in json.dumps(answer)  # deterministic: two runs agree on it to the last digit
     assert summary["scratch"]["unconverged_seeds"] == [3] and summary["partial"]["unconverged_seeds"] == []
     assert summary["frozen"]["learning_rate_at_edge"] == "low"
 
@@ -257,8 +274,16 @@ def test_markdown_opens_with_the_answer_and_shows_baselines_and_checks(report):
     text = (out / "report.md").read_text()
     answer = text.index("## Answer")
     assert answer < text.index("## Comparison")
-    assert "**Best on validation: `partial`**" in text and "**Recommended: `frozen`**" in text
-    assert "10.0× cheaper" in text  # 100 s vs 10 s: tuning 3 x compute/6 + one run compute/2
+    first = text[answer:].splitlines()[2]
+    assert first.startswith(
+        "- **On this data, training VGG16 does not pay off: convex linear probe on the frozen features is "
+        "non-inferior to the best network `partial` within 0.05**"
+    )
+    ratio = json.loads((out / "summary.json").read_text())["answer"]["cheaper_than_best"]
+    assert f"at {ratio:,.3g}× less compute" in first
+    assert "Best on validation: `partial` (mean best-validation accuracy 0.660 over 3 seeds" in text
+    assert "`scratch` significantly worse (by at least" in text
+    assert "Among the networks the rule recommends `frozen`" in text
     assert "Pixel baseline (logistic regression on pixels): test accuracy 0.650" in text
     assert re.search(r"beat it with an interval excluding 0: `frozen`, `partial`", text)
     assert "`scratch` (below it" in text

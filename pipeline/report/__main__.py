@@ -23,44 +23,31 @@ from pipeline import tracking
 from pipeline.atomic import atomic_dir, atomic_path, ensure_writable, write_json, write_text
 from pipeline.cli import run_stage
 from pipeline.data import load_summary
-from pipeline.errors import DataError
-from pipeline.params import Params, load_params
+from pipeline.params import RESERVED_NAMES, Params, load_params
 from pipeline.plotting import confusion_matrix_figure, plt
-from pipeline.recommendation import choose
+from pipeline.recommendation import choose, read_inputs
 from pipeline.report import diagnostics, figures
 from pipeline.report import studies as research
 from pipeline.report.answer import unconverged
 from pipeline.report.document import build_document, to_html, to_markdown
-from pipeline.results import read_baselines, read_evidence, read_strategy, read_tuning
+from pipeline.results import read_baselines, read_strategy, read_tuning
 from pipeline.stats import accuracy_interval
 
 
-def read_results(train_dir: Path, tune_dir: Path, variant: str) -> dict:
-    """`results.read_strategy` plus the answer's evidence (per-image correctness, compute) and the test
+def read_results(train_dir: Path, variant: str, evidence: dict) -> dict:
+    """`results.read_strategy` plus the answer's `evidence` (per-image correctness, cost) and the test
     accuracy interval over seeds and test images."""
     result = read_strategy(train_dir, variant)
-    result["evidence"] = read_evidence(train_dir, tune_dir, variant)
-    result["interval"] = accuracy_interval(result["evidence"]["correct"])
+    result["evidence"] = evidence
+    result["interval"] = accuracy_interval(evidence["correct"])
     return result
-
-
-def check_same_test_set(results: dict, baselines: dict, baselines_dir: Path) -> None:
-    """Every comparison is paired on test images: the baselines must have predicted the very test
-    set the strategies did (DataError naming the fix otherwise, e.g. baselines from older data)."""
-    labels = next(iter(results.values()))["evidence"]["labels"]
-    for name, baseline in baselines.items():
-        if not np.array_equal(baseline["labels"], labels):
-            raise DataError(
-                f"{baselines_dir}: {name} was computed on another test set ({len(baseline['labels'])} images, the "
-                f"strategies have {len(labels)}); rerun `dvc repro baselines` (or pass --baselines-dir)"
-            )
 
 
 def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, data: dict) -> dict:
     """summary.json: per strategy its test accuracy with the 95% interval over seeds
     and test images, then `baselines`, the `answer`, and `data_conversions` (how many prepared
     images needed each kind of decoding beyond plain 8-bit RGB; only kinds that occurred).
-    Deterministic: timings only in `answer`."""
+    Deterministic (costs are FLOPs; measured seconds stay in the report's table)."""
     out = {}
     for variant, result in results.items():
         interval = result["interval"]
@@ -83,16 +70,7 @@ def summary_metrics(results: dict, tuning: dict, baselines: dict, answer: dict, 
         name: {k: b[k] for k in ("test_accuracy", "test_macro_f1", "val_accuracy", "C")}
         for name, b in baselines.items()
     }
-    out["answer"] = {
-        k: answer[k]
-        for k in (
-            "best_on_validation",
-            "indistinguishable_from_best",
-            "recommended",
-            "recommended_cost_ratio",
-            "compute_seconds",
-        )
-    }
+    out["answer"] = answer  # deterministic: FLOPs, never seconds
     out["data_conversions"] = {kind: n for kind, n in data.get("conversions", {}).items() if n}
     return out
 
@@ -124,7 +102,7 @@ def compared_metrics(summary: dict) -> dict:
             "ci_high": s["test_accuracy_ci95_high"],
         }
         for variant, s in summary.items()
-        if variant not in ("baselines", "answer", "data_conversions")
+        if variant not in RESERVED_NAMES
     }
     short = {"pixels_logistic_regression": "pixels_lr", "frozen_linear_probe": "linear_probe"}
     out.update({short.get(name, name): b["test_accuracy"] for name, b in summary["baselines"].items()})
@@ -217,19 +195,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.thumbnail:
         ensure_writable(args.thumbnail.parent, "--thumbnail")
     data_summary = load_summary(args.prepared)
-    results = {v: read_results(args.train_dir, args.tune_dir, v) for v in params.variants}
-    tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
     baselines = read_baselines(args.baselines_dir)
-    check_same_test_set(results, baselines, args.baselines_dir)
-    answer = choose({v: r["evidence"] for v, r in results.items()})
-    studies = research.read_studies(args.studies_dir, params, baselines)
+    evidence, baseline_evidence = read_inputs(params, data_summary, args.train_dir, args.tune_dir, baselines)
+    results = {v: read_results(args.train_dir, v, evidence[v]) for v in params.variants}
+    tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
+    answer = choose(evidence, params.report.margin, baseline_evidence)
+    studies = research.read_studies(args.studies_dir, params, baselines, data_summary)
     tracking.open_store(params.mlflow, args.params)
 
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
     with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):
         with atomic_dir(args.out / "figures") as figure_dir:
             files = draw_figures(
-                results, tuning, data_summary["class_names"], figure_dir, studies, baselines, answer["recommended"]
+                results,
+                tuning,
+                data_summary["class_names"],
+                figure_dir,
+                studies,
+                baselines,
+                answer["recommended_network"],
             )
             document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer)
             html = to_html(document, figure_dir)

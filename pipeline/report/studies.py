@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import cost
 from pipeline.errors import DataError
 from pipeline.plotting import plt
-from pipeline.recommendation import choose
-from pipeline.report.answer import BASELINE_NAMES, PIXELS, PROBE, unconverged
+from pipeline.recommendation import baseline_evidence, choose, describe, with_flops
+from pipeline.report.answer import BASELINE_NAMES, PIXELS, PROBE, tflop, unconverged
 from pipeline.report.diagnostics import drift_heatmap, drift_text, mean_drift
 from pipeline.results import read_evidence, read_sample_baselines, read_strategy, read_test_correct
 from pipeline.stats import Interval, accuracy_interval, difference_interval
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, top_layers
 
 BASELINE_STYLE = {PIXELS: ("black", "--", "pixels LR"), PROBE: ("dimgrey", ":", "linear probe")}
 
@@ -42,11 +43,12 @@ def ran(studies: dict) -> list[str]:
     return [name for name in ("sample_efficiency", "depth") if name in studies]
 
 
-def read_studies(studies_dir: Path, params, baselines: dict | None = None) -> dict:
+def read_studies(studies_dir: Path, params, baselines: dict | None = None, data_summary: dict | None = None) -> dict:
     """{"sample_efficiency": {variant: {n: result}}, "sample_efficiency_baselines": {name: {n: ...}},
     "depth": {k: result}, "depth_answer": ..., "depth_baselines": ...} for the sizes and depths in
     params whose results exist. A result is `results.read_strategy(folder, name)` plus `correct` (seeds x
-    test images, 0/1) and its `interval`; `baselines` are the main comparison's (`results.read_baselines`)."""
+    test images, 0/1) and its `interval`; `baselines` are the main comparison's (`results.read_baselines`);
+    `data_summary` (the prepared data's) gives the FLOP account of the depth answer."""
     out: dict = {}
     sample_dir = Path(studies_dir) / "sample_efficiency"
     sizes = sorted(params.studies.sample_efficiency.train_per_class)
@@ -63,21 +65,27 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None) -> di
         out["sample_efficiency_baselines"] = _read_sample_baselines(sample_dir / "baselines", sizes, sample)
     depth_dir = Path(studies_dir) / "depth"
     depth = {}
+    layout = cost.layout_of(data_summary, params.model.pooling) if data_summary else None
     for k in sorted(params.studies.depth.k):
         if (depth_dir / "train" / f"top{k}" / "seeds").is_dir():
             result = read_strategy(depth_dir / "train", f"top{k}")
-            result["evidence"] = read_evidence(depth_dir / "train", depth_dir / "tune", f"top{k}")
+            evidence = read_evidence(depth_dir / "train", depth_dir / "tune", f"top{k}")
+            result["evidence"] = with_flops(evidence, top_layers(k), layout)
             result["correct"] = result["evidence"]["correct"]
             result["interval"] = accuracy_interval(result["correct"])
             depth[k] = result
     if depth:
         out["depth"] = depth
-        if len(depth) > 1:
-            out["depth_answer"] = choose({f"top{k}": r["evidence"] for k, r in depth.items()})
         labels = next(iter(depth.values()))["evidence"]["labels"]
         out["depth_baselines"] = {
             name: b for name, b in (baselines or {}).items() if np.array_equal(b["labels"], labels)
         }
+        if len(depth) > 1:
+            out["depth_answer"] = choose(
+                {f"top{k}": r["evidence"] for k, r in depth.items()},
+                params.report.margin,
+                baseline_evidence(out["depth_baselines"], layout),
+            )
     return out
 
 
@@ -281,34 +289,39 @@ def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]
 
 
 def depth_answer_lines(answer: dict) -> list[str]:
-    """The main comparison's rule applied to the depths: best k on validation, the ks
-    indistinguishable from it on test, the cheapest of those in measured compute."""
-    best, recommended = answer["best_on_validation"], answer["recommended"]
-    tied = answer["indistinguishable_from_best"]
-    cost = answer["compute_seconds"]
-    differences = answer["differences_from_best"]
+    """The main comparison's rule applied to the depths (and the baselines): best k on validation,
+    what is shown non-inferior to it within the margin, the cheapest of those in training FLOPs."""
+    best, recommended, margin = answer["best_on_validation"], answer["recommended"], answer["margin"]
+    flops = answer["flops"]
+
+    def name(v: str) -> str:
+        return f"k = {v[3:]}" if v.startswith("top") else BASELINE_NAMES.get(v, v)
+
+    comparisons = answer["comparisons"]
+    others = sorted((v for v in answer["candidates"] if v != best), key=lambda v: flops[v])
     lines = [
-        f"Best on validation: k = {best[3:]}.",
-        "Indistinguishable from it on the test set (95% interval of the difference contains 0): "
-        + (
-            ", ".join(
-                f"k = {v[3:]} ({differences[v]['mean']:+.3f} [{differences[v]['ci95_low']:+.3f}, "
-                f"{differences[v]['ci95_high']:+.3f}])"
-                for v in sorted(tied, key=lambda v: int(v[3:]))
-            )
-            if tied
-            else "none"
-        )
+        f"Best on validation: {name(best)}.",
+        f"Non-inferior to it within {margin:g} (one-sided 95% lower bound above −margin): "
+        + (", ".join(f"{name(v)} ({comparisons[v]['lower_bound']:+.3f})" for v in others) or "none")
         + ".",
     ]
     if recommended != best:
         lines.append(
-            f"Cheapest of those in measured compute (tuning + one training run + feature extraction): "
-            f"k = {recommended[3:]}, {cost[best] / cost[recommended]:.1f}× cheaper than k = {best[3:]} "
-            f"({cost[recommended]:.0f} s vs {cost[best]:.0f} s)."
+            f"Cheapest of those in training FLOPs (tuning + one training run + feature extraction): "
+            f"{name(recommended)}, {answer['cheaper_than_best']:.1f}× cheaper than {name(best)} "
+            f"({tflop(flops[recommended])} vs {tflop(flops[best])})."
         )
     else:
-        lines.append(f"No indistinguishable k costs less compute than k = {best[3:]} ({cost[best]:.0f} s).")
+        lines.append(f"Nothing cheaper is shown non-inferior to {name(best)} ({tflop(flops[best])}).")
+    rest = [v for v in comparisons if v not in answer["candidates"]]
+    if rest:
+        lines.append(
+            "Not shown non-inferior: "
+            + "; ".join(
+                f"{name(v)} {describe(v, comparisons[v], margin)}" for v in sorted(rest, key=lambda v: flops[v])
+            )
+            + "."
+        )
     return lines
 
 
