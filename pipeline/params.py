@@ -161,7 +161,7 @@ class TuneParams:
     `patience`, `min_delta`). Successive halving inside each strategy's own study makes the
     end-to-end strategies affordable: at epoch `halving_epoch` a trial continues only when its
     best validation accuracy so far is in the top 1/`halving_factor` of the study's trials at
-    that epoch (0 = no halving)."""
+    that epoch (0 = no halving; cached strategies never halve: `Params.halving_epoch`)."""
 
     n_trials: int
     head_units: tuple[int, ...]
@@ -355,6 +355,12 @@ class Params:
     def learning_rate_range(self, variant: str) -> tuple[float, float]:
         """The searched learning-rate range of `variant` (see `learning_rate_key`)."""
         return tuple(getattr(self.tune, self.learning_rate_key(variant).split(".")[1]))
+
+    def halving_epoch(self, variant: str) -> int:
+        """The halving rung of `variant`'s study: `tune.halving_epoch` for strategies that train end
+        to end, 0 (no halving) for cached ones, whose epochs cost little and whose trials' ranks at
+        epoch 4 did not hold to the full horizon (README "Tuning")."""
+        return self.tune.halving_epoch if self.trains_end_to_end(variant) else 0
 
     def variant_weights(self, variant: str) -> str:
         """The weight source of `variant`: its own override, else `model.weights`."""

@@ -7,7 +7,8 @@ prepared data. Every trial is trained by the train stage's function under its ru
 so a learning rate is judged at the horizon it will be used at; the value maximised is the kept
 epoch's validation accuracy. Budget: `tune.n_trials` trials for every strategy, the first
 `tune.startup_trials` a space-filling design, then TPE; successive halving inside the study
-(`tune.halving_epoch`, `tune.halving_factor`) stops the trials that rank low at the rung epoch.
+(`tune.halving_epoch`, `tune.halving_factor`) stops the trials that rank low at the rung epoch,
+for strategies that train end to end only (`Params.halving_epoch`).
 Writes into `--out` (results/tune/<variant>):
   best_params.json   head_units, learning_rate, best value, trial, budget, edge flag
   trials.csv         one row per trial: params, state, value, value at the rung, epochs, seconds
@@ -75,7 +76,7 @@ def study_identity(params: Params, variant: str, weights_sha256: str | None, dat
             "learning_rate": params.learning_rate_range(variant),
             "startup_trials": params.tune.startup_trials,
             "design_seed": params.tune.design_seed,
-            "halving": [params.tune.halving_epoch, params.tune.halving_factor],
+            "halving": [params.halving_epoch(variant), params.tune.halving_factor],
         },
     }
 
@@ -227,7 +228,7 @@ def _open_study(params: Params, variant: str, out: Path, context: dict) -> optun
     search = params.learning_rate_range(variant)
     points = optuna_study.design(tune.design_seed, variant, list(tune.head_units), search, tune.startup_trials)
     sampler = optuna_study.BudgetSampler(tune.design_seed, points)
-    pruner = optuna_study.HalvingPruner(tune.halving_epoch, tune.halving_factor)
+    pruner = optuna_study.HalvingPruner(params.halving_epoch(variant), tune.halving_factor)
     name = optuna_study.study_name(variant, identity)
     return optuna_study.load_or_create(storage, name, sampler=sampler, pruner=pruner)
 

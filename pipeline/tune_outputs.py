@@ -115,7 +115,7 @@ def best_params(
             "epochs_run": sum(t.user_attrs.get("epochs_run") or 0 for t in trials),
             "startup_trials": tune.startup_trials,
             "design_seed": tune.design_seed,
-            "halving": {"epoch": tune.halving_epoch, "factor": tune.halving_factor},
+            "halving": {"epoch": params.halving_epoch(variant), "factor": tune.halving_factor},
             "trains_end_to_end": params.trains_end_to_end(variant),
             "rule": {"max_epochs": train.max_epochs, "patience": train.patience, "min_delta": train.min_delta},
         },
@@ -136,7 +136,7 @@ def write_outputs(study: optuna.Study, out: Path, params: Params, variant: str, 
     best = best_params(trials, params, variant, study.study_name, val_images)
     with atomic_dir(out / "figures") as figures:
         best["figures"] = _draw_figures(study, trials, figures, variant)
-    results.write_tuning(out, best, trial_rows(trials, params.tune.halving_epoch))
+    results.write_tuning(out, best, trial_rows(trials, params.halving_epoch(variant)))
     return best
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from pipeline import param_reads
 from pipeline.errors import ConfigError
@@ -218,3 +219,19 @@ def test_a_process_records_each_params_value_it_reads_except_through_an_observer
         "variants.frozen.trainable",
         "variants.frozen.weights",
     ]
+
+
+def test_only_strategies_that_train_end_to_end_halve_their_tuning():
+    params = load_params(REPO / "params.yaml")
+    rung = params.tune.halving_epoch
+    assert rung > 0
+    assert {v: params.halving_epoch(v) for v in ("scratch", "frozen", "last_layers", "partial", "full")} == {
+        "scratch": rung,
+        "frozen": 0,
+        "last_layers": 0,
+        "partial": 0,
+        "full": rung,
+    }
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    uncached = parse_params(merge(raw, {"train": {"cache_features": False}}))
+    assert uncached.halving_epoch("frozen") == rung

@@ -226,7 +226,8 @@ def test_halving_pruner_decides_only_at_its_rung_within_one_study():
 def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    halving = {"tune": {"halving_epoch": 1, "halving_factor": 2}}
+    # without the feature cache `frozen` trains end to end: its study halves (cached ones never do)
+    halving = {"tune": {"halving_epoch": 1, "halving_factor": 2}, "train": {"cache_features": False}}
     params_path, _ = make_tiny_project(tmp_path, FROZEN, halving)
     result = _run_tune(tmp_path, params_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -278,7 +279,7 @@ def _deterministic(root, variant="frozen"):
 def test_interrupted_then_resumed_study_equals_an_uninterrupted_one(tmp_path):
     override = {
         "tune": {"n_trials": 4, "startup_trials": 2, "halving_epoch": 1, "halving_factor": 2},  # cuts replay too
-        "train": {"max_epochs": 3, "patience": 2},
+        "train": {"max_epochs": 3, "patience": 2, "cache_features": False},  # end to end: halving applies
     }
     clean_root, resumed_root = tmp_path / "clean", tmp_path / "resumed"
     params_path, _ = make_tiny_project(clean_root, FROZEN, override)

@@ -345,7 +345,9 @@ def _halving(tune) -> str:
     return (
         f"at epoch {tune.halving_epoch} a trial continues only when its best validation accuracy so far ranks in "
         f"the top 1/{tune.halving_factor} (rounded up) of its own strategy's trials that reached that epoch before "
-        "it, itself included (the first trial always continues)"
+        "it, itself included (the first trial always continues); only in the studies of strategies that train end "
+        "to end: a cached strategy's epochs cost little and its trials' ranks at that epoch did not hold to the full "
+        "horizon, so its trials are never cut"
     )
 
 
