@@ -97,25 +97,27 @@ def with_flops(evidence: dict, trainable: frozenset[str], layout) -> dict:
     return {**evidence, "flops_parts": parts, "flops": parts["total"]}
 
 
+def baseline_flops(name: str, record: dict, layout) -> float:
+    """A baseline's FLOPs from its record (the baselines stage's metrics.json entry): the logistic
+    regressions' L-BFGS iterations over the C grid, plus the probe's forward pass of the conv base.
+    DataError when the record predates the FLOP account."""
+    if "iterations" not in record:
+        raise DataError(f"baseline {name} has no FLOP account (written by older code); rerun its baselines stage")
+    images = record["train_images"] + layout.val_images + layout.test_images
+    flops = cost.baseline_flops(
+        record["train_images"], layout.val_images, layout.test_images, record["dimensions"], layout.num_classes,
+        record["iterations"],
+    )  # fmt: skip
+    return flops + (cost.prefix_flops("block5_pool", images, layout) if record.get("conv_base_features") else 0.0)
+
+
 def baseline_evidence(baselines: dict, layout) -> dict[str, dict]:
-    """{baseline: {"correct", "flops"}} from `results.read_baselines`: the logistic regressions'
-    L-BFGS iterations over the C grid, plus the probe's forward pass of the conv base."""
+    """{baseline: {"correct", "flops"}} from `results.read_baselines` (a record per baseline) or
+    `results.read_sample_baselines` (records per seed: their mean cost)."""
     out = {}
     for name, b in baselines.items():
-        if "iterations" not in b:
-            raise DataError(f"baseline {name} has no FLOP account (written by older code); rerun `dvc repro baselines`")
-        flops = cost.baseline_flops(
-            b["train_images"],
-            layout.val_images,
-            layout.test_images,
-            b["dimensions"],
-            layout.num_classes,
-            b["iterations"],
-        )
-        if b.get("conv_base_features"):
-            flops += cost.prefix_flops(
-                "block5_pool", b["train_images"] + layout.val_images + layout.test_images, layout
-            )
+        records = list(b["records"].values()) if "records" in b else [b]
+        flops = float(np.mean([baseline_flops(name, record, layout) for record in records]))
         out[name] = {"correct": b["correct"], "flops": flops}
     return out
 

@@ -150,15 +150,17 @@ def read_test_correct(train_dir: Path, variant: str) -> tuple[np.ndarray, np.nda
     return read_correct([seeds_dir / str(s) / "test_predictions.csv" for s in seeds])
 
 
-def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
+def read_evidence(train_dir: Path, tune_dir: Path | None, variant: str) -> dict:
     """One strategy's inputs to the recommendation rule (pipeline/recommendation.py):
     {"val_accuracy", "correct" (seeds x images 0/1), "labels", "seeds", "params_trainable",
     "runs" (per seed: what its cost depends on, COST_KEYS), "trials" (per counted tune trial:
-    head_units and epochs_run), "compute_seconds" and its parts}."""
+    head_units and epochs_run), "compute_seconds" and its parts}. `tune_dir` None: not tuned (the
+    sample-efficiency study reuses the main comparison's hyperparameters)."""
     seeds_dir, seeds = _seeds_dir(train_dir, variant)
+    trials_csv = None if tune_dir is None else Path(tune_dir) / variant / "trials.csv"
     metrics = [json.loads((seeds_dir / str(s) / "metrics.json").read_text()) for s in seeds]
     labels, correct = read_test_correct(train_dir, variant)
-    tuning = tuning_seconds(Path(tune_dir) / variant / "trials.csv")
+    tuning = tuning_seconds(trials_csv)
     training = float(np.mean([m["timing"]["train_seconds"] for m in metrics]))
     extraction = max(m["timing"]["extraction_seconds"] for m in metrics)
     return {
@@ -168,7 +170,7 @@ def read_evidence(train_dir: Path, tune_dir: Path, variant: str) -> dict:
         "seeds": seeds,
         "params_trainable": metrics[0]["parameters"]["trainable"],
         "runs": [{k: m.get(k) for k in COST_KEYS} for m in metrics],
-        "trials": tuning_trials(Path(tune_dir) / variant / "trials.csv"),
+        "trials": tuning_trials(trials_csv),
         "compute_seconds": tuning + training + extraction,
         "compute_parts": {"tuning": tuning, "training_per_run": training, "feature_extraction": extraction},
     }
@@ -245,8 +247,8 @@ def read_baselines(folder: Path) -> dict:
 
 
 def read_sample_baselines(folder: Path, per_class: int) -> dict[str, dict] | None:
-    """{baseline: {"labels", "correct" (seeds x images), "C" per seed}} of one sample-efficiency
-    size, or None when its baselines stage has not run."""
+    """{baseline: {"labels", "correct" (seeds x images), "C" per seed, "records" per seed}} of one
+    sample-efficiency size, or None when its baselines stage has not run."""
     path = Path(folder) / f"n{per_class}" / "metrics.json"
     if not path.is_file():
         return None
@@ -255,7 +257,12 @@ def read_sample_baselines(folder: Path, per_class: int) -> dict[str, dict] | Non
         seeds = sorted(record["seeds"], key=int)
         files = [path.parent / "predictions" / name / f"{s}.csv" for s in seeds]
         labels, correct = read_correct(files)
-        out[name] = {"labels": labels, "correct": correct, "C": {int(s): record["seeds"][s]["C"] for s in seeds}}
+        out[name] = {
+            "labels": labels,
+            "correct": correct,
+            "C": {int(s): record["seeds"][s]["C"] for s in seeds},
+            "records": {int(s): record["seeds"][s] for s in seeds},
+        }
     return out
 
 
@@ -293,17 +300,17 @@ def read_best_params(path: Path) -> dict:
     return {"head_units": int(best["head_units"]), "learning_rate": float(best["learning_rate"])}
 
 
-def tuning_seconds(trials_csv: Path) -> float:
+def tuning_seconds(trials_csv: Path | None) -> float:
     """Training seconds of every counted tune trial (0.0 when the strategy was not tuned)."""
-    if not trials_csv.is_file():
+    if trials_csv is None or not trials_csv.is_file():
         return 0.0
     with trials_csv.open() as f:
         return float(sum(float(row["train_seconds"] or 0.0) for row in csv.DictReader(f)))
 
 
-def tuning_trials(trials_csv: Path) -> list[dict]:
+def tuning_trials(trials_csv: Path | None) -> list[dict]:
     """[{"head_units", "epochs_run"}] of every counted tune trial ([] when not tuned)."""
-    if not trials_csv.is_file():
+    if trials_csv is None or not trials_csv.is_file():
         return []
     with trials_csv.open() as f:
         return [{"head_units": int(r["head_units"]), "epochs_run": int(r["epochs_run"])} for r in csv.DictReader(f)]

@@ -152,7 +152,7 @@ def _run(root, module, *args):
 
 @pytest.fixture(scope="module")
 def studies_run(tmp_path_factory):
-    """Main train of two strategies, the sample-efficiency stage at n=3 for frozen, the depth
+    """Main train of two strategies, the sample-efficiency stage at n=3 for both, the depth
     stages at k=1, then the report, all through their command lines."""
     root = tmp_path_factory.mktemp("studies")
     variants = {
@@ -166,19 +166,20 @@ def studies_run(tmp_path_factory):
         _run(root, "train", "--variant", variant, "--prepared", prepared, "--out", out, "--feature-cache", cache)
     studies = root / "results" / "studies"
     _run(root, "baselines", "--prepared", prepared, "--feature-cache", cache, "--out", str(root / "results/baselines"))
-    _run(
-        root,
-        "train",
-        "--variant",
-        "frozen",
-        "--train-per-class",
-        "3",
-        "--no-model",
-        "--feature-cache",
-        cache,
-        "--out",
-        str(studies / "sample_efficiency/frozen/n3"),
-    )
+    for variant in variants:  # two strategies at n=3: the answer's rule applies at that size
+        _run(
+            root,
+            "train",
+            "--variant",
+            variant,
+            "--train-per-class",
+            "3",
+            "--no-model",
+            "--feature-cache",
+            cache,
+            "--out",
+            str(studies / f"sample_efficiency/{variant}/n3"),
+        )
     _run(
         root,
         "baselines",
@@ -345,6 +346,9 @@ def test_report_shows_the_study_sections_and_figures(studies_run):
     # the references: fitted on the study's subsets, and the main baselines beside the depths
     assert "| *reference: logistic regression on pixels* | " in text
     assert "### Against the pixel baseline" in text
+    answers = text[text.index("### The answer at each size") :]
+    row = next(line for line in answers.splitlines() if line.startswith("| 3 |"))
+    assert row.split("|")[2].strip() in ("`frozen`", "`partial`")  # best on validation at n=3
     depth = text[text.index("## Study: freezing depth") :]
     assert "| *reference: convex linear probe on the frozen features* |" in depth
     assert "(deterministic)" in depth and "Δ vs pixels LR" in depth

@@ -25,7 +25,7 @@ from pipeline.report.answer import BASELINE_NAMES, PIXELS, PROBE, tflop, unconve
 from pipeline.report.diagnostics import drift_heatmap, drift_text, mean_drift
 from pipeline.results import read_evidence, read_sample_baselines, read_strategy, read_test_correct
 from pipeline.stats import Interval, accuracy_interval, difference_interval
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, top_layers
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable, top_layers
 
 BASELINE_STYLE = {PIXELS: ("black", "--", "pixels LR"), PROBE: ("dimgrey", ":", "linear probe")}
 
@@ -63,6 +63,10 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None, data_
     if sample:
         out["sample_efficiency"] = sample
         out["sample_efficiency_baselines"] = _read_sample_baselines(sample_dir / "baselines", sizes, sample)
+        if data_summary:
+            out["sample_efficiency_answers"] = sample_answers(
+                params, sample_dir, sample, out["sample_efficiency_baselines"], data_summary
+            )
     depth_dir = Path(studies_dir) / "depth"
     depth = {}
     layout = cost.layout_of(data_summary, params.model.pooling) if data_summary else None
@@ -89,6 +93,52 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None, data_
     return out
 
 
+def sample_answers(params, sample_dir: Path, sample: dict, baselines: dict, data_summary: dict) -> dict[int, dict]:
+    """{n: the main answer's rule applied at n images per class}: the strategies trained at n (their
+    hyperparameters tuned once on the main comparison: cost = one training run + extraction) and
+    the baselines fitted on each seed's very subset, at the sizes where at least two strategies ran."""
+    layout = cost.layout_of(data_summary, params.model.pooling)
+    answers = {}
+    for n in sorted({n for by_size in sample.values() for n in by_size}):
+        evidence = {
+            v: with_flops(
+                read_evidence(sample_dir / v, None, f"n{n}"), resolve_trainable(params.variant(v).trainable), layout
+            )
+            for v, by_size in sample.items()
+            if n in by_size
+        }
+        if len(evidence) < 2:
+            continue
+        references = {name: by_size[n] for name, by_size in baselines.items() if n in by_size}
+        answers[n] = choose(evidence, params.report.margin, baseline_evidence(references, layout))
+    return answers
+
+
+def sample_answer_table(answers: dict[int, dict]) -> tuple[list[str], list[list[str]]]:
+    """Per size: best on validation, what is shown non-inferior to it (one-sided 95% lower bound),
+    the recommendation, and what could not be shown either way."""
+    headers = ["n per class", "best on validation", "non-inferior within the margin", "recommended", "inconclusive"]
+    rows = []
+    for n, answer in answers.items():
+        comparisons = answer["comparisons"]
+        others = [v for v in answer["candidates"] if v != answer["best_on_validation"]]
+        open_ = [v for v, c in comparisons.items() if c["verdict"] == "inconclusive"]
+        rows.append(
+            [
+                str(n),
+                f"`{answer['best_on_validation']}`",
+                ", ".join(f"{_label(v)} ({comparisons[v]['lower_bound']:+.3f})" for v in others) or "none",
+                _label(answer["recommended"]),
+                ", ".join(f"{_label(v)} (loss up to {-comparisons[v]['lower_bound']:.3f})" for v in open_) or "none",
+            ]
+        )
+    return headers, rows
+
+
+def _label(name: str) -> str:
+    return BASELINE_NAMES.get(name, f"`{name}`")
+
+
 def _with_correct(result: dict, train_dir: Path, name: str) -> dict:
     result["labels"], result["correct"] = read_test_correct(train_dir, name)
     result["interval"] = accuracy_interval(result["correct"])
@@ -108,7 +158,12 @@ def _read_sample_baselines(folder: Path, sizes: list[int], sample: dict) -> dict
                     f"strategies; rerun `dvc repro sample_efficiency_baselines@{n}`"
                 )
             correct = found["correct"]
-            out.setdefault(name, {})[n] = {"correct": correct, "interval": accuracy_interval(correct), "C": found["C"]}
+            out.setdefault(name, {})[n] = {
+                "correct": correct,
+                "interval": accuracy_interval(correct),
+                "C": found["C"],
+                "records": found["records"],
+            }
     return out
 
 
@@ -372,6 +427,19 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
             ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% bands."),
             ("table", *sample_efficiency_table(sample, references)),
         ]
+        if studies.get("sample_efficiency_answers"):
+            doc += [
+                ("h3", "The answer at each size"),
+                (
+                    "p",
+                    "The main comparison's rule at every n: the best strategy on validation, the strategies and "
+                    f"baselines shown non-inferior to it within {params.report.margin:g} (one-sided 95% lower "
+                    "bound of the difference, seeds and test images), and the cheapest of those in training FLOPs "
+                    "(one training run + feature extraction: the hyperparameters come from the main tuning). "
+                    "Inconclusive: neither shown non-inferior nor shown worse.",
+                ),
+                ("table", *sample_answer_table(studies["sample_efficiency_answers"])),
+            ]
         if PIXELS in references:
             reference = {n: b["correct"] for n, b in references[PIXELS].items()}
             doc += [
