@@ -55,18 +55,19 @@ def fit_logistic_regression(
     criterion the strategies' training rule uses too (accuracy on a few hundred validation
     images is coarse: it ties, and picked C=100 where the loss picks 0.1 on the default data).
     Returns (predict-probabilities function, record)."""
-    best = None
+    best, iterations = None, {}
     for c in C_GRID:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             model = LogisticRegression(C=c, max_iter=MAX_ITER).fit(*train)
+        iterations[f"{c:g}"] = int(model.n_iter_[0])  # the FLOP account (pipeline/cost.py)
         loss = float(log_loss(val[1], model.predict_proba(val[0]), labels=model.classes_))
         if best is None or loss < best[0]:
             converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
             record = {"C": c, "converged": converged, "val_loss": loss, "val_accuracy": float(model.score(*val))}
             best = (loss, model, record)
     _, model, record = best
-    return model.predict_proba, {**record, "C_grid": list(C_GRID)}
+    return model.predict_proba, {**record, "C_grid": list(C_GRID), "iterations": iterations}
 
 
 def pixels(images: np.ndarray) -> np.ndarray:
@@ -149,6 +150,7 @@ def fit(
             "test_macro_f1": evaluation["test_macro_f1"],
             **record,
             "features": descriptions[name],
+            "conv_base_features": name == PROBE,  # its cost includes the conv base's forward pass
             "dimensions": int(values["train"].shape[1]),
             "train_images": len(train_labels),
             "test_images": len(labels["test"]),
