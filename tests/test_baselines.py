@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.baselines import C_GRID, PIXELS, PROBE, fit, fit_logistic_regression
+from pipeline import baselines
+from pipeline.baselines import C_GRID, PIXELS, PROBE, TOL, fit, fit_logistic_regression, reorder_stability
 from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_env
 
 
@@ -30,9 +31,10 @@ def test_regularisation_is_chosen_on_validation_loss_not_on_test():
     train, val, test = split(10), split(200), split(200)
     predict, record = fit_logistic_regression(train, val)
     losses = {
-        c: log_loss(val[1], LogisticRegression(C=c, max_iter=5000).fit(*train).predict_proba(val[0])) for c in C_GRID
+        c: log_loss(val[1], LogisticRegression(C=c, max_iter=5000, tol=TOL).fit(*train).predict_proba(val[0]))
+        for c in C_GRID
     }
-    assert record["C"] == min(losses, key=losses.get) and record["C_grid"] == list(C_GRID)
+    assert record["C"] == min(losses, key=losses.get) and record["C_grid"] == list(C_GRID) and record["tol"] == TOL
     assert record["val_loss"] == pytest.approx(min(losses.values()))
     assert record["C"] < max(C_GRID)  # the weakest regularisation over-fits 20 images in 50 dimensions
     assert np.mean(predict(test[0]).argmax(axis=1) == test[1]) > 0.6  # chance: 0.5, Bayes: 0.77
@@ -65,6 +67,33 @@ def test_a_training_subset_fits_as_if_the_data_held_only_those_rows(tmp_path):
         np.testing.assert_array_equal(probabilities[name], cut_probabilities[name])
 
 
+def test_reorder_stability_counts_the_test_predictions_a_reordered_solve_changes(monkeypatch):
+    """Well-separated classes: the optimum's predictions do not depend on the row order (0
+    changed). A solver whose answer depends on the row order (here: predicts the first row's
+    label) is caught, and the count is over the test images."""
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 30)
+    x = rng.normal(size=(90, 4)) + 4.0 * np.eye(3, 4)[y]
+    test = rng.normal(size=(40, 4)) + 4.0 * np.eye(3, 4)[np.repeat([0, 1, 2, 0], 10)]
+    stable = reorder_stability((x, y), 1.0, test, seed=0)
+    assert stable == {"reorderings": 2, "max_changed_predictions": 0, "max_accuracy_change": 0.0}
+
+    class FirstRow:
+        def __init__(self, label):
+            self.label = label
+
+        def predict(self, rows):
+            return np.full(len(rows), self.label)
+
+    monkeypatch.setattr(baselines, "_solve", lambda c, rows, labels: FirstRow(labels[0]))
+    moved = reorder_stability((x, y), 1.0, test, seed=0)
+    order = np.random.default_rng(0)
+    firsts = [y[order.permutation(90)][0] for _ in range(2)]
+    expected = 40 if any(f != y[0] for f in firsts) else 0
+    assert moved["max_changed_predictions"] == expected and moved["max_accuracy_change"] == expected / 40
+    assert expected == 40  # this seed's permutations do start on another class
+
+
 @pytest.fixture(scope="module")
 def baselines_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
@@ -88,6 +117,9 @@ def test_stage_writes_both_baselines_with_per_image_predictions(baselines_run):
         rows = list(csv.DictReader((root / "baselines" / "predictions" / f"{name}.csv").open()))
         assert len(rows) == record["test_images"] == 20
         assert np.mean([r["label"] == r["predicted"] for r in rows]) == pytest.approx(record["test_accuracy"])
+        # the main comparison measures how far the predictions move with the row order (the report says it)
+        assert record["stability"]["reorderings"] == 2 and 0 <= record["stability"]["max_changed_predictions"] <= 20
+        assert record["tol"] == TOL
     # the probe reads the features the frozen strategy trains on: the shared cache
     assert len(list((root / "cache").glob("*/train.npy"))) == 1
 

@@ -146,6 +146,8 @@ def _write_results(root: Path) -> None:
             "dimensions": 3072 if name == "pixels_logistic_regression" else 512,
             "iterations": {"0.1": 40, "1.0": 60},
             "conv_base_features": name == "frozen_linear_probe",
+            "tol": 1e-6,
+            "stability": {"reorderings": 2, "max_changed_predictions": 3, "max_accuracy_change": 3 / TEST_IMAGES},
         }
     results.write_baselines(baselines, records, LABELS, {name: _probabilities(a) for name, a in BASELINES.items()})
     prepared = root / "prepared"
@@ -288,6 +290,11 @@ def test_markdown_opens_with_the_answer_and_shows_baselines_and_checks(report):
     assert re.search(r"beat it with an interval excluding 0: `frozen`, `partial`", text)
     assert "`scratch` (below it" in text
     assert "0.700 (gap -0.010)" in text  # frozen 0.690 against the probe 0.700
+    assert "Baselines are solved by L-BFGS to tolerance 1e-06" in text
+    assert f"logistic regression on pixels 3 of {TEST_IMAGES}" in text
+    bound = json.loads((out / "summary.json").read_text())["answer"]["candidates"]["frozen_linear_probe"]["lower_bound"]
+    shifted = bound - 3 / TEST_IMAGES
+    assert f"features, {bound:+.3f}, lowered by that move ({3 / TEST_IMAGES:.4f}), is {shifted:+.3f}" in text
     assert "**Not converged**" in text and "`scratch` seeds [3]" in text
     assert "`frozen` (low end)" in text
     assert "*reference: logistic regression on pixels*" in text

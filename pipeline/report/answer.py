@@ -140,6 +140,7 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
             f"beat it with an interval excluding 0: {', '.join(f'`{v}`' for v in beat) or 'none'}"
             + (f"; the others: {'; '.join(rest)}." if rest else ".")
         )
+    checks += stability_checks(baselines, answer)
     for variant in head_only(results) if PROBE in baselines else []:
         probe, frozen = baselines[PROBE]["test_accuracy"], results[variant]["interval"].mean
         features = baselines[PROBE].get("features", "the frozen base")
@@ -182,6 +183,38 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
     checks += tuning_checks(tuning)
     doc += [("p", "Checks behind the answer:"), ("list", checks), ("p", INTERVAL_METHOD)]
     return doc
+
+
+def stability_checks(baselines: dict, answer: dict) -> list[str]:
+    """How far the baselines' test predictions move with the solver's summation order, and
+    whether a baseline's non-inferiority survives that move."""
+    measured = {name: b["stability"] for name, b in baselines.items() if b.get("stability")}
+    if not measured:
+        return []
+    first = next(iter(measured.values()))
+    moves = "; ".join(
+        f"{BASELINE_NAMES[name]} {m['max_changed_predictions']} of {baselines[name]['test_images']}"
+        for name, m in measured.items()
+    )
+    tol = next(iter(baselines.values())).get("tol")
+    line = (
+        ("Baselines are solved by L-BFGS" + (f" to tolerance {tol:g}" if tol else "")) + "; refitting each "
+        f"at its chosen C on the training rows in {first['reorderings']} other orders (floating-point summation "
+        f"order, what another machine changes) changed at most: {moves} test predictions. Their test "
+        "accuracies can differ across machines by that much (the networks' have rerun bit-identical)."
+    )
+    margin = answer.get("margin")
+    for name in answer.get("baselines_non_inferior", []):
+        if name in measured:
+            bound = answer["candidates"][name]["lower_bound"]
+            shifted = bound - measured[name]["max_accuracy_change"]
+            verdict = "still above" if shifted > -margin else "no longer above"
+            line += (
+                f" The lower bound of {BASELINE_NAMES[name]}, "
+                f"{bound:+.3f}, lowered by that move ({measured[name]['max_accuracy_change']:.4f}), is "
+                f"{shifted:+.3f}: {verdict} −{margin:g}."
+            )
+    return [line]
 
 
 def tuning_checks(tuning: dict) -> list[str]:
