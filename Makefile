@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # stages call `python -m pipeline.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data browser repro test test-slow test-all lint format variants bench bench-tune bench-e2e bench-numerics dashboard team-up team-down clean
+.PHONY: install data browser postgres repro test test-slow test-all lint format variants bench bench-tune bench-e2e bench-numerics bench-folders dashboard team-up team-down clean
 
 install: $(STAMP)
 
@@ -47,16 +47,29 @@ browser:
 		echo "chromium: not installed and apt-get unavailable; the report rendering test will be skipped"; \
 	fi
 
+# Debian's PostgreSQL for the scale-out tests and `make team-up` (the tests skip without it, except
+# under CI, where .ci/run sets REQUIRE_POSTGRES=1 and a skip fails)
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "postgresql: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq postgresql; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq postgresql; \
+	else \
+		echo "postgresql: not installed and apt-get unavailable; the scale-out tests will be skipped"; \
+	fi
+
 repro: install data
 	$(BIN)/dvc repro
 
-test: install data browser
+test: install data browser postgres
 	$(BIN)/python -m pytest
 
-test-slow: install data browser
+test-slow: install data browser postgres
 	$(BIN)/python -m pytest -m slow
 
-test-all: install data browser
+test-all: install data browser postgres
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 lint: install
@@ -82,6 +95,10 @@ bench-tune: install data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python -m pipeline.bench --tune
 
+# reading a folder of generated camera-size JPEGs: the old path, one decode, draft mode, all cores (~3 min)
+bench-folders: install
+	$(BIN)/python -m pipeline.bench --folders
+
 # XLA and bfloat16 mixed precision against float32 (~5 min)
 bench-numerics: install data
 	$(BIN)/dvc repro prepare
@@ -99,7 +116,7 @@ dashboard: install
 # an MLflow server on it, both on 127.0.0.1; data in .team/, the environment to use in .team/env
 TEAM_PG_PORT ?= 5433
 TEAM_MLFLOW_PORT ?= 5000
-team-up: install
+team-up: install postgres
 	$(BIN)/python -m pipeline.team_stack up --dir .team --pg-port $(TEAM_PG_PORT) --mlflow-port $(TEAM_MLFLOW_PORT)
 
 team-down: install

@@ -1,7 +1,7 @@
 """Raw data in, fixed-size uint8 RGB arrays out.
 
 Two sources: Fashion-MNIST IDX files (`read_fashion_mnist`) and a folder with one sub-folder
-per class (`scan_image_folder` + `load_images`). Sampling is stratified and seeded
+per class (`pipeline.folders`). Sampling is stratified and seeded
 (`sample_per_class`). Prepared splits are read back with `load_split`.
 """
 
@@ -11,13 +11,11 @@ import gzip
 import json
 import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline import images
 from pipeline.errors import ConfigError, DataError
 
 FASHION_MNIST_CLASSES = (
@@ -29,7 +27,6 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _IDX_DTYPES = {0x08: np.uint8}
 
 
@@ -116,80 +113,6 @@ def read_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray
     return images, labels
 
 
-# --- image folders ---------------------------------------------------------------------------
-
-
-@dataclass
-class ImageFolder:
-    """The readable images of a class-per-sub-folder dataset, and what was left out."""
-
-    class_names: list[str]
-    files: list[list[Path]]  # per class, sorted
-    unreadable: list[str] = field(default_factory=list)
-    ignored_non_images: list[str] = field(default_factory=list)
-
-
-def scan_image_folder(root: Path, skip_unreadable: bool) -> ImageFolder:
-    """List and check the images under `root/<class>/`. Raises DataError naming the fix."""
-    if not root.is_dir():
-        raise DataError(
-            f"data.directory: {root} does not exist or is not a folder; create it with one sub-folder per class"
-        )
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise DataError(
-            f"data.directory: {root} has {len(class_dirs)} class folder(s); a classifier needs at least 2 "
-            "sub-folders (one per class, the folder name is the class name)"
-        )
-    folder = ImageFolder(class_names=[d.name for d in class_dirs], files=[])
-    for class_dir in class_dirs:
-        readable = []
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                folder.ignored_non_images.append(str(path.relative_to(root)))
-            elif _is_readable(path):
-                readable.append(path)
-            else:
-                folder.unreadable.append(str(path.relative_to(root)))
-        if not readable:
-            raise DataError(
-                f"data.directory: class folder {class_dir} has no readable images; add images or remove the folder"
-            )
-        folder.files.append(readable)
-    if folder.unreadable and not skip_unreadable:
-        listed = "\n  ".join(folder.unreadable)
-        raise DataError(
-            f"{len(folder.unreadable)} image file(s) under {root} cannot be decoded:\n  {listed}\n"
-            "Fix or delete them, or set data.skip_unreadable: true to skip them (they are counted in summary.json)"
-        )
-    return folder
-
-
-def _is_readable(path: Path) -> bool:
-    """Whether the file decodes completely, the way prepare will decode it (a truncated file
-    opens, but its pixel data does not load)."""
-    try:
-        images.decode(path)
-    except images.DECODE_ERRORS:
-        return False
-    return True
-
-
-def load_images(paths: list[Path], image_size: int) -> tuple[np.ndarray, dict]:
-    """Decode `paths` to uint8 RGB (N, size, size, 3) as an image viewer shows them
-    (`pipeline.images.decode`); also returns {"upscaled": count, "conversions": {kind: count}}."""
-    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    upscaled = 0
-    conversions = dict.fromkeys(images.KINDS, 0)
-    for i, path in enumerate(paths):
-        image, kinds = images.decode(path)
-        for kind in kinds:
-            conversions[kind] += 1
-        upscaled += image.width < image_size or image.height < image_size
-        out[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
-    return out, {"upscaled": upscaled, "conversions": conversions}
-
-
 def resize_gray(images: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 (N, h, w) grayscale -> uint8 RGB (N, size, size, 3), bilinear."""
     out = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
@@ -214,10 +137,11 @@ def sample_per_class(
     for class_index, class_name in enumerate(class_names):
         members = np.flatnonzero(labels == class_index)
         if len(members) < needed:
-            wanted = " + ".join(f"{n} {split}" for split, n in counts.items())
+            wanted = " + ".join(f"data.{split}_per_class {n}" for split, n in counts.items())
             raise DataError(
-                f"class {class_name!r} has {len(members)} images in the {pool} set, fewer than the {needed} "
-                f"requested ({wanted} per class); lower data.*_per_class or add images"
+                f"class {class_name!r} has {len(members)} images in the {pool}, fewer than the {needed} "
+                f"every class needs ({wanted}); lower those keys so that they sum to at most "
+                f"{len(members)}, or add images to that class"
             )
         members = rng.permutation(members)
         start = 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -54,10 +55,20 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, ImageCms.PyCMSError)
 _SRGB = ImageCms.createProfile("sRGB")
 
 
-def decode(path: Path) -> tuple[Image.Image, list[str]]:
-    """(8-bit RGB image as a viewer shows the file, the `KINDS` of conversion it needed)."""
+def decode(source: Path | BinaryIO, draft: int | None = None) -> tuple[Image.Image, list[str]]:
+    """(8-bit RGB image as a viewer shows the file, the `KINDS` of conversion it needed).
+
+    `draft`: the smallest side the caller needs. A JPEG is then decoded by DCT scaling (PIL's
+    draft mode) to 1/8, 1/4 or 1/2 of its size, the smallest whose sides stay at least `draft`:
+    several times faster on a camera-size photo. Only scales that divide both sides: a partial
+    DCT block at the edge stretches the image by a fraction of a pixel, which moved the prepared
+    pixels of a 4000x2650 photo by up to 20 levels at 224; exact scales moved them by at most 2,
+    on average 0.1-0.2 (README "Data")."""
     kinds: list[str] = []
-    with Image.open(path) as image:
+    with Image.open(source) as image:
+        scale = _draft_scale(image.size, draft) if draft and image.format in ("JPEG", "MPO") else 1
+        if scale > 1:
+            image.draft(image.mode, (image.width // scale, image.height // scale))
         if getattr(image, "n_frames", 1) > 1:
             kinds.append("animated_first_frame")
             image.seek(0)
@@ -73,6 +84,16 @@ def decode(path: Path) -> tuple[Image.Image, list[str]]:
         if icc and image.mode != "CMYK" and not _is_srgb(icc):
             rgb = _profile_to_srgb(rgb, icc, kinds)
         return rgb, kinds
+
+
+def _draft_scale(size: tuple[int, int], smallest: int) -> int:
+    """The largest DCT scale-down (8, 4, 2; else 1) that divides both sides and keeps them at
+    least `smallest` pixels."""
+    width, height = size
+    for scale in (8, 4, 2):
+        if width % scale == 0 and height % scale == 0 and min(width, height) // scale >= smallest:
+            return scale
+    return 1
 
 
 def _to_rgb(image: Image.Image, kinds: list[str]) -> Image.Image:

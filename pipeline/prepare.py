@@ -4,20 +4,23 @@ Reads `seed` and `data.*` from params.yaml and the raw source (Fashion-MNIST IDX
 folder with one sub-folder per class). Writes, atomically, into `--out` (data/prepared):
   train.npz, val.npz, test.npz   images uint8 (N, size, size, 3) RGB 0-255, labels int64 (N,)
   classes.json                   class names, index = label
-  summary.json                   source, counts per class and split, sha256 of every array,
-                                 skipped / ignored / upscaled files
+  summary.json                   source, counts per class and split, sha256 of every array; for
+                                 an image folder also what was left out (`folder`: junk,
+                                 non-images, duplicates; `unreadable_skipped`), the images each
+                                 class had, upscaled and converted images
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import data, images
+from pipeline import data, folders, images
 from pipeline.atomic import atomic_dir, ensure_writable, write_json
 from pipeline.cli import run_stage
 from pipeline.params import DataParams, Params, load_params
@@ -54,11 +57,10 @@ def _prepare_fashion_mnist(params: DataParams, rng: np.random.Generator) -> Prep
     pool_images, pool_labels = data.read_fashion_mnist(folder, "train")
     official_test_images, official_test_labels = data.read_fashion_mnist(folder, "test")
     # train and val come from the official training set; test only from the official test set
-    picks = data.sample_per_class(
-        pool_labels, {"train": params.train_per_class, "val": params.val_per_class}, class_names, rng, "official train"
-    )
+    counts = {"train": params.train_per_class, "val": params.val_per_class}
+    picks = data.sample_per_class(pool_labels, counts, class_names, rng, "official training set")
     test_picks = data.sample_per_class(
-        official_test_labels, {"test": params.test_per_class}, class_names, rng, "official test"
+        official_test_labels, {"test": params.test_per_class}, class_names, rng, "official test set"
     )
     splits = {split: (pool_images[picks[split]], pool_labels[picks[split]]) for split in ("train", "val")}
     splits["test"] = (official_test_images[test_picks["test"]], official_test_labels[test_picks["test"]])
@@ -70,24 +72,21 @@ def _prepare_fashion_mnist(params: DataParams, rng: np.random.Generator) -> Prep
 
 
 def _prepare_directory(params: DataParams, rng: np.random.Generator) -> Prepared:
-    folder = data.scan_image_folder(Path(params.directory), params.skip_unreadable)
-    files = [path for class_files in folder.files for path in class_files]
-    labels = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(folder.files)])
+    folder = folders.read_image_folder(Path(params.directory), params.image_size, params.skip_unreadable)
     counts = {"test": params.test_per_class, "val": params.val_per_class, "train": params.train_per_class}
-    picks = data.sample_per_class(labels, counts, folder.class_names, rng, "image folder")
-    splits = {}
-    upscaled, conversions = 0, dict.fromkeys(images.KINDS, 0)
-    for split in SPLITS:
-        pixels, decoded = data.load_images([files[i] for i in picks[split]], params.image_size)
-        splits[split] = (pixels, labels[picks[split]])
-        upscaled += decoded["upscaled"]
-        for kind, count in decoded["conversions"].items():
-            conversions[kind] += count
+    pool = "image folder (after junk, unreadable files and duplicates were left out)"
+    picks = data.sample_per_class(folder.labels, counts, folder.class_names, rng, pool)
+    splits = {split: (folder.pixels[picks[split]], folder.labels[picks[split]]) for split in SPLITS}
+    chosen = np.sort(np.concatenate(list(picks.values())))
+    conversions = Counter(kind for i in chosen for kind in folder.kinds[i])
+    available = {name: int(np.sum(folder.labels == i)) for i, name in enumerate(folder.class_names)}
     extra = {
+        "folder": folder.counts,
         "unreadable_skipped": folder.unreadable,
-        "non_image_files_ignored": len(folder.ignored_non_images),
-        "upscaled": upscaled,
-        "conversions": conversions,
+        "available_per_class": available,
+        "class_imbalance": max(available.values()) / min(available.values()),
+        "upscaled": int(folder.upscaled[chosen].sum()),
+        "conversions": {kind: conversions[kind] for kind in images.KINDS},
     }
     return Prepared(splits, folder.class_names, _summary(params, splits, folder.class_names, extra))
 

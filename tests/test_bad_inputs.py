@@ -229,7 +229,7 @@ def test_data_non_image_files_are_ignored_and_counted(tmp_path, write_params, im
     proc, out = _prepare_folder(tmp_path, write_params, image_folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["non_image_files_ignored"] == 2
+    assert summary["folder"]["non_image_files"] == 2
     assert summary["totals"] == {"train": 12, "val": 6, "test": 6}
 
 
@@ -248,7 +248,12 @@ def test_data_corrupt_image_skipped_and_counted_when_asked(tmp_path, write_param
 
 def test_data_more_images_requested_than_exist(tmp_path, write_params, image_folder):
     proc, out = _prepare_folder(tmp_path, write_params, image_folder, skip_unreadable=True, train_per_class=20)
-    assert_rejected(proc, "has 8 images in the image folder set, fewer than the 24 requested", "lower data.")
+    assert_rejected(
+        proc,
+        "class 'cat' has 8 images in the image folder (after junk, unreadable files and duplicates",
+        "fewer than the 24 every class needs (data.test_per_class 2 + data.val_per_class 2 + data.train_per_class 20)",
+        "sum to at most 8",
+    )
     assert_nothing_written(out)
 
 

@@ -119,8 +119,8 @@ def _cases():
     def frames(*colours):
         return [Image.new("RGB", (S, S), c) for c in colours]
 
-    def animated(**kw):
-        first, *rest = frames((250, 10, 10), (10, 10, 250))
+    def animated(colour, **kw):  # a first colour per case: identical pictures would be de-duplicated
+        first, *rest = frames(colour, (10, 10, 250))
         return lambda path: first.save(path, save_all=True, append_images=rest, **kw)
 
     palette = Image.new("P", (S, S), 1)
@@ -137,8 +137,14 @@ def _cases():
     bilevel.paste(0, (0, 0, S // 2, S))
     i32_stretched = np.full((S, S), 5, np.int32)
     i32_stretched[LEFT] = -5
+    i32_stretched[0, -1] = 0  # a third level: otherwise the same picture as the bilevel case
+    i32_expected = _halves((0,) * 3, (255,) * 3)
+    i32_expected[0, -1] = 128  # round(127.5), to even
     f32_stretched = np.full((S, S), 1000.0, np.float32)
     f32_stretched[LEFT] = 0.0
+    f32_stretched[0, -1] = 250.0  # a third level, unlike int32_signed's
+    f32_expected = _halves((1,) * 3, (254,) * 3)
+    f32_expected[0, -1] = 64  # 250 / 1000 * 255 = 63.75
     upright = np.zeros((S // 2, S, 3), np.uint8)  # stored 32 wide x 16 high, left half white
     upright[:, : S // 2] = 255
     exif = Image.Image().getexif()
@@ -217,7 +223,7 @@ def _cases():
             ["integer_32"],
             0,
         ),
-        ("int32_signed.tif", save(Image.fromarray(i32_stretched)), _halves((0,) * 3, (255,) * 3), ["integer_32"], 0),
+        ("int32_signed.tif", save(Image.fromarray(i32_stretched)), i32_expected, ["integer_32"], 0),
         (
             "float32_unit.tif",
             save(Image.fromarray(np.full((S, S), 0.25, np.float32))),
@@ -225,7 +231,7 @@ def _cases():
             ["float_32"],
             0,
         ),
-        ("float32_wide.tif", save(Image.fromarray(f32_stretched)), _halves((1,) * 3, (254,) * 3), ["float_32"], 1),
+        ("float32_wide.tif", save(Image.fromarray(f32_stretched)), f32_expected, ["float_32"], 1),
         (
             "profile.png",
             save(Image.new("RGB", (S, S), (255, 0, 0)), icc_profile=_icc_swapping_red_and_blue()),
@@ -234,10 +240,10 @@ def _cases():
             1,
         ),
         ("orientation.png", save(Image.fromarray(upright), exif=exif), rotated, ["exif_orientation"], 0),
-        ("animated.gif", animated(), _solid((250, 10, 10)), ["animated_first_frame"], 0),
-        ("animated.png", animated(), _solid((250, 10, 10)), ["animated_first_frame"], 0),
-        ("animated.webp", animated(lossless=True), _solid((250, 10, 10)), ["animated_first_frame"], 0),
-        ("pages.tif", animated(), _solid((250, 10, 10)), ["animated_first_frame"], 0),
+        ("animated.gif", animated((250, 10, 10)), _solid((250, 10, 10)), ["animated_first_frame"], 0),
+        ("animated.png", animated((240, 10, 10)), _solid((240, 10, 10)), ["animated_first_frame"], 0),
+        ("animated.webp", animated((230, 10, 10), lossless=True), _solid((230, 10, 10)), ["animated_first_frame"], 0),
+        ("pages.tif", animated((220, 10, 10)), _solid((220, 10, 10)), ["animated_first_frame"], 0),
     ]
 
 
@@ -333,10 +339,12 @@ def test_an_srgb_profile_is_left_alone(tmp_path):
 
 
 def test_truncated_and_undecodable_files_are_unreadable(tmp_path):
-    from pipeline.data import _is_readable
+    from pipeline.folders import decode_file
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, "PNG")
     (tmp_path / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (tmp_path / "text.tif").write_text("not an image")
-    assert not _is_readable(tmp_path / "truncated.png") and not _is_readable(tmp_path / "text.tif")
+    for name in ("truncated.png", "text.tif"):
+        decoded = decode_file(tmp_path / name, 32)
+        assert decoded.pixels is None and len(decoded.file_sha256) == 64

@@ -101,7 +101,7 @@ def test_same_seed_gives_identical_arrays_and_hashes(write_params, fashion_mnist
 def test_requesting_more_than_exists_names_the_class_and_count(write_params, fashion_mnist_dir):
     params = _fmnist_params(write_params, fashion_mnist_dir, train_per_class=10, val_per_class=5)
     with pytest.raises(
-        DataError, match=r"class 'T-shirt/top' has 12 images in the official train set, fewer than the 15"
+        DataError, match=r"class 'T-shirt/top' has 12 images in the official training set, fewer than the 15"
     ):
         prepare(params.data, params.seed)
 
@@ -129,7 +129,7 @@ def test_image_folder_with_mixed_formats_skips_and_counts_corrupt_files(write_pa
         assert images.shape == (3 * n, 32, 32, 3) and images.dtype == np.uint8
         assert np.bincount(labels).tolist() == [n, n, n]
     assert prepared.summary["unreadable_skipped"] == ["cat/broken.png"]
-    assert prepared.summary["non_image_files_ignored"] == 1
+    assert prepared.summary["folder"]["non_image_files"] == 1
     assert prepared.summary["upscaled"] == 3  # the one 20x24 image of each class
 
 

@@ -410,3 +410,19 @@ def test_data_caveat_names_every_kind_of_image_conversion_in_one_line():
         "their EXIF orientation, 3 images upscaled to 32×32."
     )
     assert _conversions({"conversions": dict.fromkeys(KINDS, 0), "upscaled": 0, "image_size": 32}) == ""
+
+
+def test_data_caveat_says_what_an_image_folder_left_out():
+    from pipeline.folders import COUNTS
+    from pipeline.report.document import _folder
+
+    data = {
+        "folder": {**dict.fromkeys(COUNTS, 0), "duplicates_removed": 2, "macos_resource_forks": 3},
+        "unreadable_skipped": ["cat/broken.png"],
+        "available_per_class": {"cat": 6, "dog": 9},
+    }
+    assert _folder(data) == (
+        ' Image folder (README "Data"): 2 duplicate pictures removed (one copy kept), 3 macOS resource forks '
+        "(._*), 1 unreadable files skipped, images per class 6–9 before sampling."
+    )
+    assert _folder({"source": "fashion_mnist"}) == ""

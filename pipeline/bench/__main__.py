@@ -5,8 +5,10 @@
                                           # wall time and peak memory per stage (about 20 min)
   python -m pipeline.bench --numerics     # XLA and bfloat16 against float32 (about 5 min)
   python -m pipeline.bench --tune         # tune trials/min per strategy under the training rule (~7 min)
+  python -m pipeline.bench --folders      # an image folder of camera-size JPEGs, old and new reading (~3 min)
 
-Writes reports/benchmark.json, benchmark_e2e.json, benchmark_numerics.json or benchmark_tune.json, then renders
+Writes reports/benchmark.json, benchmark_e2e.json, benchmark_numerics.json, benchmark_tune.json or
+benchmark_folders.json, then renders
 reports/benchmark.md from whichever exist (each part says when and at which commit it ran). Every timed figure is a
 median with min and max over its repetitions (the count is in the table). Timings are never
 tests; this script is where they live.
@@ -98,6 +100,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--end-to-end", action="store_true", help="only the end-to-end section (about 20 min)")
     parser.add_argument("--numerics", action="store_true", help="only the XLA / mixed-precision section (~5 min)")
     parser.add_argument("--tune", action="store_true", help="only tune trials/min per strategy (~7 min)")
+    parser.add_argument("--folders", action="store_true", help="only reading camera-size JPEG folders (~3 min)")
     parser.add_argument("--keep", type=Path, help="with --end-to-end: move the finished copy here")
     parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # internal: one section's JSON
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # internal: shared feature cache
@@ -154,12 +157,17 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as cache:
             rows = tune_rates(load_params(args.params), args.prepared, Path(cache), args.tune_trials)
         write_json(args.out / "benchmark_tune.json", {**header, "rows": rows})
+    elif args.folders:
+        from pipeline.bench.folders import measure as folder_rates
+
+        sizes = tuple(sorted({load_params(args.params).data.image_size, 224}))
+        write_json(args.out / "benchmark_folders.json", {**header, **folder_rates(sizes, args.repeats)})
     else:
         start = time.perf_counter()
         machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
         bench = {**header, "machine": machine, **_sections_in_processes(args, argv)}
         write_json(args.out / "benchmark.json", {**bench, "seconds": time.perf_counter() - start})
-    parts = [args.out / f"benchmark{suffix}.json" for suffix in ("", "_e2e", "_numerics", "_tune")]
+    parts = [args.out / f"benchmark{suffix}.json" for suffix in ("", "_e2e", "_numerics", "_tune", "_folders")]
     document = render(*(json.loads(path.read_text()) if path.is_file() else None for path in parts))
     write_text(args.out / "benchmark.md", document)
     print(f"[bench] wrote {args.out / 'benchmark.md'}")

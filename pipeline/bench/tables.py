@@ -14,7 +14,13 @@ def _stage_name(argv: list[str]) -> str:
     return stage
 
 
-def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, tune: dict | None = None) -> str:
+def render(
+    bench: dict | None,
+    e2e: dict | None,
+    numerics: dict | None = None,
+    tune: dict | None = None,
+    folders: dict | None = None,
+) -> str:
     """The Markdown page from whichever parts exist, one section per measurement."""
     lines = ["# Benchmark", ""]
     if bench:
@@ -31,7 +37,44 @@ def render(bench: dict | None, e2e: dict | None, numerics: dict | None = None, t
         lines += _end_to_end(e2e)
     if numerics:
         lines += _numerics(numerics)
+    if folders:
+        lines += _folders(folders)
     return "\n".join(lines) + "\n"
+
+
+def _folders(folders: dict) -> list[str]:
+    width, height = folders["camera"]
+    lines = [
+        "",
+        "## Reading an image folder of camera-size photos",
+        "",
+        f"Measured {folders['date']} at commit `{folders['commit']}` by `make bench-folders`: "
+        f"{folders['rows'][0]['files']} generated {width}x{height} JPEGs (quality 90) in three class folders, "
+        f"read to the target size; {folders['workers']} cores. `before`: every file decoded in full twice, one "
+        "core (prepare until issue 28); `one decode`: in full once; `draft`: once in JPEG draft mode; "
+        "`pipeline`: draft mode over one process per core (`pipeline/folders.py`).",
+        "",
+        f"| target | path | seconds | images/s | {folders['projected_images']:,} images | speed-up |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    before = {r["image_size"]: r["images_per_second"] for r in folders["rows"] if r["path"] == "before"}
+    for r in folders["rows"]:
+        lines.append(
+            f"| {r['image_size']} | {r['path']} | {_fmt(r['seconds'])} | {r['images_per_second']:.1f} | "
+            f"{r['projected_minutes']:.1f} min | {r['images_per_second'] / before[r['image_size']]:.1f}x |"
+        )
+    lines += [
+        "",
+        "Draft mode against a full decode, on the prepared pixels (0..255 levels, every pixel of every image):",
+        "",
+        "| target | max | mean | share over 2 levels |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {d['image_size']} | {d['max_levels']} | {d['mean_levels']:.3f} | {d['share_over_2_levels']:.2%} |"
+        for d in folders["draft_difference"]
+    ]
+    return lines
 
 
 def _header(bench: dict) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.folders import COUNTS as FOLDER_COUNTS
 from pipeline.images import KINDS
 from pipeline.params import Params
 from pipeline.report import diagnostics
@@ -316,7 +317,7 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         f"Data: `{data['source']}`, {data['num_classes']} classes, {totals['train']} train / {totals['val']} "
         f"validation / {totals['test']} test images ({params.data.train_per_class} / {params.data.val_per_class} / "
         f"{params.data.test_per_class} per class), drawn with seed {params.seed}; data sha256 "
-        f"`{data['data_sha256'][:12]}…`." + _conversions(data),
+        f"`{data['data_sha256'][:12]}…`." + _folder(data) + _conversions(data),
         f"Image size {params.data.image_size}×{params.data.image_size} (VGG16 was pretrained at 224×224; small "
         "inputs leave block5 a 1×1 map, which favours training more layers).",
         f"Fixed for every strategy and tune trial: up to {train.max_epochs} epochs, early stopping on validation "
@@ -349,6 +350,19 @@ def _halving(tune) -> str:
         "to end: a cached strategy's epochs cost little and its trials' ranks at that epoch did not hold to the full "
         "horizon, so its trials are never cut"
     )
+
+
+def _folder(data: dict) -> str:
+    """' Image folder (README "Data"): 2 duplicate pictures removed (one copy kept), ...; images per
+    class 6-7.' ('' for another source)."""
+    if "folder" not in data:
+        return ""
+    parts = [f"{n} {FOLDER_COUNTS.get(kind, kind)}" for kind, n in data["folder"].items() if n]
+    if data.get("unreadable_skipped"):
+        parts.append(f"{len(data['unreadable_skipped'])} unreadable files skipped")
+    available = data["available_per_class"].values()
+    parts.append(f"images per class {min(available)}–{max(available)} before sampling")
+    return f' Image folder (README "Data"): {", ".join(parts)}.'
 
 
 def _conversions(data: dict) -> str:
