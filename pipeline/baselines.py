@@ -55,6 +55,7 @@ MAX_ITER = 5000
 # change, not on the gradient); 1e-6 costs about 1.2x the iterations of 1e-4.
 TOL = 1e-6
 REORDERINGS = 2  # refits of the chosen C on permuted training rows (main comparison only)
+REORDER_SEED = 0  # fixed, not `seed`: the measurement is not a draw of the experiment
 
 
 def _solve(c: float, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
@@ -83,14 +84,14 @@ def fit_logistic_regression(
     return model.predict_proba, {**record, "C_grid": list(C_GRID), "tol": TOL, "iterations": iterations}
 
 
-def reorder_stability(train: tuple[np.ndarray, np.ndarray], c: float, test: np.ndarray, seed: int) -> dict:
+def reorder_stability(train: tuple[np.ndarray, np.ndarray], c: float, test: np.ndarray) -> dict:
     """How many test predictions change when the same problem is solved on the training rows in
     another order: the optimum is unique, the path L-BFGS takes to its tolerance is not, and row
     order stands in for what another machine's summation order does. Returns the largest count
     over `REORDERINGS` permutations, and that count over the test images: the most the test
     accuracy can move (it moves by less when changes cancel)."""
     reference = _solve(c, *train).predict(test)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(REORDER_SEED)
     changed = []
     for _ in range(REORDERINGS):
         order = rng.permutation(len(train[1]))
@@ -191,7 +192,7 @@ def fit(
         }
         if stability:
             train = (values["train"], train_labels)
-            records[name]["stability"] = reorder_stability(train, record["C"], values["test"], params.seed)
+            records[name]["stability"] = reorder_stability(train, record["C"], values["test"])
     return records, probabilities
 
 
