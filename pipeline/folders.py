@@ -43,8 +43,8 @@ from pipeline.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OS_METADATA = ("thumbs.db", "desktop.ini")  # compared lower-case: Windows writes both spellings
-# the draft keeps at least 4x the target side: on photos, 4x moved the prepared pixels by at most
-# 2 levels (mean 0.1-0.2: the resize's own rounding); 2x moved them more at 224
+# the draft keeps at least 4x the target side: on photos, 4x moved the prepared pixels by 0.1-0.15
+# levels on average (the resize's own rounding); 2x moved them more at 224
 DRAFT_FACTOR = 4
 COUNTS = {  # summary.json `folder` (every key, 0 when none) -> how the report's data caveat says it
     "duplicates_removed": "duplicate pictures removed (one copy kept)",

@@ -62,8 +62,8 @@ def decode(source: Path | BinaryIO, draft: int | None = None) -> tuple[Image.Ima
     draft mode) to 1/8, 1/4 or 1/2 of its size, the smallest whose sides stay at least `draft`:
     several times faster on a camera-size photo. Only scales that divide both sides: a partial
     DCT block at the edge stretches the image by a fraction of a pixel, which moved the prepared
-    pixels of a 4000x2650 photo by up to 20 levels at 224; exact scales moved them by at most 2,
-    on average 0.1-0.2 (README "Data")."""
+    pixels of a 4000x2650 photo by up to 20 levels at 224; exact scales moved them by 0.1-0.15 on
+    average, at most 4 (README "Data")."""
     kinds: list[str] = []
     with Image.open(source) as image:
         scale = _draft_scale(image.size, draft) if draft and image.format in ("JPEG", "MPO") else 1
