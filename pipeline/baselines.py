@@ -10,10 +10,13 @@ The L2 strength C is chosen on validation log-loss; the test split is predicted 
 solves to `TOL`, and the main comparison refits the chosen C on reordered training rows to
 measure how far the test predictions can move with floating-point summation order (what another
 machine or BLAS changes); the report states it. Reads
-params.yaml (`seed`, `data`, `model`, `train.cache_features`, `mlflow`) and the prepared data.
+params.yaml (`data`, `model`, `variants`, `train.cache_features`, `mlflow`) and the prepared data.
 Writes `--out` (results/baselines/):
   metrics.json                per baseline: test accuracy, macro-F1, validation accuracy, chosen settings
   predictions/<baseline>.csv  per test image: label, predicted class (for paired comparisons)
+  probes_by_cut.json          per cut point of a head-only strategy below block5 (`variants.*.cut_after`):
+                              the same probe on that cut's head input, the report's check of the head
+                              (not a candidate of the answer: the strategy at that cut is)
 and one MLflow run per baseline (`baseline/<name>`, tag `baseline: true`).
 
 With `--train-per-class N` (stage `sample_efficiency_baselines@N`), both baselines are fitted for
@@ -38,14 +41,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from pipeline import results, tracking
-from pipeline.atomic import atomic_dir, ensure_writable
+from pipeline.atomic import atomic_dir, ensure_writable, write_json
 from pipeline.cli import run_stage
 from pipeline.data import load_split, load_summary, nested_subset
 from pipeline.errors import ConfigError
 from pipeline.evaluation import evaluate
 from pipeline.params import Params, load_params
+from pipeline.vgg16 import CUT_POINTS, FULL_BASE, feature_map, head_pool_size
 
 PIXELS, PROBE = "pixels_logistic_regression", "frozen_linear_probe"
+PROBES_FILE = "probes_by_cut.json"  # checks, not candidates: the probe on a cut base's features
 LOGGED = ("test_accuracy", "test_macro_f1", "val_accuracy")  # as evaluation/<name>, beside the strategies' runs
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MAX_ITER = 5000
@@ -107,33 +112,57 @@ def pixels(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
-def frozen_features(params: Params, splits: dict, data_sha256: str, cache_dir: str | None) -> dict[str, np.ndarray]:
-    """The frozen strategy's pooled features for each split: the conv base's block5_pool output,
-    flattened or averaged (`model.pooling`), from the shared feature cache when enabled."""
+def frozen_features(
+    params: Params, splits: dict, data_sha256: str, cache_dir: str | None, cut: str = FULL_BASE
+) -> dict[str, np.ndarray]:
+    """A head-only strategy's head input for each split: the conv base's output after block `cut`
+    (`<cut>_pool`, from the shared feature cache when enabled), pooled as the head pools it
+    (`model.pooling`: flattened, average-pooled first where `auto` says so, or global average)."""
     from pipeline import features
     from pipeline.model import BARE_HEAD, build_model
     from pipeline.weights import load_base_weights
 
     weights = load_base_weights(params.model.weights)
+    size = params.data.image_size
     model = build_model(
-        image_size=params.data.image_size,
-        num_classes=2,
-        trainable_layers=frozenset(),
-        base_weights=weights.arrays,
-        **BARE_HEAD,
-    )
-    prefix = features.split_model(model, "block5_pool").prefix
-    batch = features.extraction_batch_size(params.data.image_size)
+        image_size=size, num_classes=2, trainable_layers=frozenset(), base_weights=weights.arrays,
+        cut_after=cut, **BARE_HEAD,
+    )  # fmt: skip
+    layer = f"{cut}_pool"
+    prefix = features.split_model(model, layer).prefix
+    batch = features.extraction_batch_size(size)
     cache = features.FeatureCache(cache_dir) if cache_dir and weights.sha256 else None
-    key = features.cache_key(data_sha256, weights.sha256, "block5_pool", params.data.image_size) if cache else None
+    key = features.cache_key(data_sha256, weights.sha256, layer, size) if cache else None
+    window = head_pool_size(*feature_map(size, cut), params.model.pooling)
     out = {}
     for name, (images, _) in splits.items():
         if cache:
-            pooled = np.asarray(cache.get_or_compute(key, name, prefix, images, batch)[0])
+            maps = np.asarray(cache.get_or_compute(key, name, prefix, images, batch)[0])
         else:
-            pooled = features.predict(prefix, images, batch)
-        out[name] = pooled.reshape(len(pooled), -1) if params.model.pooling == "flatten" else pooled.mean(axis=(1, 2))
+            maps = features.predict(prefix, images, batch)
+        out[name] = maps.mean(axis=(1, 2)) if params.model.pooling == "gap" else average_pool(maps, window)
     return out
+
+
+def average_pool(maps: np.ndarray, window: int) -> np.ndarray:
+    """N x H x W x C feature maps -> N x (grid x grid x C), flattened row-major as Keras's Flatten:
+    the mean over window x window cells with stride `window` and "same" padding, as Keras's
+    AveragePooling2D computes it (grid = ceil(side / window), the padding split with the smaller
+    half before, padded positions left out of the mean); window 1 is a plain flatten."""
+    if window == 1:
+        return maps.reshape(len(maps), -1)
+    n, height, width, channels = maps.shape
+    grid_h, grid_w = -(-height // window), -(-width // window)
+    before_h = max((grid_h - 1) * window + window - height, 0) // 2
+    before_w = max((grid_w - 1) * window + window - width, 0) // 2
+    pooled = np.empty((n, grid_h, grid_w, channels), dtype=np.float64)
+    for i in range(grid_h):
+        top = i * window - before_h
+        for j in range(grid_w):
+            left = j * window - before_w
+            cell = maps[:, max(top, 0) : top + window, max(left, 0) : left + window]
+            pooled[:, i, j] = cell.mean(axis=(1, 2), dtype=np.float64)
+    return pooled.astype(np.float32).reshape(n, -1)
 
 
 def standardize(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -215,13 +244,51 @@ def _log(name: str, record: dict, run_name: str, tags: dict) -> None:
     )
 
 
+def probe_cuts(params: Params) -> list[str]:
+    """The cut points below the whole base where a head-only strategy on `model.weights` stands:
+    each gets a convex probe on the very features its head sees (the report's check that the head
+    is trained to what its features allow)."""
+    cuts = {
+        variant.cut_after
+        for name, variant in params.variants.items()
+        if not variant.layers and params.variant_weights(name) == params.model.weights
+    }
+    return sorted(cuts - {FULL_BASE}, key=list(CUT_POINTS).index) if params.model.weights != "none" else []
+
+
+def cut_probes(params: Params, prepared: Path, cache_dir: str | None) -> dict[str, dict]:
+    """{cut: the probe's record} for `probe_cuts`: logistic regression with C chosen on validation
+    on the standardised head input of a base cut there."""
+    cuts = probe_cuts(params)
+    if not cuts:
+        return {}
+    splits = {name: load_split(prepared, name) for name in ("train", "val", "test")}
+    summary = load_summary(prepared)
+    labels = {name: y for name, (_, y) in splits.items()}
+    out = {}
+    for cut in cuts:
+        values = standardize(frozen_features(params, splits, summary["data_sha256"], cache_dir, cut))
+        predict, record = fit_logistic_regression((values["train"], labels["train"]), (values["val"], labels["val"]))
+        evaluation = evaluate(labels["test"], predict(values["test"]), summary["class_names"])
+        out[cut] = {
+            "test_accuracy": evaluation["test_accuracy"],
+            **record,
+            "features": f"{params.model.weights} conv base cut after {cut}, {params.model.pooling}",
+            "dimensions": int(values["train"].shape[1]),
+        }
+        print(f"[baseline/probe at {cut}] test accuracy {out[cut]['test_accuracy']:.4f}, C={record['C']:g}", flush=True)
+    return out
+
+
 def main_comparison(params: Params, prepared: Path, out: Path, cache_dir: str | None, tags: dict) -> None:
     labels = load_split(prepared, "test")[1]
     records, probabilities = compute(params, prepared, cache_dir)
+    probes = cut_probes(params, prepared, cache_dir)
     with atomic_dir(out) as tmp:
         for name, record in records.items():
             _log(name, record, f"baseline/{name}", tags)
         results.write_baselines(tmp, records, labels, probabilities)
+        write_json(tmp / PROBES_FILE, probes)
 
 
 def sample_efficiency(params: Params, per_class: int, out: Path, cache_dir: str | None, tags: dict) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.vgg16 import BLOCKS, FILTERS
+from pipeline.vgg16 import BLOCKS, FILTERS, FULL_BASE, head_features
 
 HEAD_LAYERS = ("head_hidden", "head_output")
 
@@ -37,7 +37,7 @@ class Layout:
     """What a FLOP count needs beyond the strategy: input size, head type and the split sizes."""
 
     image_size: int
-    pooling: str  # flatten | gap
+    pooling: str  # auto | flatten | gap
     num_classes: int
     val_images: int
     test_images: int
@@ -55,9 +55,10 @@ def layout_of(data_summary: dict, pooling: str) -> Layout:
     )
 
 
-def layer_flops(layout: Layout, head_units: int) -> list[tuple[str, float]]:
-    """[(layer name, forward FLOPs per image)] in network order: the 13 conv layers with their
-    poolings (0 FLOPs) and the head's dense layers (`head_hidden` only when head_units > 0)."""
+def layer_flops(layout: Layout, head_units: int, cut_after: str = FULL_BASE) -> list[tuple[str, float]]:
+    """[(layer name, forward FLOPs per image)] in network order: the conv layers of the base cut
+    after block `cut_after` with their poolings (0 FLOPs), and the head's dense layers
+    (`head_hidden` only when head_units > 0) on the features the head's pooling gives."""
     layers, size, channels = [], layout.image_size, 3
     for block, convs in BLOCKS.items():
         for name in convs:
@@ -65,7 +66,9 @@ def layer_flops(layout: Layout, head_units: int) -> list[tuple[str, float]]:
             channels = FILTERS[block]
         layers.append((f"{block}_pool", 0.0))
         size //= 2  # MaxPooling2D(2, 2), padding "valid": floors odd sizes
-    features = channels * (size * size if layout.pooling == "flatten" else 1)
+        if block == cut_after:
+            break
+    features = head_features(layout.image_size, cut_after, layout.pooling)
     if head_units:
         layers.append(("head_hidden", 2.0 * features * head_units))
         features = head_units
@@ -113,7 +116,8 @@ def step_flops(layers: list[tuple[str, float]], cut: str | None, trainable: froz
 def run_flops(run: dict, trainable: frozenset[str], layout: Layout, test: bool = True) -> float:
     """FLOPs of one training run (a seed, or a tune trial with test=False): every epoch's
     training and validation passes in each phase, then the test pass."""
-    layers = layer_flops(layout, int(run["head_units"]))
+    # results written before cut points existed have no `cut_after`: they used the whole base
+    layers = layer_flops(layout, int(run["head_units"]), run.get("cut_after") or FULL_BASE)
     total = 0.0
     main_cut = None
     for cut, head_only, epochs in phases(run):

@@ -10,7 +10,7 @@ import argparse
 
 from pipeline.cli import run_stage
 from pipeline.params import Params, load_params
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
+from pipeline.vgg16 import BLOCKS, FULL_BASE, kept_layers
 
 
 def variant_rows(params: Params, num_classes: int) -> list[dict]:
@@ -19,7 +19,7 @@ def variant_rows(params: Params, num_classes: int) -> list[dict]:
 
     rows = []
     for name, variant in params.variants.items():
-        trainable_layers = resolve_trainable(variant.trainable)
+        trainable_layers = variant.layers
         model = build_model(
             image_size=params.data.image_size,
             num_classes=num_classes,
@@ -30,23 +30,25 @@ def variant_rows(params: Params, num_classes: int) -> list[dict]:
             dropout=params.model.dropout,
             head_norm=params.model.head_norm,
             augmentation=False,
+            cut_after=variant.cut_after,
         )
         rows.append(
             {
                 "variant": name,
                 "weights": params.variant_weights(name),
-                "trains": _describe(trainable_layers),
+                "cut_after": variant.cut_after,
+                "trains": _describe(trainable_layers, variant.cut_after),
                 **count_parameters(model),
             }
         )
     return rows
 
 
-def _describe(trainable_layers: frozenset[str]) -> str:
+def _describe(trainable_layers: frozenset[str], cut_after: str = FULL_BASE) -> str:
     if not trainable_layers:
         return "head only"
-    if trainable_layers == frozenset(CONV_LAYERS):
-        return "everything"
+    if trainable_layers == frozenset(kept_layers(cut_after)):
+        return "everything" if cut_after == FULL_BASE else "every kept layer + head"
     parts = []
     for block, layers in BLOCKS.items():
         chosen = [layer for layer in layers if layer in trainable_layers]
@@ -69,11 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         f" -> {params.model.head_norm} -> Dense({params.model.head_units}) -> Dense({args.num_classes}) "
         "(the head's normalisation statistics count as non-trainable)\n"
     )
-    print("| variant | weights | trains | trainable | non-trainable | total |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| variant | weights | base cut after | trains | trainable | non-trainable | total |")
+    print("|---|---|---|---|---:|---:|---:|")
     for r in rows:
         counts = f"{r['trainable']:,} | {r['non_trainable']:,} | {r['total']:,}"
-        print(f"| {r['variant']} | {r['weights']} | {r['trains']} | {counts} |")
+        cut = "— (whole base)" if r["cut_after"] == FULL_BASE else r["cut_after"]
+        print(f"| {r['variant']} | {r['weights']} | {cut} | {r['trains']} | {counts} |")
 
 
 if __name__ == "__main__":

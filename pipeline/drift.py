@@ -2,7 +2,8 @@
 
 drift(block) = ||W - W0|| / ||W0||, with W the block's conv kernels and biases flattened
 together and W0 their values before the first training step (pretrained weights, or the random
-initialisation for scratch). A block that never trained is exactly 0.0.
+initialisation for scratch). A block that never trained is exactly 0.0, and so is one the model
+does not have (a base cut below it: nothing of it exists to move).
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from pipeline.vgg16 import BLOCKS
 
 
 def snapshot(model: keras.Model) -> dict[str, list[np.ndarray]]:
-    """Copies of every conv layer's weights, by block."""
+    """Copies of every conv layer's weights, by block (the blocks the model has)."""
+    names = {layer.name for layer in model.layers}
     return {
         block: [np.array(w) for name in layers for w in model.get_layer(name).get_weights()]
         for block, layers in BLOCKS.items()
+        if layers[0] in names
     }
 
 
 def block_drift(model: keras.Model, initial: dict[str, list[np.ndarray]], blocks=tuple(BLOCKS)) -> dict[str, float]:
-    """{block: ||W - W0|| / ||W0||} for `blocks` (computed in float64)."""
+    """{block: ||W - W0|| / ||W0||} for `blocks` (computed in float64); 0.0 for a block the model
+    does not have (absent from `initial`)."""
     out = {}
     for block in blocks:
+        if block not in initial:
+            out[block] = 0.0
+            continue
         current = [w for name in BLOCKS[block] for w in model.get_layer(name).get_weights()]
         moved = sum(float(np.sum((np.float64(w) - w0) ** 2)) for w, w0 in zip(current, initial[block], strict=True))
         size = sum(float(np.sum(np.float64(w0) ** 2)) for w0 in initial[block])

@@ -31,11 +31,12 @@ class SplitModel:
 
 def cut_layer(model: keras.Model, trainable_layers: frozenset[str]) -> str | None:
     """The last layer before the first trainable conv layer; None when nothing can be cached
-    (block1_conv1 trains, so every layer's input changes)."""
+    (block1_conv1 trains, so every layer's input changes). Head only: the base's last pooling
+    layer (`block5_pool`, or that of the block the base is cut after)."""
     first_trainable = next((name for name in CONV_LAYERS if name in trainable_layers), None)
     names = [layer.name for layer in model.layers]
     if first_trainable is None:  # head only: cut after the conv base
-        return "block5_pool"
+        return [name for name in names if name.startswith("block") and name.endswith("_pool")][-1]
     index = names.index(first_trainable)
     return None if names[index - 1] in ("image", "preprocess") else names[index - 1]
 

@@ -22,7 +22,7 @@ from pipeline.drift import DriftRecorder, block_drift
 from pipeline.errors import PipelineError
 from pipeline.model import build_model, compile_model, set_head_statistics, set_trainable
 from pipeline.results import DRIFT_COLUMNS
-from pipeline.vgg16 import block_of, resolve_trainable
+from pipeline.vgg16 import FULL_BASE, block_of
 
 
 class NonFiniteLossError(PipelineError):
@@ -52,6 +52,7 @@ class RunConfig:
     mixed_precision: bool
     warmup_epochs: int  # head-only epochs before `trainable_layers` train (within `max_epochs`)
     lr_multipliers: tuple[tuple[str, float], ...]  # (block, factor on learning_rate)
+    cut_after: str = FULL_BASE  # the base ends after this block's pooling (blocks above removed)
 
     @classmethod
     def from_params(
@@ -64,7 +65,8 @@ class RunConfig:
         return cls(
             image_size=params.data.image_size,
             num_classes=num_classes,
-            trainable_layers=resolve_trainable(strategy.trainable),
+            trainable_layers=strategy.layers,
+            cut_after=strategy.cut_after,
             pooling=params.model.pooling,
             head_units=head_units,
             dropout=params.model.dropout,
@@ -155,6 +157,7 @@ def _build(config: RunConfig, base_weights) -> keras.Model:
         dropout=config.dropout,
         augmentation=config.augmentation,
         head_norm=config.head_norm,
+        cut_after=config.cut_after,
     )
 
 

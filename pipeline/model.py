@@ -14,7 +14,7 @@ import math
 import keras
 import numpy as np
 
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, FILTERS, block_of
+from pipeline.vgg16 import BLOCKS, FILTERS, FULL_BASE, block_of, check_cut, feature_map, head_pool_size, kept_layers
 
 HEAD_LAYERS = ("head_dense", "predictions")  # the head layers that own trainable weights
 
@@ -47,19 +47,25 @@ def build_model(
     dropout: float,
     augmentation: bool,
     head_norm: str,
+    cut_after: str = FULL_BASE,
 ) -> keras.Model:
     """Build (not compile) the classifier.
 
     Takes the square input size, the class count, the conv layers that train (see
     `pipeline.vgg16.resolve_trainable`), conv weights by layer name (None: random init),
-    the head's pooling ("flatten" | "gap"), hidden units (0: no hidden layer, the classic
+    the head's pooling ("flatten" | "gap" | "auto": flatten, average-pooled first where the flat
+    map would exceed `vgg16.MAX_HEAD_FEATURES`), hidden units (0: no hidden layer, the classic
     tutorial head) and dropout, whether to add random flip/rotation/zoom layers (active
     in training only) in front of the preprocessing, and `head_norm` ("standardize": the pooled
     features centred and scaled with statistics set by `set_head_statistics` before training;
-    "none": the classic tutorial head). Seed with
+    "none": the classic tutorial head) and the block after whose pooling the base ends
+    (`cut_after`: the blocks above are not built, so they cost nothing and own no parameter; a
+    layer above the cut in `trainable_layers` is a ConfigError). Seed with
     `keras.utils.set_random_seed` first for a reproducible head. Returns a functional model
     taking uint8-range RGB images.
     """
+    check_cut(trainable_layers, cut_after)
+    kept = kept_layers(cut_after)
     images = keras.Input((image_size, image_size, 3), name="image")
     x = images
     if augmentation:
@@ -68,14 +74,18 @@ def build_model(
         x = keras.layers.RandomZoom(0.1, fill_mode="nearest", name="augment_zoom")(x)
     x = VGG16Preprocess(name="preprocess")(x)
     for block, conv_layers in BLOCKS.items():
+        if conv_layers[0] not in kept:
+            break
         for name in conv_layers:
             x = keras.layers.Conv2D(FILTERS[block], 3, padding="same", activation="relu", name=name)(x)
         x = keras.layers.MaxPooling2D(2, strides=2, name=f"{block}_pool")(x)
-    x = (
-        keras.layers.Flatten(name="flatten")(x)
-        if pooling == "flatten"
-        else keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    )
+    if pooling == "gap":
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    else:
+        window = head_pool_size(*feature_map(image_size, cut_after), pooling)
+        if window > 1:  # `auto` on a map too large to flatten: the finest average-pooled grid that fits
+            x = keras.layers.AveragePooling2D(window, strides=window, padding="same", name="head_pool")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
     if head_norm == "standardize":
         # Pretrained ReLU features are far from unit scale (hed block5_pool at 32x32: 0..160, 36%
         # zeros): a Glorot head on them starts at a loss of 6-12 instead of ln(classes) and Adam
@@ -91,10 +101,15 @@ def build_model(
     model = keras.Model(images, outputs, name="vgg16_classifier")
 
     if base_weights is not None:
-        for name in CONV_LAYERS:
+        for name in kept:
             model.get_layer(name).set_weights(base_weights[name])
     set_trainable(model, trainable_layers)
     return model
+
+
+def conv_layer_names(model: keras.Model) -> tuple[str, ...]:
+    """The conv layers a (possibly cut) model has, in network order."""
+    return tuple(layer.name for layer in model.layers if block_of(layer.name) and "_conv" in layer.name)
 
 
 def set_head_statistics(model: keras.Model, head_inputs: np.ndarray) -> None:
@@ -118,7 +133,7 @@ def set_head_statistics(model: keras.Model, head_inputs: np.ndarray) -> None:
 
 def set_trainable(model: keras.Model, trainable_layers: frozenset[str]) -> None:
     """Exactly `trainable_layers` of the conv base train (the head always does); compile again after."""
-    for name in CONV_LAYERS:
+    for name in conv_layer_names(model):
         model.get_layer(name).trainable = name in trainable_layers
 
 

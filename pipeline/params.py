@@ -21,10 +21,19 @@ import yaml
 
 from pipeline import param_reads
 from pipeline.errors import ConfigError
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, MIN_IMAGE_SIZE, resolve_trainable, top_layers
+from pipeline.vgg16 import (
+    BLOCKS,
+    CONV_LAYERS,
+    CUT_POINTS,
+    FULL_BASE,
+    MIN_IMAGE_SIZE,
+    check_cut,
+    kept_layers,
+    resolve_trainable,
+)
 
 NAMED_WEIGHTS = ("hed", "imagenet", "none")
-POOLINGS = ("flatten", "gap")
+POOLINGS = ("auto", "flatten", "gap")
 HEAD_NORMS = ("standardize", "none")
 DATA_SOURCES = ("fashion_mnist", "directory")
 
@@ -115,18 +124,25 @@ class TrainParams:
         _check_seeds("seeds", self.seeds)
 
 
+def _check_cut(key: str, value: str) -> None:
+    _check(value in CUT_POINTS, key, value, f"use a block name: {', '.join(CUT_POINTS)} ({FULL_BASE} = no cut)")
+
+
 @dataclass(frozen=True)
 class VariantParams:
-    """A freezing strategy: which base layers train, optionally its own weight source, a head-only
-    warm-up (linear probe, then fine-tune) and per-block learning-rate multipliers."""
+    """A freezing strategy: where the base is cut and which of its layers train, optionally its own
+    weight source, a head-only warm-up (linear probe, then fine-tune) and per-block learning-rate
+    multipliers."""
 
     trainable: str | tuple[str, ...]
     weights: str | None = None
     warmup_epochs: int = 0  # head-only epochs first, counted in the epoch budget
     lr_multipliers: dict[str, float] | None = None  # block -> factor on the learning rate (discriminative LRs)
+    cut_after: str = FULL_BASE  # the base ends after this block's pooling; the blocks above are removed
 
     def __post_init__(self):
-        layers = resolve_trainable(self.trainable)  # raises ConfigError("trainable", ...) on bad names
+        _check_cut("cut_after", self.cut_after)
+        layers = self.layers  # raises ConfigError("trainable", ...) on bad names and layers above the cut
         if self.weights is not None:
             _check_weights("weights", self.weights)
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "it must be >= 0 (0 = no warm-up)")
@@ -147,6 +163,13 @@ class VariantParams:
                 factor,
                 f"{block} does not train in this strategy (see its `trainable`); remove the entry",
             )
+
+    @property
+    def layers(self) -> frozenset[str]:
+        """The conv layers that train ("all" = every layer the cut keeps)."""
+        layers = resolve_trainable(self.trainable, self.cut_after)
+        check_cut(layers, self.cut_after)
+        return layers
 
     @property
     def multipliers(self) -> tuple[tuple[str, float], ...]:
@@ -255,11 +278,13 @@ class SampleEfficiencyParams:
 
 @dataclass(frozen=True)
 class DepthParams:
-    """The freezing-depth sweep: train the top k conv layers (off while the list is empty)."""
+    """The freezing-depth sweep: train the top k conv layers (off while the list is empty), of the
+    base cut after each block in `cut_after` (a second axis: cut point x depth)."""
 
     k: tuple[int, ...] = ()  # e.g. [0, 1, ..., 13]; 0 = frozen, 13 = full; [] = study off
     seeds: tuple[int, ...] = (1, 2)
     weights: str | None = None  # null = model.weights
+    cut_after: tuple[str, ...] = (FULL_BASE,)  # e.g. [block3, block4, block5]; block5 = the whole base
 
     def __post_init__(self):
         ks = list(self.k)
@@ -268,6 +293,23 @@ class DepthParams:
         _check_seeds("seeds", self.seeds)
         if self.weights is not None:
             _check_weights("weights", self.weights)
+        cuts = list(self.cut_after)
+        _check(len(cuts) >= 1, "cut_after", cuts, f"give at least one block, e.g. [{FULL_BASE}] (the whole base)")
+        _check(len(set(cuts)) == len(cuts), "cut_after", cuts, "values must be unique")
+        for cut in cuts:
+            _check_cut("cut_after", cut)
+            kept = len(kept_layers(cut))
+            _check(
+                all(k <= kept for k in ks),
+                "k",
+                ks,
+                f"a base cut after {cut} keeps {kept} conv layers, so every k must be <= {kept} (every k is "
+                "trained at every cut in `cut_after`); drop the larger k or that cut",
+            )
+
+    def variant_name(self, cut: str, k: int) -> str:
+        """The depth sweep's strategy name: `top<k>` on the whole base, `<cut>_top<k>` on a cut one."""
+        return f"top{k}" if cut == FULL_BASE else f"{cut}_top{k}"
 
 
 CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
@@ -337,7 +379,7 @@ class Params:
     def trains_end_to_end(self, variant: str) -> bool:
         """True when `variant` cannot train on cached prefix features: random init, block1_conv1
         trains, or the cache is off (augmentation on, `train.cache_features: false`)."""
-        layers = resolve_trainable(self.variant(variant).trainable)
+        layers = self.variant(variant).layers
         return (
             CONV_LAYERS[0] in layers
             or self.variant_weights(variant) == "none"
@@ -349,7 +391,7 @@ class Params:
         """The params key of `variant`'s searched learning-rate range: `tune.learning_rate_head_only`
         when no conv layer ever trains (the head alone is stable at rates that wreck a pretrained
         base), else `tune.learning_rate`."""
-        trains_conv = bool(resolve_trainable(self.variant(variant).trainable))
+        trains_conv = bool(self.variant(variant).layers)
         return "tune.learning_rate" if trains_conv else "tune.learning_rate_head_only"
 
     def learning_rate_range(self, variant: str) -> tuple[float, float]:
@@ -366,13 +408,17 @@ class Params:
         """The weight source of `variant`: its own override, else `model.weights`."""
         return self.variants[variant].weights or self.model.weights
 
-    def with_depth(self, k: int) -> tuple[Params, str]:
-        """These params with the depth sweep's strategy `top<k>` (train the top k conv layers) as
-        the only variant, and its name."""
-        name = f"top{k}"
-        layers = top_layers(k)
-        spec = tuple(conv for conv in CONV_LAYERS if conv in layers)
-        variant = VariantParams(trainable=spec, weights=self.studies.depth.weights)
+    def with_depth(self, k: int, cut: str = FULL_BASE) -> tuple[Params, str]:
+        """These params with the depth sweep's strategy (train the top k conv layers of the base cut
+        after `cut`) as the only variant, and its name (`DepthParams.variant_name`)."""
+        _check_cut("--cut", cut)
+        kept = kept_layers(cut)
+        _check(
+            0 <= k <= len(kept), "--depth", k, f"a base cut after {cut} keeps {len(kept)} conv layers: 0..{len(kept)}"
+        )
+        name = self.studies.depth.variant_name(cut, k)
+        spec = kept[len(kept) - k :]
+        variant = VariantParams(trainable=spec, weights=self.studies.depth.weights, cut_after=cut)
         with param_reads.paused():  # copying is no use of a value: the copies record their own reads
             report = param_reads.derive(dataclasses.replace(self.report, baseline=name), self.report, {"baseline"})
             depth = param_reads.derive(dataclasses.replace(self, variants={name: variant}, report=report), self)

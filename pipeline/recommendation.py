@@ -25,7 +25,6 @@ from pipeline import cost
 from pipeline.errors import DataError
 from pipeline.results import read_evidence
 from pipeline.stats import noninferiority
-from pipeline.vgg16 import resolve_trainable
 
 RULE = (
     "best mean validation accuracy among the networks; candidates: it and every strategy or baseline whose "
@@ -128,8 +127,7 @@ def read_inputs(params, data_summary: dict, train_dir: Path, tune_dir: Path, bas
     names the fix when the baselines predicted another test set than the strategies."""
     layout = cost.layout_of(data_summary, params.model.pooling)
     evidence = {
-        v: with_flops(read_evidence(train_dir, tune_dir, v), resolve_trainable(params.variant(v).trainable), layout)
-        for v in params.variants
+        v: with_flops(read_evidence(train_dir, tune_dir, v), params.variant(v).layers, layout) for v in params.variants
     }
     labels = next(iter(evidence.values()))["labels"]
     for name, baseline in baselines.items():

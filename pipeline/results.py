@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.atomic import write_json, write_text
 from pipeline.errors import ConfigError, DataError
-from pipeline.vgg16 import BLOCKS
+from pipeline.vgg16 import BLOCKS, FULL_BASE
 
 DRIFT_COLUMNS = tuple(f"drift_{block}" for block in BLOCKS)
 HISTORY_COLUMNS = (
@@ -41,7 +41,7 @@ TRIAL_COLUMNS = (
     "stopped_early", "train_seconds", "seconds",
 )  # fmt: skip
 CONVERGENCE = ("best_epoch", "epochs_run", "max_epochs", "stopped_early")
-COST_KEYS = ("epochs_run", "warmup_epochs", "training_path", "head_units", "train_images")
+COST_KEYS = ("epochs_run", "warmup_epochs", "training_path", "head_units", "train_images", "cut_after")
 SEED_HEADLINE = ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch", "epochs_run", "stopped_early")
 
 
@@ -121,6 +121,7 @@ def read_strategy(train_dir: Path, variant: str) -> dict:
         confusion = matrix if confusion is None else confusion + matrix
         shared = ("parameters", "head_units", "learning_rate", "training_path", "target_accuracy", "warmup_epochs")
         result.update({key: metrics[key] for key in shared}, train_images=metrics["train_images"])
+        result["cut_after"] = metrics.get("cut_after") or FULL_BASE  # absent in results from before cut points
     result["confusion"] = confusion.tolist()
     return result
 
@@ -244,6 +245,12 @@ def read_baselines(folder: Path) -> dict:
         labels, predicted = read_predictions(Path(folder) / "predictions" / f"{name}.csv")
         out[name] = {**record, "labels": labels, "correct": (predicted == labels)[None, :].astype(np.int8)}
     return out
+
+
+def read_cut_probes(folder: Path) -> dict[str, dict]:
+    """{cut: probe record} from the baselines stage's probes_by_cut.json ({} when absent)."""
+    path = Path(folder) / "probes_by_cut.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_sample_baselines(folder: Path, per_class: int) -> dict[str, dict] | None:

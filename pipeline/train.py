@@ -41,6 +41,7 @@ from pipeline.features import FeatureCache, extraction_batch_size
 from pipeline.fit import RunConfig, Splits, fit_variant
 from pipeline.model import count_parameters
 from pipeline.params import Params, load_params
+from pipeline.vgg16 import FULL_BASE
 from pipeline.weights import load_base_weights
 
 
@@ -70,6 +71,7 @@ def seed_metrics(result, evaluation: dict, config: RunConfig, target: float) -> 
         "parameters": count_parameters(result.model),
         "head_units": config.head_units,
         "learning_rate": config.learning_rate,
+        "cut_after": config.cut_after,
         "training_path": result.path,
         "frozen_weights_unchanged": result.frozen_weights_unchanged,
         "warmup_epochs": result.warmup_epochs,
@@ -185,6 +187,7 @@ class Training:
             "seed": config.seed,
             "weights": self.weights_source,
             "trainable": params.variant(self.variant).trainable,
+            "cut_after": config.cut_after,
             "warmup_epochs": config.warmup_epochs,
             "lr_multipliers": dict(config.lr_multipliers),
             "data": vars(params.data),
@@ -215,7 +218,7 @@ def _save_model(model, path: Path) -> None:
 def _setup(args, params: Params):
     """(params, variant, seeds, MLflow run-name prefix, study name or None) for the chosen mode."""
     if args.depth is not None:
-        params, variant = params.with_depth(args.depth)
+        params, variant = params.with_depth(args.depth, args.cut)
         return params, variant, params.studies.depth.seeds, f"depth/{variant}", "depth"
     variant = args.variant
     params.variant(variant)  # unknown variant -> ConfigError listing the defined ones
@@ -244,6 +247,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", help="a key of params.yaml `variants`")
     which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
+    parser.add_argument(
+        "--cut",
+        default=FULL_BASE,
+        help="with --depth: the base ends after this block (studies.depth.cut_after; default: %(default)s, no cut)",
+    )
     parser.add_argument("--train-per-class", type=int, help="sample-efficiency study: train on N images per class")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", default="data/prepared", help="the prepare stage's output folder")

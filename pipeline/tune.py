@@ -46,6 +46,7 @@ from pipeline.features import FeatureCache
 from pipeline.fit import NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.params import Params, load_params
 from pipeline.tune_outputs import write_outputs
+from pipeline.vgg16 import FULL_BASE
 from pipeline.weights import load_base_weights
 
 
@@ -273,7 +274,7 @@ def finish_study(study, params: Params, variant: str, context: dict, parent_run_
 
 def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
     """Start one `--worker` process per quota and wait; Ctrl-C/SIGTERM stops them all."""
-    which = ["--depth", str(args.depth)] if args.depth is not None else ["--variant", args.variant]
+    which = ["--depth", str(args.depth), "--cut", args.cut] if args.depth is not None else ["--variant", args.variant]
     inputs = ["--params", args.params, "--prepared", str(args.prepared), "--out", str(args.out)]
     command = [sys.executable, "-m", "pipeline.tune", *which, *inputs, "--feature-cache", args.feature_cache]
     command += ["--worker", "--parent-run-id", parent_run_id]
@@ -295,6 +296,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", help="a key of params.yaml `variants`")
     which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
+    parser.add_argument(
+        "--cut",
+        default=FULL_BASE,
+        help="with --depth: the base ends after this block (studies.depth.cut_after; default: %(default)s, no cut)",
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, help="default: results/tune/<variant>")
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     params = load_params(args.params)
     if args.depth is not None:
-        params, args.variant = params.with_depth(args.depth)
+        params, args.variant = params.with_depth(args.depth, args.cut)
     params.variant(args.variant)
     args.out = args.out or Path("results/tune") / args.variant
     ensure_writable(args.out, "--out")

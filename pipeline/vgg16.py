@@ -22,21 +22,81 @@ FILTERS = {"block1": 64, "block2": 128, "block3": 256, "block4": 512, "block5": 
 CONV_LAYERS: tuple[str, ...] = tuple(name for layers in BLOCKS.values() for name in layers)
 
 
+CUT_POINTS: tuple[str, ...] = tuple(BLOCKS)  # `cut_after`: the base ends after this block's pooling layer
+FULL_BASE = "block5"  # no cut: all five blocks
+# `model.pooling: auto` flattens the feature map at the cut when that gives at most this many values,
+# else average-pools it to the finest grid that fits. 25,088 = block5 flattened at 224x224 (7x7x512),
+# the classic tutorial's head: an uncut base keeps it at every size up to 224, and a cut base never
+# gives the head more (block3 at 224 would be 200,704). README "Where the network is cut".
+MAX_HEAD_FEATURES = 25088
+
+
+def kept_layers(cut_after: str) -> tuple[str, ...]:
+    """The conv layers of a base cut after block `cut_after`, in network order."""
+    if cut_after not in BLOCKS:
+        raise ConfigError("cut_after", f"{cut_after!r} is not a VGG16 block; use one of {', '.join(BLOCKS)}")
+    blocks = list(BLOCKS)
+    return tuple(name for block in blocks[: blocks.index(cut_after) + 1] for name in BLOCKS[block])
+
+
+def check_cut(trainable_layers: frozenset[str], cut_after: str) -> None:
+    """ConfigError("trainable", ...) when a layer that should train lies above the cut (removed)."""
+    removed = sorted(set(trainable_layers) - set(kept_layers(cut_after)), key=CONV_LAYERS.index)
+    if removed:
+        raise ConfigError(
+            "trainable",
+            f"{', '.join(removed)} lie above the cut (cut_after: {cut_after}): the base ends after "
+            f"{cut_after}_pool, so only {cut_after} and the blocks below it exist and can train; "
+            "remove them from `trainable` or cut after a higher block",
+        )
+
+
+def feature_map(image_size: int, cut_after: str) -> tuple[int, int]:
+    """(side, channels) of the base's output when cut after `cut_after` (2x2 poolings, floored)."""
+    return image_size // 2 ** (CUT_POINTS.index(cut_after) + 1), FILTERS[cut_after]
+
+
+def head_pool_size(side: int, channels: int, pooling: str, max_features: int = MAX_HEAD_FEATURES) -> int:
+    """The average-pooling window (and stride) in front of the head's Flatten: 1 (none) for
+    `flatten`, and for `auto` while side x side x channels <= max_features; else the smallest window
+    whose grid (ceil(side / window) squared, "same" padding: edge windows average what they cover)
+    fits. Not used for `gap`."""
+    if pooling != "auto":
+        return 1
+    window = 1
+    while _grid(side, window) ** 2 * channels > max_features and window < side:
+        window += 1
+    return window
+
+
+def _grid(side: int, window: int) -> int:
+    return -(-side // window)  # ceil: "same" padding keeps the partial windows at the edge
+
+
+def head_features(image_size: int, cut_after: str, pooling: str, max_features: int = MAX_HEAD_FEATURES) -> int:
+    """How many values the head receives: channels for `gap`, else the (pooled) grid x channels."""
+    side, channels = feature_map(image_size, cut_after)
+    if pooling == "gap":
+        return channels
+    return _grid(side, head_pool_size(side, channels, pooling, max_features)) ** 2 * channels
+
+
 def block_of(layer_name: str) -> str | None:
     """'block4_conv2' -> 'block4'; None for layers outside the conv base (the head)."""
     prefix = layer_name.split("_", 1)[0]
     return prefix if prefix in BLOCKS else None
 
 
-def resolve_trainable(spec: str | tuple[str, ...] | list[str]) -> frozenset[str]:
+def resolve_trainable(spec: str | tuple[str, ...] | list[str], cut_after: str = FULL_BASE) -> frozenset[str]:
     """Turn a `trainable` spec into the set of conv layer names that train.
 
-    `spec` is "all", "none", or a list of block names (block1..block5) and/or conv layer
-    names (block5_conv3, ...). Raises ConfigError("trainable", ...) listing the valid names.
+    `spec` is "all" (every conv layer the base keeps when cut after `cut_after`), "none", or a
+    list of block names (block1..block5) and/or conv layer names (block5_conv3, ...). Raises
+    ConfigError("trainable", ...) listing the valid names.
     """
     if isinstance(spec, str):
         if spec == "all":
-            return frozenset(CONV_LAYERS)
+            return frozenset(kept_layers(cut_after))
         if spec == "none":
             return frozenset()
         raise ConfigError("trainable", f"{spec!r} is not allowed; use 'all', 'none' or a list of block/layer names")

@@ -216,6 +216,7 @@ def test_a_process_records_each_params_value_it_reads_except_through_an_observer
         "train.augmentation",
         "train.cache_features",
         "variants",
+        "variants.frozen.cut_after",
         "variants.frozen.trainable",
         "variants.frozen.weights",
     ]

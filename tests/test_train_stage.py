@@ -21,10 +21,12 @@ from tests.conftest import cli, make_tiny_project, run_stage, stage_env
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
-    """Tiny prepared data, then train@last_layers once for the whole module."""
+    """Tiny prepared data, then train@last_layers once for the whole module: the last conv layer of a
+    base cut after block4 (train, register and serve a truncated network)."""
     root = tmp_path_factory.mktemp("stage")
     robustness = {"studies": {"robustness": {"enabled": True}}}  # off by default (cost), on here
-    params_path, _ = make_tiny_project(root, {"last_layers": {"trainable": ["block5_conv3"]}}, robustness)
+    strategy = {"trainable": ["block4_conv3"], "cut_after": "block4"}
+    params_path, _ = make_tiny_project(root, {"last_layers": strategy}, robustness)
     return root, params_path, _train(root, params_path, "last_layers")
 
 
@@ -75,8 +77,8 @@ def test_stage_writes_per_seed_outputs(stage_run):
             "drift_block5",
         ]
         assert [r["phase"] for r in rows] == ["main", "main"]
-        assert {r[f"drift_block{b}"] for r in rows for b in (1, 2, 3, 4)} == {"0.0"}
-        assert all(float(r["drift_block5"]) > 0 for r in rows)
+        assert {r[f"drift_block{b}"] for r in rows for b in (1, 2, 3, 5)} == {"0.0"}  # block5: removed
+        assert all(float(r["drift_block4"]) > 0 for r in rows)
         matrix = list(csv.reader((files / "confusion_matrix.csv").open()))
         assert len(matrix) == 11 and len(matrix[0]) == 11
         assert sum(int(v) for row in matrix[1:] for v in row[1:]) == 20  # 2 test images x 10 classes
@@ -87,12 +89,16 @@ def test_stage_writes_per_seed_outputs(stage_run):
         assert [int(r["image"]) for r in predictions] == list(range(20))
         right = sum(r["label"] == r["predicted"] for r in predictions)
         assert right / 20 == pytest.approx(metrics["test_accuracy"])  # the rows the paired intervals use
-        assert metrics["parameters"]["trainable"] == 2_359_808 + (512 * 8 + 8) + (8 * 10 + 10)
-        assert metrics["parameters"]["per_block"]["block5"] == {"trainable": 2_359_808, "non_trainable": 4_719_616}
+        # head: block4_pool at 32x32 is 2x2x512, flattened (2,048 values) -> Dense(8) -> Dense(10)
+        assert metrics["parameters"]["trainable"] == 2_359_808 + (2048 * 8 + 8) + (8 * 10 + 10)
+        assert metrics["parameters"]["per_block"]["block4"] == {"trainable": 2_359_808, "non_trainable": 3_539_968}
+        assert metrics["parameters"]["per_block"]["block5"] == {"trainable": 0, "non_trainable": 0}
+        assert metrics["parameters"]["non_trainable"] == 7_635_264 - 2_359_808 + 2 * 2048 + 1  # + head_norm stats
+        assert metrics["cut_after"] == "block4"
         assert metrics["frozen_weights_unchanged"] is True
-        assert metrics["training_path"] == "cached-features (cut after block5_conv2)"
+        assert metrics["training_path"] == "cached-features (cut after block4_conv2)"
         assert set(metrics["test_recall_per_class"]) >= {"Trouser", "Ankle boot"}
-        assert metrics["weight_drift"]["block1"] == 0.0 and metrics["weight_drift"]["block5"] > 0
+        assert metrics["weight_drift"]["block1"] == 0.0 and metrics["weight_drift"]["block4"] > 0
         assert metrics["robustness"]["severity"] == 3 and set(metrics["robustness"]["drop"]) == {
             "gaussian_noise",
             "blur",
@@ -135,10 +141,11 @@ def test_mlflow_has_one_finished_run_per_seed_with_curves_counts_and_artifacts(s
     assert run.data.tags["weights_sha256"].startswith("4502df9d")
     assert len(run.data.tags["data_sha256"]) == 64
     assert run.data.params["train.max_epochs"] == "2" and run.data.params["model.head_units"] == "8"
-    assert run.data.metrics["parameters/trainable_block5"] == 2_359_808
+    assert run.data.params["cut_after"] == "block4"
+    assert run.data.metrics["parameters/trainable_block4"] == 2_359_808
     assert (
-        run.data.metrics["parameters/non_trainable"] == 12_354_880 + 2 * 512 + 1
-    )  # + the head's mean, variance, count
+        run.data.metrics["parameters/non_trainable"] == 7_635_264 - 2_359_808 + 2 * 2048 + 1
+    )  # the base up to block4_pool but its last layer, + the head's mean, variance, count
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "curves/val_accuracy")]
     assert steps == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

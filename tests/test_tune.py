@@ -175,10 +175,12 @@ def test_head_only_strategies_search_their_own_learning_rate_range(default_raw_p
     from pipeline.params import parse_params
 
     params = parse_params(default_raw_params)
-    assert [params.trains_end_to_end(v) for v in params.variants] == [True, False, False, False, True]
+    end_to_end = {v for v in params.variants if params.trains_end_to_end(v)}
+    assert end_to_end == {"scratch", "full"}  # every other strategy has a frozen prefix to cache
     ranges = {v: params.learning_rate_range(v) for v in params.variants}
-    assert ranges["frozen"] == tuple(params.tune.learning_rate_head_only)
-    assert {ranges[v] for v in ("scratch", "last_layers", "partial", "full")} == {tuple(params.tune.learning_rate)}
+    head_only = {"frozen", "cut2_frozen", "cut3_frozen", "cut4_frozen"}
+    assert {ranges[v] for v in head_only} == {tuple(params.tune.learning_rate_head_only)}
+    assert {ranges[v] for v in set(params.variants) - head_only} == {tuple(params.tune.learning_rate)}
     depth0, name = params.with_depth(0)
     assert depth0.learning_rate_range(name) == tuple(params.tune.learning_rate_head_only)
     assert len(params.train.seeds) >= 5 and params.data.val_per_class >= 50

@@ -288,12 +288,11 @@ def flop_bound(params: Params, num_classes: int, splits) -> dict[str, float]:
     costs about 2x its forward (input and weight gradients)."""
     from pipeline.features import cut_layer
     from pipeline.model import build_model
-    from pipeline.vgg16 import resolve_trainable
 
     n_train, n_val = len(splits.train[1]), len(splits.val[1])
     out = {}
     for variant in params.variants:
-        trainable = resolve_trainable(params.variant(variant).trainable)
+        trainable = params.variant(variant).layers
         model = build_model(
             image_size=params.data.image_size,
             num_classes=num_classes,

@@ -50,14 +50,13 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
     from pipeline.features import cut_layer, split_model
     from pipeline.fit import STREAM_BYTES, _batches, seed_everything
     from pipeline.model import BARE_HEAD, build_model, compile_model
-    from pipeline.vgg16 import resolve_trainable
 
     model = build_model(
         image_size=image_size, num_classes=10, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD
     )
     disk = {}
     for variant in params.variants:
-        cut = cut_layer(model, resolve_trainable(params.variant(variant).trainable))
+        cut = cut_layer(model, params.variant(variant).layers)
         if cut is None or params.variant_weights(variant) == "none":
             disk[variant] = None
             continue
@@ -133,11 +132,10 @@ def per_image_seconds(params: Params, image_size: int, batch: int = 8, repeats: 
 
     from pipeline.features import cut_layer, split_model
     from pipeline.model import BARE_HEAD, build_model, compile_model
-    from pipeline.vgg16 import resolve_trainable
 
     out = {}
     for variant in params.variants:
-        trainable = resolve_trainable(params.variant(variant).trainable)
+        trainable = params.variant(variant).layers
         keras.backend.clear_session()
         model = _study_model(params, image_size, trainable)
         cut = cut_layer(model, trainable)

@@ -26,11 +26,11 @@ from pipeline.data import load_summary
 from pipeline.params import RESERVED_NAMES, Params, load_params
 from pipeline.plotting import confusion_matrix_figure, plt
 from pipeline.recommendation import choose, read_inputs
-from pipeline.report import diagnostics, figures
+from pipeline.report import cuts, diagnostics, figures
 from pipeline.report import studies as research
 from pipeline.report.answer import unconverged
 from pipeline.report.document import build_document, to_html, to_markdown
-from pipeline.results import read_baselines, read_strategy, read_tuning
+from pipeline.results import read_baselines, read_cut_probes, read_strategy, read_tuning
 from pipeline.stats import accuracy_interval
 
 
@@ -142,6 +142,8 @@ def draw_figures(
     if tuned:
         drawings["tuning"] = lambda: figures.tuning_history(tuned, palette)
         drawings["tuning_curves"] = lambda: figures.tuning_curves(tuned, palette)
+    if len(cuts.cut_points(results)) > 1:
+        drawings["accuracy_vs_cut"] = lambda: cuts.accuracy_vs_cut(results, palette, references)
     drawings.update(diagnostics.draw(results, palette))
     drawings.update(research.draw(studies or {}, palette))
     for variant, result in results.items():
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                 baselines,
                 answer["recommended_network"],
             )
-            document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer)
+            probes = read_cut_probes(args.baselines_dir)
+            document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer, probes)
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
         write_text(args.out / "report.html", html)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pipeline.recommendation import describe
 from pipeline.stats import difference_interval
+from pipeline.vgg16 import FULL_BASE
 
 PIXELS, PROBE = "pixels_logistic_regression", "frozen_linear_probe"
 BASELINE_NAMES = {PIXELS: "logistic regression on pixels", PROBE: "convex linear probe on the frozen features"}
@@ -122,7 +123,9 @@ def answer_lines(answer: dict, val: dict, test_mean: dict, seeds: dict) -> list[
     return lines
 
 
-def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, unconverged: dict) -> list[tuple]:
+def answer_blocks(
+    results: dict, tuning: dict, baselines: dict, answer: dict, unconverged: dict, probes: dict | None = None
+) -> list[tuple]:
     # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
     val = {v: r["evidence"]["val_accuracy"] for v, r in results.items()}
     test_mean = {v: r["interval"].mean for v, r in results.items()}
@@ -141,9 +144,13 @@ def answer_blocks(results: dict, tuning: dict, baselines: dict, answer: dict, un
             + (f"; the others: {'; '.join(rest)}." if rest else ".")
         )
     checks += stability_checks(baselines, answer)
-    for variant in head_only(results) if PROBE in baselines else []:
-        probe, frozen = baselines[PROBE]["test_accuracy"], results[variant]["interval"].mean
-        features = baselines[PROBE].get("features", "the frozen base")
+    for variant in head_only(results):
+        cut = results[variant].get("cut_after", FULL_BASE)
+        record = baselines.get(PROBE) if cut == FULL_BASE else (probes or {}).get(cut)
+        if record is None:
+            continue
+        probe, frozen = record["test_accuracy"], results[variant]["interval"].mean
+        features = record.get("features", "the frozen base")
         checks.append(
             f"`{variant}` (a head trained by Adam under the training rule on the frozen base) reaches "
             f"{frozen:.3f}; the convex probe on the same features ({features}), solved to optimality, "

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.folders import COUNTS as FOLDER_COUNTS
 from pipeline.images import KINDS
 from pipeline.params import Params
-from pipeline.report import diagnostics
+from pipeline.report import cuts, diagnostics
 from pipeline.report.answer import answer_blocks, baseline_rows, unconverged, versus_pixels
 from pipeline.report.studies import study_blocks
 from pipeline.stats import difference_interval
@@ -210,6 +210,7 @@ def build_document(
     studies: dict | None = None,
     baselines: dict | None = None,
     answer: dict | None = None,
+    probes: dict | None = None,
 ) -> list[tuple]:
     # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
     baseline = params.report.baseline
@@ -235,7 +236,8 @@ def build_document(
         ),
     ]
     if answer is not None:
-        doc += answer_blocks(results, tuning, baselines, answer, {v: unconverged(r) for v, r in results.items()})
+        converged = {v: unconverged(r) for v, r in results.items()}
+        doc += answer_blocks(results, tuning, baselines, answer, converged, probes)
     doc += [
         ("h2", "Comparison"),
         ("table", *comparison_table(results, tuning, baselines)),
@@ -262,6 +264,7 @@ def build_document(
             "test set support.",
         ),
     ]
+    doc += cuts.blocks(params, results, baselines, files)
     doc += [
         ("h2", "Convergence check"),
         (

@@ -25,7 +25,7 @@ from pipeline.report.answer import BASELINE_NAMES, PIXELS, PROBE, tflop, unconve
 from pipeline.report.diagnostics import drift_heatmap, drift_text, mean_drift
 from pipeline.results import read_evidence, read_sample_baselines, read_strategy, read_test_correct
 from pipeline.stats import Interval, accuracy_interval, difference_interval
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable, top_layers
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, FULL_BASE, kept_layers
 
 BASELINE_STYLE = {PIXELS: ("black", "--", "pixels LR"), PROBE: ("dimgrey", ":", "linear probe")}
 
@@ -45,7 +45,7 @@ def ran(studies: dict) -> list[str]:
 
 def read_studies(studies_dir: Path, params, baselines: dict | None = None, data_summary: dict | None = None) -> dict:
     """{"sample_efficiency": {variant: {n: result}}, "sample_efficiency_baselines": {name: {n: ...}},
-    "depth": {k: result}, "depth_answer": ..., "depth_baselines": ...} for the sizes and depths in
+    "depth": {(cut, k): result}, "depth_answer": ..., "depth_baselines": ...} for the sizes, cuts and depths in
     params whose results exist. A result is `results.read_strategy(folder, name)` plus `correct` (seeds x
     test images, 0/1) and its `interval`; `baselines` are the main comparison's (`results.read_baselines`);
     `data_summary` (the prepared data's) gives the FLOP account of the depth answer."""
@@ -70,14 +70,18 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None, data_
     depth_dir = Path(studies_dir) / "depth"
     depth = {}
     layout = cost.layout_of(data_summary, params.model.pooling) if data_summary else None
-    for k in sorted(params.studies.depth.k):
-        if (depth_dir / "train" / f"top{k}" / "seeds").is_dir():
-            result = read_strategy(depth_dir / "train", f"top{k}")
-            evidence = read_evidence(depth_dir / "train", depth_dir / "tune", f"top{k}")
-            result["evidence"] = with_flops(evidence, top_layers(k), layout)
-            result["correct"] = result["evidence"]["correct"]
-            result["interval"] = accuracy_interval(result["correct"])
-            depth[k] = result
+    settings = params.studies.depth
+    for cut in settings.cut_after:
+        for k in sorted(settings.k):
+            train_dir, tune_dir = depth_dir / "train" / cut, depth_dir / "tune" / cut
+            if (train_dir / f"top{k}" / "seeds").is_dir():
+                result = read_strategy(train_dir, f"top{k}")
+                evidence = read_evidence(train_dir, tune_dir, f"top{k}")
+                kept = kept_layers(cut)
+                result["evidence"] = with_flops(evidence, frozenset(kept[len(kept) - k :]), layout)
+                result["correct"] = result["evidence"]["correct"]
+                result["interval"] = accuracy_interval(result["correct"])
+                depth[cut, k] = result
     if depth:
         out["depth"] = depth
         labels = next(iter(depth.values()))["evidence"]["labels"]
@@ -86,7 +90,7 @@ def read_studies(studies_dir: Path, params, baselines: dict | None = None, data_
         }
         if len(depth) > 1:
             out["depth_answer"] = choose(
-                {f"top{k}": r["evidence"] for k, r in depth.items()},
+                {settings.variant_name(cut, k): r["evidence"] for (cut, k), r in depth.items()},
                 params.report.margin,
                 baseline_evidence(out["depth_baselines"], layout),
             )
@@ -101,9 +105,7 @@ def sample_answers(params, sample_dir: Path, sample: dict, baselines: dict, data
     answers = {}
     for n in sorted({n for by_size in sample.values() for n in by_size}):
         evidence = {
-            v: with_flops(
-                read_evidence(sample_dir / v, None, f"n{n}"), resolve_trainable(params.variant(v).trainable), layout
-            )
+            v: with_flops(read_evidence(sample_dir / v, None, f"n{n}"), params.variant(v).layers, layout)
             for v, by_size in sample.items()
             if n in by_size
         }
@@ -266,39 +268,77 @@ BLOCK_STARTS = {  # k at which the top k layers first cover a whole block (block
 }
 
 
+def _cuts(depth: dict) -> list[str]:
+    return sorted({cut for cut, _ in depth}, key=list(BLOCKS).index)
+
+
+def _depth_label(cut: str, k: int) -> str:
+    return f"k = {k}" if cut == FULL_BASE else f"cut after {cut}, k = {k}"
+
+
 def depth_figure(depth: dict, baselines: dict) -> plt.Figure:
-    ks = sorted(depth)
-    intervals = [depth[k]["interval"] for k in ks]
-    trainable = [depth[k]["parameters"]["trainable"] for k in ks]
+    """Test accuracy (95% interval) and trainable parameters against k, one line per cut point."""
     figure, (acc_axes, param_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    yerr = [[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]]
-    acc_axes.errorbar(
-        ks, [i.mean for i in intervals], yerr=yerr, fmt="o-", capsize=4, color="tab:blue", label="top k trained"
-    )
+    cuts = _cuts(depth)
+    for index, cut in enumerate(cuts):
+        ks = sorted(k for c, k in depth if c == cut)
+        intervals = [depth[cut, k]["interval"] for k in ks]
+        label = "whole base" if cut == FULL_BASE else f"cut after {cut}"
+        colour = plt.cm.viridis(index / max(1, len(cuts) - 1)) if len(cuts) > 1 else "tab:blue"
+        yerr = [[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]]
+        acc_axes.errorbar(ks, [i.mean for i in intervals], yerr=yerr, fmt="o-", capsize=4, color=colour, label=label)
+        trainable = [depth[cut, k]["parameters"]["trainable"] for k in ks]
+        param_axes.plot(ks, trainable, "s-", color=colour, label=label)
     for name, b in baselines.items():
         colour, style, label = BASELINE_STYLE.get(name, ("grey", "-.", name))
         acc_axes.axhline(b["test_accuracy"], color=colour, linestyle=style, label=f"reference: {label}")
     acc_axes.legend(fontsize=8)
     acc_axes.set_ylabel("test accuracy (mean, 95% interval)")
-    param_axes.plot(ks, trainable, "s-", color="tab:grey")
     param_axes.set_yscale("log")
     param_axes.set_ylabel("trainable parameters (log scale)")
+    top = max(len(kept_layers(cut)) for cut in cuts)
     for axes in (acc_axes, param_axes):
-        axes.set_xlabel("k: top conv layers trained (0 = frozen base, 13 = full fine-tuning)")
-        axes.set_xticks(range(0, len(CONV_LAYERS) + 1))
+        axes.set_xlabel("k: top conv layers of the kept base trained (0 = frozen base)")
+        axes.set_xticks(range(0, top + 1))
         axes.grid(alpha=0.3)
-        for block, k in BLOCK_STARTS.items():
-            axes.axvline(k, color="black", alpha=0.12, linestyle=":")
-            axes.annotate(
-                f"{block}+", (k, 1), xycoords=("data", "axes fraction"), fontsize=7, ha="center", va="bottom", alpha=0.6
-            )
+        if cuts == [FULL_BASE]:
+            for block, k in BLOCK_STARTS.items():
+                axes.axvline(k, color="black", alpha=0.12, linestyle=":")
+                axes.annotate(
+                    f"{block}+", (k, 1), xycoords=("data", "axes fraction"), fontsize=7, ha="center", va="bottom"
+                )
     figure.suptitle("Freezing depth: accuracy and trainable parameters when the top k conv layers train")
+    figure.tight_layout()
+    return figure
+
+
+def cut_depth_heatmap(depth: dict) -> plt.Figure:
+    """Cut point (rows) x k (columns), colour and text = mean test accuracy; blank = not run."""
+    cuts = _cuts(depth)
+    ks = sorted({k for _, k in depth})
+    values = np.full((len(cuts), len(ks)), np.nan)
+    for (cut, k), result in depth.items():
+        values[cuts.index(cut), ks.index(k)] = result["interval"].mean
+    figure, axes = plt.subplots(figsize=(1.0 * len(ks) + 3, 0.6 * len(cuts) + 2))
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(ks)), [str(k) for k in ks])
+    axes.set_yticks(range(len(cuts)), [f"after {cut}" for cut in cuts])
+    axes.set_xlabel("k: top conv layers of the kept base trained")
+    axes.set_ylabel("base cut")
+    middle = np.nanmean(values)
+    for (row, col), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            colour = "black" if value > middle else "white"
+            axes.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=9, color=colour)
+    figure.colorbar(image, ax=axes, label="test accuracy (mean over seeds)")
+    axes.set_title("Cut point x freezing depth: test accuracy")
     figure.tight_layout()
     return figure
 
 
 def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]]]:
     headers = [
+        "cut after",
         "k",
         "trains from",
         "trainable parameters",
@@ -313,13 +353,16 @@ def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]
     ]
     pixels = baselines.get(PIXELS)
     rows = []
-    for k in sorted(depth):
-        r = depth[k]
-        first = CONV_LAYERS[len(CONV_LAYERS) - k] if k else "(head only)"
+    for cut, k in sorted(depth, key=lambda key: (list(BLOCKS).index(key[0]), key[1])):
+        r = depth[cut, k]
+        kept = kept_layers(cut)
+        kept_blocks = list(BLOCKS)[: list(BLOCKS).index(cut) + 1]
+        first = kept[len(kept) - k] if k else "(head only)"
         drift = mean_drift(r)
         versus = _signed(difference_interval(r["correct"], pixels["correct"])) if pixels else "—"
         rows.append(
             [
+                cut,
                 str(k),
                 first,
                 f"{r['parameters']['trainable']:,}",
@@ -330,12 +373,12 @@ def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]
                 str(len(unconverged(r))),
                 str(r["head_units"]),
                 f"{r['learning_rate']:.2g}",
-                *[drift_text(drift[b]) for b in BLOCKS],
+                *[drift_text(drift[b]) if b in kept_blocks else "removed" for b in BLOCKS],
             ]
         )
     for name, b in baselines.items():
         cells = {
-            "k": f"*reference: {BASELINE_NAMES.get(name, name)}*",
+            "cut after": f"*reference: {BASELINE_NAMES.get(name, name)}*",
             "test accuracy (95% interval)": f"{b['test_accuracy']:.3f} (deterministic)",
             "best val accuracy": f"{b['val_accuracy']:.3f}",
         }
@@ -343,15 +386,21 @@ def depth_table(depth: dict, baselines: dict) -> tuple[list[str], list[list[str]
     return headers, rows
 
 
+def depth_name(variant: str) -> str:
+    """A depth strategy's or baseline's name as the text says it: `top3` -> "k = 3",
+    `block3_top2` -> "cut after block3, k = 2"."""
+    head, _, k = variant.rpartition("top")
+    if k.isdigit() and head in ("", *(f"{block}_" for block in BLOCKS)):
+        return _depth_label(head.rstrip("_") or FULL_BASE, int(k))
+    return BASELINE_NAMES.get(variant, variant)
+
+
 def depth_answer_lines(answer: dict) -> list[str]:
     """The main comparison's rule applied to the depths (and the baselines): best k on validation,
     what is shown non-inferior to it within the margin, the cheapest of those in training FLOPs."""
     best, recommended, margin = answer["best_on_validation"], answer["recommended"], answer["margin"]
     flops = answer["flops"]
-
-    def name(v: str) -> str:
-        return f"k = {v[3:]}" if v.startswith("top") else BASELINE_NAMES.get(v, v)
-
+    name = depth_name
     comparisons = answer["comparisons"]
     others = sorted((v for v in answer["candidates"] if v != best), key=lambda v: flops[v])
     lines = [
@@ -392,8 +441,11 @@ def draw(studies: dict, palette: dict) -> dict:
     if "depth" in studies:
         depth = studies["depth"]
         drawings["depth"] = lambda: depth_figure(depth, studies["depth_baselines"])
+        if len(_cuts(depth)) > 1:
+            drawings["cut_depth"] = lambda: cut_depth_heatmap(depth)
+        order = sorted(depth, key=lambda key: (list(BLOCKS).index(key[0]), key[1]))
         drawings["depth_drift"] = lambda: drift_heatmap(
-            {f"k={k}": mean_drift(depth[k]) for k in sorted(depth)},
+            {_depth_label(cut, k): mean_drift(depth[cut, k]) for cut, k in order},
             "Freezing depth: final weight drift per block",
             "top k layers trained",
         )
@@ -466,16 +518,24 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
     if "depth" in studies:
         depth = studies["depth"]
         seeds = sorted({s for r in depth.values() for s in r["evidence"]["seeds"]})
+        cuts = _cuts(depth)
+        where = (
+            "of VGG16's 13 conv layers (k = 0: frozen base, k = 13: full fine-tuning)"
+            if cuts == [FULL_BASE]
+            else "of the conv layers the base keeps when it is cut after "
+            + ", ".join(cuts)
+            + " (the blocks above the cut removed; k = 0: the kept base frozen)"
+        )
         doc += [
-            ("h2", "Study: freezing depth"),
+            ("h2", "Study: freezing depth" + ("" if cuts == [FULL_BASE] else " and cut point")),
             (
                 "p",
-                "The transferability curve: train the top k of VGG16's 13 conv layers (k = 0: frozen base, "
-                "k = 13: full fine-tuning), every k tuned with the same Optuna budget as the strategies "
-                f"(`tune.n_trials` = {params.tune.n_trials} trials for every k) "
+                f"The transferability curve: train the top k {where}, every cell tuned with the same Optuna "
+                f"budget as the strategies (`tune.n_trials` = {params.tune.n_trials} trials) "
                 f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
-                f"{seeds}. Reference lines: the main comparison's baselines on the same data. Dotted "
-                "lines: where k first covers a whole block. " + STUDY_INTERVALS,
+                f"{seeds}. Reference lines: the main comparison's baselines on the same data. "
+                + ("Dotted lines: where k first covers a whole block. " if cuts == [FULL_BASE] else "")
+                + STUDY_INTERVALS,
             ),
         ]
         if "depth_answer" in studies:
@@ -483,8 +543,10 @@ def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
                 ("p", "The main answer's rule applied to the depths:"),
                 ("list", depth_answer_lines(studies["depth_answer"])),
             ]
+        doc += [("figure", files["depth"], "Test accuracy and trainable parameters vs k.")]
+        if "cut_depth" in files:
+            doc += [("figure", files["cut_depth"], "Mean test accuracy over cut point and k (intervals in the table).")]
         doc += [
-            ("figure", files["depth"], "Test accuracy and trainable parameters vs k."),
             ("table", *depth_table(depth, studies["depth_baselines"])),
             ("figure", files["depth_drift"], "Final weight drift per block for every k."),
         ]
