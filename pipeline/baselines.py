@@ -115,9 +115,22 @@ def pixels(images: np.ndarray) -> np.ndarray:
 def frozen_features(
     params: Params, splits: dict, data_sha256: str, cache_dir: str | None, cut: str = FULL_BASE
 ) -> dict[str, np.ndarray]:
-    """A head-only strategy's head input for each split: the conv base's output after block `cut`
-    (`<cut>_pool`, from the shared feature cache when enabled), pooled as the head pools it
-    (`model.pooling`: flattened, average-pooled first where `auto` says so, or global average)."""
+    """A head-only strategy's head input for each split: the conv base's output after block `cut`,
+    pooled as the head pools it (`model.pooling`: flattened, average-pooled first where `auto` says
+    so, or global average)."""
+    size = params.data.image_size
+    window = head_pool_size(*feature_map(size, cut), params.model.pooling)
+    out = {}
+    for name, maps in cut_maps(params, splits, data_sha256, cache_dir, cut).items():
+        out[name] = maps.mean(axis=(1, 2)) if params.model.pooling == "gap" else average_pool(maps, window)
+    return out
+
+
+def cut_maps(
+    params: Params, splits: dict, data_sha256: str, cache_dir: str | None, cut: str = FULL_BASE
+) -> dict[str, np.ndarray]:
+    """{split: N x H x W x C} output of `<cut>_pool` of the conv base on `model.weights`, from the
+    shared feature cache when enabled (the same entries the cached strategies read)."""
     from pipeline import features
     from pipeline.model import BARE_HEAD, build_model
     from pipeline.weights import load_base_weights
@@ -133,14 +146,12 @@ def frozen_features(
     batch = features.extraction_batch_size(size)
     cache = features.FeatureCache(cache_dir) if cache_dir and weights.sha256 else None
     key = features.cache_key(data_sha256, weights.sha256, layer, size) if cache else None
-    window = head_pool_size(*feature_map(size, cut), params.model.pooling)
     out = {}
     for name, (images, _) in splits.items():
         if cache:
-            maps = np.asarray(cache.get_or_compute(key, name, prefix, images, batch)[0])
+            out[name] = np.asarray(cache.get_or_compute(key, name, prefix, images, batch)[0])
         else:
-            maps = features.predict(prefix, images, batch)
-        out[name] = maps.mean(axis=(1, 2)) if params.model.pooling == "gap" else average_pool(maps, window)
+            out[name] = features.predict(prefix, images, batch)
     return out
 
 

@@ -180,3 +180,19 @@ def test_the_report_reads_what_trained_from_the_parameter_counts():
     assert kind(result("block3", ["block3"])) == "top kept block + head"
     assert kind(result("block3", ["block1", "block2", "block3"])) == "whole kept base + head"
     assert kind(result("block5", ["block4", "block5"])) == "other"
+
+
+def test_pooling_benchmark_measures_each_distinct_pooling_once_and_marks_the_auto_one():
+    from pipeline.bench.pooling import poolings, table
+
+    assert poolings(4, 256) == {"flatten": 1, "2x2 grid": 2, "global average": None}  # block3 at 32x32
+    assert poolings(2, 512) == {"flatten": 1, "global average": None}  # a 2x2 grid is the flattened map
+    assert poolings(1, 512) == {"flatten": 1}  # block5 at 32x32: every pooling is the same 512 values
+    # block3 at 224x224: 200,704 values flattened; auto averages 4x4 windows to a 7x7 grid (12,544)
+    assert poolings(28, 256) == {"flatten": 1, "2x2 grid": 14, "global average": None, "4x4 average, flattened": 4}
+    row = {"cut_after": "block3", "values": 4096, "val_accuracy": 0.788, "test_accuracy": 0.8015, "C": 0.1}
+    text = table(
+        [{**row, "pooling": "flatten", "auto": True}, {**row, "pooling": "global average", "auto": False}], 32, "hed"
+    )
+    assert "| block3 | flatten (auto) | 4,096 | 0.788 | 0.8015 | 0.1 |" in text
+    assert "| block3 | global average | 4,096 |" in text
