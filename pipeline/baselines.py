@@ -17,7 +17,8 @@ Writes `--out` (results/baselines/):
   probes_by_cut.json          per cut point of a head-only strategy below block5 (`variants.*.cut_after`):
                               the same probe on that cut's head input, the report's check of the head
                               (not a candidate of the answer: the strategy at that cut is)
-and one MLflow run per baseline (`baseline/<name>`, tag `baseline: true`).
+and one MLflow run per baseline (`baseline/<name>`, tag `baseline: true`) and per probe of a cut
+(`baseline/frozen_linear_probe@<cut>`, tag `check_of_cut`).
 
 With `--train-per-class N` (stage `sample_efficiency_baselines@N`), both baselines are fitted for
 every seed of the sample-efficiency study on the very training subset `train --train-per-class N`
@@ -286,8 +287,8 @@ def cut_probes(params: Params, prepared: Path, cache_dir: str | None) -> dict[st
             **record,
             "features": f"{params.model.weights} conv base cut after {cut}, {params.model.pooling}",
             "dimensions": int(values["train"].shape[1]),
+            "train_images": len(labels["train"]),
         }
-        print(f"[baseline/probe at {cut}] test accuracy {out[cut]['test_accuracy']:.4f}, C={record['C']:g}", flush=True)
     return out
 
 
@@ -298,6 +299,8 @@ def main_comparison(params: Params, prepared: Path, out: Path, cache_dir: str | 
     with atomic_dir(out) as tmp:
         for name, record in records.items():
             _log(name, record, f"baseline/{name}", tags)
+        for cut, record in probes.items():  # beside the probe on the whole base, for the MLflow comparison view
+            _log(f"{PROBE}@{cut}", record, f"baseline/{PROBE}@{cut}", {**tags, "check_of_cut": cut})
         results.write_baselines(tmp, records, labels, probabilities)
         write_json(tmp / PROBES_FILE, probes)
 

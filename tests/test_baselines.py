@@ -97,7 +97,8 @@ def test_reorder_stability_counts_the_test_predictions_a_reordered_solve_changes
 @pytest.fixture(scope="module")
 def baselines_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
-    params_path, prepared = make_tiny_project(root, {"frozen": {"trainable": "none"}})
+    variants = {"frozen": {"trainable": "none"}, "cut3_frozen": {"cut_after": "block3", "trainable": "none"}}
+    params_path, prepared = make_tiny_project(root, variants)
     result = run_stage(
         "baselines",
         *cli(params=params_path, prepared=prepared, out=root / "baselines", feature_cache=root / "cache"),
@@ -120,8 +121,19 @@ def test_stage_writes_both_baselines_with_per_image_predictions(baselines_run):
         # the main comparison measures how far the predictions move with the row order (the report says it)
         assert record["stability"]["reorderings"] == 2 and 0 <= record["stability"]["max_changed_predictions"] <= 20
         assert record["tol"] == TOL
-    # the probe reads the features the frozen strategy trains on: the shared cache
-    assert len(list((root / "cache").glob("*/train.npy"))) == 1
+    # the probes read the features the head-only strategies train on: the shared cache, one entry per cut
+    assert len(list((root / "cache").glob("*/train.npy"))) == 2
+
+
+def test_a_head_only_strategy_on_a_cut_base_gets_a_probe_on_its_own_features(baselines_run):
+    root, result = baselines_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    probes = json.loads((root / "baselines" / baselines.PROBES_FILE).read_text())
+    assert set(probes) == {"block3"}  # the whole base's probe is frozen_linear_probe in metrics.json
+    record = probes["block3"]
+    assert record["dimensions"] == 4 * 4 * 256  # block3_pool at 32x32, flattened (model.pooling: auto)
+    assert record["train_images"] == 20 and record["C"] in C_GRID and 0 <= record["test_accuracy"] <= 1
+    assert "cut after block3" in record["features"]
 
 
 def test_baselines_are_mlflow_runs_tagged_as_baselines(baselines_run):
@@ -134,9 +146,15 @@ def test_baselines_are_mlflow_runs_tagged_as_baselines(baselines_run):
     runs = client.search_runs([experiment.experiment_id], "tags.baseline = 'true'")
     assert sorted(r.info.run_name for r in runs) == [
         "baseline/frozen_linear_probe",
+        "baseline/frozen_linear_probe@block3",
         "baseline/pixels_logistic_regression",
     ]
+    probe = next(r for r in runs if r.info.run_name.endswith("@block3"))
+    record = json.loads((root / "baselines" / baselines.PROBES_FILE).read_text())["block3"]
+    assert probe.data.tags["check_of_cut"] == "block3"
+    assert probe.data.metrics["evaluation/test_accuracy"] == pytest.approx(record["test_accuracy"])
     records = json.loads((root / "baselines" / "metrics.json").read_text())
+    runs = [r for r in runs if "@" not in r.info.run_name]
     for run in runs:
         name = run.info.run_name.split("/")[1]
         assert run.data.metrics["evaluation/test_accuracy"] == pytest.approx(records[name]["test_accuracy"])
