@@ -1,8 +1,7 @@
 """Stage `train@<variant>`: train one freezing strategy for every seed, evaluate, log to MLflow.
 
-Also the studies' stages: `--depth K [--cut BLOCK]` trains the depth sweep's strategy top<K> (the
-top K conv layers of the base cut after BLOCK, default the whole base) over `studies.depth.seeds`
-(`depth_train@<cut>-<k>`); `--train-per-class N` trains the strategy
+Also the studies' stages: `--depth K` trains the depth sweep's strategy top<K> (the top K conv
+layers) over `studies.depth.seeds` (`depth_train@<k>`); `--train-per-class N` trains the strategy
 on N images per class over `studies.sample_efficiency.seeds` (`sample_efficiency@<variant>-<N>`):
 the pool (the largest size of the study) is prepared in-process from `data`, each seed trains on
 the first N per class of its own shuffle of the pool (nested sizes), features of the pool are

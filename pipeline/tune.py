@@ -1,4 +1,4 @@
-"""Stage `tune@<variant>` (and `depth_tune@<cut>-<k>`): Optuna searches head_units and learning_rate
+"""Stage `tune@<variant>` (and `depth_tune@<k>`): Optuna searches head_units and learning_rate
 for one strategy.
 
 Reads params.yaml (`seed`, `model`, `train`, `variants.<variant>`, `tune`, `mlflow`) and the
@@ -19,8 +19,7 @@ Writes into `--out` (results/tune/<variant>):
 MLflow: a parent run `tune/<variant>` and one nested run per trial.
 
 `--depth K` tunes the depth sweep's strategy `top<K>` (the top K conv layers train) instead
-of a named one; with `--cut BLOCK` the base ends after that block (`<BLOCK>_top<K>`, K counted in
-the kept base). `--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
+of a named one. `--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
 runs K trials; `tune.n_workers: N` starts N local workers itself.
 """
 
