@@ -180,6 +180,9 @@ def test_the_report_reads_what_trained_from_the_parameter_counts():
     assert kind(result("block3", ["block3"])) == "top kept block + head"
     assert kind(result("block3", ["block1", "block2", "block3"])) == "whole kept base + head"
     assert kind(result("block5", ["block4", "block5"])) == "other"
+    last_layers = result("block5", ["block5"])
+    last_layers["parameters"]["per_block"]["block5"] = {"trainable": 2, "non_trainable": 3}  # block5_conv3 only
+    assert kind(last_layers) == "part of the top kept block + head"
 
 
 def test_pooling_benchmark_measures_each_distinct_pooling_once_and_marks_the_auto_one():

@@ -117,10 +117,11 @@ def draw_figures(
     studies: dict | None = None,
     baselines: dict | None = None,
     recommended: str | None = None,
+    probes: dict | None = None,
 ) -> dict[str, str]:
     """Write every figure as PNG into `folder` (research ones where their results exist);
     returns {figure id: file name}. `confusion_best` shows the `recommended` strategy (default:
-    the highest mean test accuracy)."""
+    the highest mean test accuracy); `probes` are the baselines stage's probes per cut point."""
     palette = figures.colours(list(results))
     references = {name: b["test_accuracy"] for name, b in (baselines or {}).items()}
     shown = recommended or max(results, key=lambda v: results[v]["interval"].mean)
@@ -143,7 +144,7 @@ def draw_figures(
         drawings["tuning"] = lambda: figures.tuning_history(tuned, palette)
         drawings["tuning_curves"] = lambda: figures.tuning_curves(tuned, palette)
     if len(cuts.cut_points(results)) > 1:
-        drawings["accuracy_vs_cut"] = lambda: cuts.accuracy_vs_cut(results, palette, references)
+        drawings["accuracy_vs_cut"] = lambda: cuts.accuracy_vs_cut(results, palette, references, probes)
     drawings.update(diagnostics.draw(results, palette))
     drawings.update(research.draw(studies or {}, palette))
     for variant, result in results.items():
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
     with tracking.run("report", tags={"stage": "report", **tracking.environment_tags()}):
+        probes = read_cut_probes(args.baselines_dir)
         with atomic_dir(args.out / "figures") as figure_dir:
             files = draw_figures(
                 results,
@@ -216,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                 studies,
                 baselines,
                 answer["recommended_network"],
+                probes,
             )
-            probes = read_cut_probes(args.baselines_dir)
             document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer, probes)
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))

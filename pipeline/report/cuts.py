@@ -13,7 +13,13 @@ from pipeline.report.answer import PIXELS, _signed, versus_pixels
 from pipeline.vgg16 import BLOCKS, FULL_BASE, head_features
 
 CUTS = list(BLOCKS)
-KIND_MARKERS = {"head only": "o", "top kept block + head": "s", "whole kept base + head": "^", "other": "D"}
+KIND_MARKERS = {
+    "head only": "o",
+    "part of the top kept block + head": "v",
+    "top kept block + head": "s",
+    "whole kept base + head": "^",
+    "other": "D",
+}
 
 
 def cut_points(results: dict) -> list[str]:
@@ -30,17 +36,20 @@ def kind(result: dict) -> str:
     whole = all(per_block[b]["non_trainable"] == 0 for b in trained)
     if not trained:
         return "head only"
-    if trained == [cut] and whole:
-        return "top kept block + head"
+    if trained == [cut]:
+        return "top kept block + head" if whole else "part of the top kept block + head"
     if trained == kept and whole:
         return "whole kept base + head"
     return "other"
 
 
-def accuracy_vs_cut(results: dict, palette: dict, references: dict[str, float]) -> plt.Figure:
-    """Test accuracy (mean, 95% interval) of every strategy at its cut point; marker = kind."""
+def accuracy_vs_cut(
+    results: dict, palette: dict, references: dict[str, float], probes: dict | None = None
+) -> plt.Figure:
+    """Test accuracy (mean, 95% interval) of every strategy at its cut point; marker = kind. `probes`
+    ({cut: the baselines stage's probe record}) adds the convex probe on each cut's features."""
     cuts = cut_points(results)
-    figure, axes = plt.subplots(figsize=(max(6.5, 2.2 * len(cuts)), 4.8))
+    figure, axes = plt.subplots(figsize=(max(6.5, 2.2 * len(cuts)) + 2.5, 4.8))
     at_cut: dict[str, int] = {}
     for variant, result in results.items():
         cut = result.get("cut_after", FULL_BASE)
@@ -53,6 +62,12 @@ def accuracy_vs_cut(results: dict, palette: dict, references: dict[str, float]) 
             x, interval.mean, yerr=yerr, fmt=KIND_MARKERS[kind(result)], color=palette[variant], capsize=4, markersize=7
         )
         axes.annotate(variant, (x, interval.mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    shown = {cut: r["test_accuracy"] for cut, r in (probes or {}).items() if cut in cuts}
+    if shown:
+        axes.plot(
+            [cuts.index(c) - 0.1 for c in shown], list(shown.values()), "x", color="black", markersize=8,
+            label="convex probe on the cut's features",
+        )  # fmt: skip
     for (name, value), style in zip(references.items(), ("--", ":"), strict=False):
         axes.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name.replace('_', ' ')} {value:.3f}")
     for label, marker in KIND_MARKERS.items():
@@ -63,7 +78,7 @@ def accuracy_vs_cut(results: dict, palette: dict, references: dict[str, float]) 
     axes.set_xlabel("where the base ends")
     axes.set_ylabel("test accuracy (mean, 95% interval)")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     axes.set_title("Test accuracy against the cut point")
     figure.tight_layout()
     return figure
