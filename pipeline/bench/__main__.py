@@ -2,7 +2,7 @@
 
   python -m pipeline.bench                # compute, strategies, a large study (about 10 min)
   python -m pipeline.bench --end-to-end   # clean `dvc repro` in a temporary copy, no-op repro,
-                                          # wall time and peak memory per stage (about 20 min)
+                                          # wall time and peak memory per stage (about 70 min)
   python -m pipeline.bench --numerics     # XLA and bfloat16 against float32 (about 5 min)
   python -m pipeline.bench --tune         # tune trials/min per strategy under the training rule (~7 min)
   python -m pipeline.bench --folders      # an image folder of camera-size JPEGs, old and new reading (~3 min)
@@ -97,7 +97,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--large-images", type=int, default=10_000, help="size of the estimated large study")
     parser.add_argument("--large-size", type=int, default=224)
     parser.add_argument("--synthetic-images", type=int, default=10_000)
-    parser.add_argument("--end-to-end", action="store_true", help="only the end-to-end section (about 20 min)")
+    parser.add_argument("--end-to-end", action="store_true", help="only the end-to-end section (about 70 min)")
     parser.add_argument("--numerics", action="store_true", help="only the XLA / mixed-precision section (~5 min)")
     parser.add_argument("--tune", action="store_true", help="only tune trials/min per strategy (~7 min)")
     parser.add_argument("--folders", action="store_true", help="only reading camera-size JPEG folders (~3 min)")
