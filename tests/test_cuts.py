@@ -199,3 +199,14 @@ def test_pooling_benchmark_measures_each_distinct_pooling_once_and_marks_the_aut
     )
     assert "| block3 | flatten (auto) | 4,096 | 0.788 | 0.8015 | 0.1 |" in text
     assert "| block3 | global average | 4,096 |" in text
+
+
+def test_a_head_further_than_the_tolerance_below_its_probe_is_flagged():
+    from pipeline.report.answer import HEAD_PROBE_TOLERANCE, head_probe_check
+
+    probe = {"test_accuracy": 0.8015, "features": "hed conv base cut after block3, auto"}
+    flagged = head_probe_check("cut3_frozen", 0.771, probe)  # the committed default run's numbers
+    assert flagged.startswith(f"**Head more than {HEAD_PROBE_TOLERANCE} below its probe**: `cut3_frozen`")
+    assert "0.771" in flagged and "0.801 (gap -0.030)" in flagged and "cut after block3" in flagged
+    within = head_probe_check("cut2_frozen", 0.7975, {**probe, "features": "block2"})
+    assert within.startswith("`cut2_frozen`") and "(gap -0.004)" in within
