@@ -29,6 +29,7 @@ from pipeline.vgg16 import (
     MIN_IMAGE_SIZE,
     check_cut,
     kept_layers,
+    head_features,
     resolve_trainable,
 )
 
@@ -158,6 +159,12 @@ class VariantParams:
             _check(block in BLOCKS, key, block, f"use a block name: {', '.join(BLOCKS)}")
             _check(factor > 0, key, factor, "it must be > 0")
             _check(
+                BLOCKS[block][0] in kept_layers(self.cut_after),
+                key,
+                factor,
+                f"{block} is above the cut (cut_after: {self.cut_after} removes it); remove the entry",
+            )
+            _check(
                 bool(layers & set(BLOCKS[block])),
                 key,
                 factor,
@@ -198,6 +205,9 @@ class TuneParams:
     trials_per_process: int  # a long study restarts its process after this many trials (memory)
     startup_trials: int  # space-filling design points before TPE models the space
     heartbeat_seconds: int  # database storage: a worker silent for 4 heartbeats has its trial failed and rerun
+    # learning_rate_head_only is the range of a head reading this many (standardised) values; a head
+    # reading F values searches it times reference / F (0 = the same range for every head)
+    head_only_reference_features: int = 512
 
     def __post_init__(self):
         for name in ("n_trials", "n_workers", "trials_per_process", "heartbeat_seconds"):
@@ -209,6 +219,12 @@ class TuneParams:
         _check(len(units) >= 1, "head_units", units, "give at least one choice, e.g. [0, 64, 256]")
         _check(all(u >= 0 for u in units), "head_units", units, "choices must be >= 0 (0 = no hidden layer)")
         _check(len(set(units)) == len(units), "head_units", units, "choices must be unique")
+        _check(
+            self.head_only_reference_features >= 0,
+            "head_only_reference_features",
+            self.head_only_reference_features,
+            "it must be >= 0 (0 = no scaling by the head's input size)",
+        )
         for name in ("learning_rate", "learning_rate_head_only"):
             low_high = list(getattr(self, name))
             _check(len(low_high) == 2, name, low_high, "give a range [low, high], e.g. [1.0e-5, 3.0e-3]")
@@ -395,8 +411,27 @@ class Params:
         return "tune.learning_rate" if trains_conv else "tune.learning_rate_head_only"
 
     def learning_rate_range(self, variant: str) -> tuple[float, float]:
-        """The searched learning-rate range of `variant` (see `learning_rate_key`)."""
-        return tuple(getattr(self.tune, self.learning_rate_key(variant).split(".")[1]))
+        """The searched learning-rate range of `variant` (see `learning_rate_key`); a head-only
+        strategy's range is scaled by `head_only_lr_scale`."""
+        key = self.learning_rate_key(variant)
+        low, high = getattr(self.tune, key.split(".")[1])
+        if key == "tune.learning_rate":
+            return low, high
+        scale = self.head_only_lr_scale(variant)
+        return low * scale, high * scale
+
+    def head_only_lr_scale(self, variant: str) -> float:
+        """`tune.head_only_reference_features` / the number of values `variant`'s head reads (1 when
+        the reference is 0). Adam moves every weight by about the learning rate per step, so the
+        logits over F standardised inputs move about F times as far: the same rate is 16x as fast
+        on a base cut after block2 (8,192 values at 32x32) as on the whole base (512), and its
+        trials peak within a few epochs below the convex probe (README "Tuning"). Scaling by 1/F is
+        μP's rule for Adam on a matrix of fan-in F (Yang et al. 2022, "Tensor Programs V")."""
+        reference = self.tune.head_only_reference_features
+        if not reference:
+            return 1.0
+        features = head_features(self.data.image_size, self.variant(variant).cut_after, self.model.pooling)
+        return reference / features
 
     def halving_epoch(self, variant: str) -> int:
         """The halving rung of `variant`'s study: `tune.halving_epoch` for strategies that train end

@@ -142,6 +142,9 @@ def test_trainable_all_means_every_kept_layer_and_multipliers_need_a_kept_block(
     with pytest.raises(ConfigError) as error:
         _params(cut_after="block2", trainable="all", lr_multipliers={"block4": 0.1})
     assert error.value.key == "variants.cut.lr_multipliers.block4"
+    assert "block4 is above the cut (cut_after: block2 removes it); remove the entry" in str(error.value)
+    with pytest.raises(ConfigError, match="block1 does not train in this strategy"):  # kept, but frozen
+        _params(cut_after="block2", trainable=["block2"], lr_multipliers={"block1": 0.1})
 
 
 def test_the_depth_study_runs_every_k_at_every_cut_and_names_each_cell():

@@ -86,6 +86,7 @@ def test_repository_params_load_into_frozen_dataclasses():
         ),
         ({"tune": {"halving_factor": 1}}, "tune.halving_factor", "at least 2"),
         ({"tune": {"learning_rate_head_only": [1e-2, 1e-3]}}, "tune.learning_rate_head_only", "need 0 < low < high"),
+        ({"tune": {"head_only_reference_features": -1}}, "tune.head_only_reference_features", "must be >= 0"),
         ({"tune": {"n_trials_end_to_end": 3}}, "tune.n_trials_end_to_end", "unknown key"),
         (
             {"variants": {"frozen": {"warmup_epochs": 1}}},

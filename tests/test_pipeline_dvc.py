@@ -298,8 +298,8 @@ def test_each_study_runs_with_its_one_documented_command(project):
         for n in (1, 3):
             metrics = json.loads((studies / "sample_efficiency" / variant / f"n{n}" / "metrics.json").read_text())
             assert sorted(metrics["seeds"]) == ["1", "2"]
-    top0 = json.loads((studies / "depth/train/top0/seeds/1/metrics.json").read_text())
-    top13 = json.loads((studies / "depth/train/top13/seeds/1/metrics.json").read_text())
+    top0 = json.loads((studies / "depth/train/block5/top0/seeds/1/metrics.json").read_text())
+    top13 = json.loads((studies / "depth/train/block5/top13/seeds/1/metrics.json").read_text())
     assert top0["parameters"]["per_block"]["block5"]["trainable"] == 0
     conv = [b for b in top13["parameters"]["per_block"] if b != "head"]
     assert sum(top13["parameters"]["per_block"][b]["non_trainable"] for b in conv) == 0

@@ -200,9 +200,9 @@ def studies_run(tmp_path_factory):
         "--feature-cache",
         cache,
         "--out",
-        str(studies / "depth/tune/top1"),
+        str(studies / "depth/tune/block5/top1"),
     )
-    best = str(studies / "depth/tune/top1/best_params.json")
+    best = str(studies / "depth/tune/block5/top1/best_params.json")
     _run(
         root,
         "train",
@@ -216,7 +216,7 @@ def studies_run(tmp_path_factory):
         "--best-params",
         best,
         "--out",
-        str(studies / "depth/train/top1"),
+        str(studies / "depth/train/block5/top1"),
     )
     report = _run(
         root,
@@ -294,8 +294,8 @@ def test_sample_efficiency_baselines_fit_every_seed_on_the_same_test_images(stud
 @pytest.mark.slow  # the study stages' processes (shared fixture, ~90 s)
 def test_depth_stages_train_exactly_the_top_k_layers(studies_run):
     root, _ = studies_run
-    best = json.loads((root / "results/studies/depth/tune/top1/best_params.json").read_text())
-    metrics = _seed_metrics(root / "results/studies/depth/train/top1", 1)
+    best = json.loads((root / "results/studies/depth/tune/block5/top1/best_params.json").read_text())
+    metrics = _seed_metrics(root / "results/studies/depth/train/block5/top1", 1)
     per_block = metrics["parameters"]["per_block"]
     assert per_block["block5"]["trainable"] == 3 * 3 * 512 * 512 + 512  # block5_conv3 only
     assert all(per_block[b]["trainable"] == 0 for b in ("block1", "block2", "block3", "block4"))

@@ -179,10 +179,25 @@ def test_head_only_strategies_search_their_own_learning_rate_range(default_raw_p
     assert end_to_end == {"scratch", "full"}  # every other strategy has a frozen prefix to cache
     ranges = {v: params.learning_rate_range(v) for v in params.variants}
     head_only = {"frozen", "cut2_frozen", "cut3_frozen", "cut4_frozen"}
-    assert {ranges[v] for v in head_only} == {tuple(params.tune.learning_rate_head_only)}
+    assert {v for v in params.variants if params.learning_rate_key(v) == "tune.learning_rate_head_only"} == head_only
     assert {ranges[v] for v in set(params.variants) - head_only} == {tuple(params.tune.learning_rate)}
+    # a head-only range is the shared one times 512 / the head's input (32x32: 512 after block5,
+    # 2,048 / 4,096 / 8,192 flattened after block4 / 3 / 2): the logits move at one speed per step
+    low, high = params.tune.learning_rate_head_only
+    assert params.data.image_size == 32 and params.tune.head_only_reference_features == 512
+    assert ranges["frozen"] == (low, high)  # exactly: the whole base's head is the reference
+    for variant, features in (("cut4_frozen", 2048), ("cut3_frozen", 4096), ("cut2_frozen", 8192)):
+        assert ranges[variant] == pytest.approx((low * 512 / features, high * 512 / features), rel=1e-12)
     depth0, name = params.with_depth(0)
-    assert depth0.learning_rate_range(name) == tuple(params.tune.learning_rate_head_only)
+    assert depth0.learning_rate_range(name) == (low, high)
+    cut3_depth0, name = params.with_depth(0, "block3")
+    assert cut3_depth0.learning_rate_range(name) == ranges["cut3_frozen"]
+    # global average pooling: block3's head reads 256 channels, so its range is twice the shared one
+    gap = parse_params({**default_raw_params, "model": {**default_raw_params["model"], "pooling": "gap"}})
+    assert gap.learning_rate_range("cut3_frozen") == pytest.approx((2 * low, 2 * high), rel=1e-12)
+    # 0 turns the scaling off: every head-only strategy searches the shared range
+    raw = {**default_raw_params, "tune": {**default_raw_params["tune"], "head_only_reference_features": 0}}
+    assert parse_params(raw).learning_rate_range("cut2_frozen") == (low, high)
     assert len(params.train.seeds) >= 5 and params.data.val_per_class >= 50
 
 

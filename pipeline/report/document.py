@@ -332,7 +332,7 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         f"Tuning: an equal budget of {tune.n_trials} trials per strategy; head_units in {list(tune.head_units)}, "
         f"learning rate log-uniform in [{tune.learning_rate[0]:g}, {tune.learning_rate[1]:g}] for strategies that "
         f"train conv layers and [{tune.learning_rate_head_only[0]:g}, {tune.learning_rate_head_only[1]:g}] for "
-        f"head-only ones; the first {tune.startup_trials} trials a space-filling design (one learning-rate stratum "
+        f"head-only ones{_head_only_scaling(params)}; the first {tune.startup_trials} trials a space-filling design (one learning-rate stratum "
         f"each), then TPE, design seed {tune.design_seed}; every trial trains under the rule above, except that "
         + _halving(tune)
         + ".",
@@ -341,6 +341,21 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         "Training paths: " + "; ".join(paths) + ".",
         *_strategy_options(params),
     ]
+
+
+def _head_only_scaling(params) -> str:
+    """How each head-only strategy's range follows from the shared one (`Params.head_only_lr_scale`)."""
+    reference = params.tune.head_only_reference_features
+    if not reference:
+        return ""
+    scaled = [
+        f"`{v}` [{low:.3g}, {high:.3g}]"
+        for v in params.variants
+        if params.learning_rate_key(v) == "tune.learning_rate_head_only" and params.head_only_lr_scale(v) != 1.0
+        for low, high in [params.learning_rate_range(v)]
+    ]
+    text = f" reading {reference} values, scaled by {reference} / the values a head reads"
+    return text + (f" ({', '.join(scaled)})" if scaled else "")
 
 
 def _halving(tune) -> str:
