@@ -28,8 +28,8 @@ from pipeline.vgg16 import (
     FULL_BASE,
     MIN_IMAGE_SIZE,
     check_cut,
-    kept_layers,
     head_features,
+    kept_layers,
     resolve_trainable,
 )
 

@@ -184,7 +184,8 @@ def answer_blocks(
     if edges:
         checks.append(
             "**Tuned learning rate at the edge of the searched range** (the optimum may lie outside it; "
-            "widen `tune.learning_rate`, or `tune.learning_rate_head_only` for a head-only strategy): "
+            "widen `tune.learning_rate`, or for a head-only strategy `tune.learning_rate_head_only`, which "
+            "`tune.head_only_reference_features` scales per head): "
             + ", ".join(f"`{v}` ({e} end)" for v, e in edges.items())
             + "."
         )

@@ -332,7 +332,8 @@ def caveats(params: Params, data: dict, results: dict) -> list[str]:
         f"Tuning: an equal budget of {tune.n_trials} trials per strategy; head_units in {list(tune.head_units)}, "
         f"learning rate log-uniform in [{tune.learning_rate[0]:g}, {tune.learning_rate[1]:g}] for strategies that "
         f"train conv layers and [{tune.learning_rate_head_only[0]:g}, {tune.learning_rate_head_only[1]:g}] for "
-        f"head-only ones{_head_only_scaling(params)}; the first {tune.startup_trials} trials a space-filling design (one learning-rate stratum "
+        f"head-only ones{_head_only_scaling(params)}; the first {tune.startup_trials} trials a space-filling "
+        "design (one learning-rate stratum "
         f"each), then TPE, design seed {tune.design_seed}; every trial trains under the rule above, except that "
         + _halving(tune)
         + ".",
