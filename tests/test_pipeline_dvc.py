@@ -94,7 +94,10 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     experiment = client.get_experiment_by_name("vgg16-freezing")
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id], max_results=1000)}
     expected = {f"train/{v}/seed-{s}" for v in variants for s in (1, 2)} | {f"tune/{v}" for v in variants}
-    expected |= {"baseline/pixels_logistic_regression", "baseline/frozen_linear_probe"}
+    expected |= {"baseline/pixels_logistic_regression", "baseline/frozen_linear_probe", "predict"}
+    assert "## What the cheap predictors said" in (repo / "reports" / "report.md").read_text()
+    predicted = json.loads((repo / "results" / "predict" / "scores.json").read_text())
+    assert set(predicted["predictions"]["logme"]["ranking"]) == set(variants)
     assert (
         expected | {"report", f"register/{json.loads((repo / 'results' / 'registered.json').read_text())['variant']}"}
         <= names

@@ -2,8 +2,8 @@
 
 Reads params.yaml, data/prepared/summary.json, results/tune/<variant>/{best_params.json,
 trials.csv}, results/train/<variant>/seeds/<seed>/{history.csv,metrics.json,
-confusion_matrix.csv,test_predictions.csv}, results/baselines/ and the studies'
-results under results/studies/ where they exist; never
+confusion_matrix.csv,test_predictions.csv}, results/baselines/, the predict stage's
+results/predict/scores.json and the studies' results under results/studies/ where they exist; never
 builds a network. Writes `--out` (reports/):
   report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
   figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
@@ -30,6 +30,7 @@ from pipeline.report import cuts, diagnostics, figures
 from pipeline.report import studies as research
 from pipeline.report.answer import unconverged
 from pipeline.report.document import build_document, to_html, to_markdown
+from pipeline.report.predictions import read_predictions
 from pipeline.results import read_baselines, read_cut_probes, read_strategy, read_tuning
 from pipeline.stats import accuracy_interval
 
@@ -190,6 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         default=Path("results/studies"),
         help="the studies' results (sections appear for those that exist)",
     )
+    parser.add_argument(
+        "--predict-dir",
+        type=Path,
+        help="the predict stage's results/predict (the section on the cheap predictors appears when given)",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--thumbnail", type=Path, help="also write a small copy of the convergence figure here")
     args = parser.parse_args(argv)
@@ -220,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
                 answer["recommended_network"],
                 probes,
             )
-            document = build_document(params, data_summary, results, tuning, files, studies, baselines, answer, probes)
+            predicted = read_predictions(args.predict_dir) if args.predict_dir else None
+            document = build_document(
+                params, data_summary, results, tuning, files, studies, baselines, answer, probes, predicted
+            )
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
         write_text(args.out / "report.html", html)

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.folders import COUNTS as FOLDER_COUNTS
 from pipeline.images import KINDS
 from pipeline.params import Params
-from pipeline.report import cuts, diagnostics
+from pipeline.report import cuts, diagnostics, predictions
 from pipeline.report.answer import answer_blocks, baseline_rows, unconverged, versus_pixels
 from pipeline.report.studies import study_blocks
 from pipeline.stats import difference_interval
@@ -211,6 +211,7 @@ def build_document(
     baselines: dict | None = None,
     answer: dict | None = None,
     probes: dict | None = None,
+    predicted: dict | None = None,
 ) -> list[tuple]:
     # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
     baseline = params.report.baseline
@@ -265,6 +266,8 @@ def build_document(
         ),
     ]
     doc += cuts.blocks(params, results, baselines, files)
+    pixels = baselines.get("pixels_logistic_regression", {}).get("test_accuracy")
+    doc += predictions.blocks(predicted, results, pixels)
     doc += [
         ("h2", "Convergence check"),
         (

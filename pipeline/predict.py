@@ -1,0 +1,258 @@
+"""Stage `predict`: guess the answer before training, from one forward pass of the pretrained base.
+
+The pipeline answers "which layers should train?" by training every strategy. This stage scores
+the pretrained features instead, in seconds, so that the report can put each cheap predictor's
+ranking beside the measured one (README "Predicting the answer"). Per feature source (the pixels;
+each block's output as a head on a base cut there reads it, `model.pooling`, flattened at 32x32;
+and each block's output averaged over its map, `<block>_gap`, where that is another view), on the
+training split: a ridge probe's validation accuracy and the four scores of
+`pipeline.transferability` (LogME, H-score, TransRate, GBC). Per conv layer: the
+relative gradient norm |dL/dW| / |W| of a fresh head's loss at the pretrained weights, averaged
+over `RGN_BATCHES` training batches (Auto-RGN, Lee et al. 2023: blocks whose weights the loss
+pulls hardest are the ones to train).
+
+How a score becomes a strategy's prediction (`strategy_sources`): a strategy starts from the
+features of its cut block, and whatever trains can move them; so it is predicted to reach the best
+score among the features it starts from (its cut block) and the highest features it keeps fixed
+(the block below its first trained layer, the pixels when block1 trains, and the pixels alone on
+random weights). A head-only strategy gets its cut block's score. The gradient norms rank no
+strategy (they say where training would act, not how far it gets); the report shows the block they
+point at.
+
+Reads params.yaml (`seed`, `data.image_size`, `model.weights`, `variants`, `studies.depth`, `mlflow`)
+and the prepared train and validation splits. Writes `--out` (results/predict/):
+  scores.json   per source: dimensions and every score; per conv layer: relative gradient norm;
+                per predictor: each strategy's (and depth cell's) predicted score and the ranking;
+                seconds spent
+and an MLflow run `predict` (tag `stage: predict`) with every score as a metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import tracking, transferability
+from pipeline.atomic import atomic_dir, ensure_writable, write_json
+from pipeline.cli import run_stage
+from pipeline.data import load_split, load_summary
+from pipeline.params import Params, load_params
+from pipeline.vgg16 import BLOCKS, CONV_LAYERS, CUT_POINTS, feature_map, head_pool_size, kept_layers
+
+SCORES_FILE = "scores.json"
+PIXELS = "pixels"
+GAP = "_gap"  # suffix of a block's globally averaged output, where the head reads another view
+PROBE_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # ridge strength, chosen on validation
+RGN_BATCHES = 4
+MAX_IMAGES = 2000  # per split: the scores work in the n x n Gram space; the default data has 500
+RGN_BATCH_SIZE = 32
+SCORERS = {
+    "logme": transferability.logme,
+    "h_score": transferability.h_score,
+    "transrate": transferability.transrate,
+    "gbc": transferability.gbc,
+}
+PREDICTORS = ("ridge_probe", *SCORERS)
+
+
+def score_source(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> dict:
+    """{predictor: value, "dimensions": d, "seconds": {predictor: s}} of one feature source."""
+    out, seconds = {"dimensions": int(train[0].shape[1])}, {}
+    for name in PREDICTORS:
+        start = time.perf_counter()
+        if name == "ridge_probe":
+            out[name] = transferability.ridge_probe(train, val, PROBE_ALPHAS)
+        else:
+            out[name] = SCORERS[name](*train)
+        seconds[name] = round(time.perf_counter() - start, 3)
+    return {**out, "seconds": seconds}
+
+
+def strategy_sources(trainable: frozenset[str], cut: str, weights: str) -> list[str]:
+    """The feature sources a strategy is predicted from (module docstring): its cut block, and the
+    highest fixed features below its first trained layer; the pixels alone on random weights."""
+    if weights == "none":
+        return [PIXELS]
+    if not trainable:
+        return [cut]
+    first = min(CONV_LAYERS.index(layer) for layer in trainable)
+    fixed = [block for block in CUT_POINTS if CONV_LAYERS.index(BLOCKS[block][-1]) < first]  # whole blocks below
+    return sorted({fixed[-1] if fixed else PIXELS, cut}, key=[PIXELS, *CUT_POINTS].index)
+
+
+def candidates(params: Params) -> dict[str, list[str]]:
+    """{strategy or depth cell: its sources}, the strategies of params.yaml then the depth study's cells."""
+    out = {
+        name: strategy_sources(variant.layers, variant.cut_after, params.variant_weights(name))
+        for name, variant in params.variants.items()
+    }
+    depth = params.studies.depth
+    for cut in depth.cut_after:
+        kept = kept_layers(cut)
+        for k in depth.k:
+            if k <= len(kept):
+                weights = depth.weights or params.model.weights
+                out[depth.variant_name(cut, k)] = strategy_sources(frozenset(kept[len(kept) - k :]), cut, weights)
+    return out
+
+
+def predictions(sources: dict[str, dict], cells: dict[str, list[str]]) -> dict[str, dict]:
+    """{predictor: {"scores": {cell: predicted score}, "ranking": [cells, best first]}}."""
+    out = {}
+    for name in PREDICTORS:
+        scores = {cell: max(sources[s][name] for s in used) for cell, used in cells.items()}
+        out[name] = {"scores": scores, "ranking": sorted(scores, key=lambda c: -scores[c])}
+    return out
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """N x (side x side): one grey channel (the prepared images repeat it three times), 0..1."""
+    return images[..., 0].reshape(len(images), -1).astype(np.float64) / 255.0
+
+
+def head_view(maps: np.ndarray, pooling: str, image_size: int, block: str) -> np.ndarray:
+    """N x d: a block's output as a head on a base cut there reads it (`model.pooling`: global
+    average, or flattened after the average pooling `auto` puts in front of a large map)."""
+    if pooling == "gap":
+        return maps.mean(axis=(1, 2))
+    window = head_pool_size(*feature_map(image_size, block), pooling)
+    if window > 1:  # the model's own layer, so the values match what the head sees
+        import keras
+
+        maps = np.asarray(keras.layers.AveragePooling2D(window, strides=window, padding="same")(maps))
+    return maps.reshape(len(maps), -1)
+
+
+def block_features(params: Params, images: np.ndarray) -> dict[str, np.ndarray]:
+    """{source: N x d} for one split: the pixels (one grey channel), each block's output as a head
+    there reads it (`head_view`), and each block's output averaged over the map where that differs."""
+    import keras
+
+    from pipeline import features
+    from pipeline.model import BARE_HEAD, build_model
+    from pipeline.weights import load_base_weights
+
+    size = params.data.image_size
+    model = build_model(
+        image_size=size, num_classes=2, trainable_layers=frozenset(),
+        base_weights=load_base_weights(params.model.weights).arrays, **BARE_HEAD,
+    )  # fmt: skip
+    extractor = keras.Model(model.inputs, [model.get_layer(f"{block}_pool").output for block in CUT_POINTS])
+    maps = extractor.predict(images, batch_size=features.extraction_batch_size(size), verbose=0)
+    out = {PIXELS: pixel_features(images)}
+    for block, values in zip(CUT_POINTS, maps, strict=True):
+        out[block] = head_view(values, params.model.pooling, size, block).astype(np.float64)
+        if out[block].shape[1] != values.shape[-1]:
+            out[f"{block}{GAP}"] = values.mean(axis=(1, 2)).astype(np.float64)
+    return out
+
+
+def relative_gradient_norms(params: Params, images: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, float]:
+    """{conv layer: mean of |dL/dW| / |W| over RGN_BATCHES batches (fewer on few images)} of the
+    kernels, with a fresh (seeded) linear head on the flattened base at the pretrained weights;
+    cross-entropy loss."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.model import BARE_HEAD, build_model
+    from pipeline.weights import load_base_weights
+
+    keras.utils.set_random_seed(params.seed)
+    tf.config.experimental.enable_op_determinism()  # the same bytes on a rerun, as the training's
+    model = build_model(
+        image_size=params.data.image_size, num_classes=classes, trainable_layers=frozenset(CONV_LAYERS),
+        base_weights=load_base_weights(params.model.weights).arrays, **BARE_HEAD,
+    )  # fmt: skip
+    kernels = {name: model.get_layer(name).kernel for name in CONV_LAYERS}
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    order = np.random.default_rng(params.seed).permutation(len(images))
+    totals = dict.fromkeys(CONV_LAYERS, 0.0)
+    batches = min(RGN_BATCHES, -(-len(images) // RGN_BATCH_SIZE))  # fewer on a small training split
+    for batch in range(batches):
+        rows = order[batch * RGN_BATCH_SIZE : (batch + 1) * RGN_BATCH_SIZE]
+        with tf.GradientTape() as tape:
+            value = loss(labels[rows], model(images[rows], training=False))
+        gradients = tape.gradient(value, list(kernels.values()))
+        for (name, kernel), gradient in zip(kernels.items(), gradients, strict=True):
+            totals[name] += float(tf.norm(gradient) / tf.norm(kernel)) / batches
+    return totals
+
+
+def capped(params: Params, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At most MAX_IMAGES of a split, drawn with `seed` (the Gram-space scores cost n^2 x d)."""
+    if len(labels) <= MAX_IMAGES:
+        return images, labels
+    rows = np.sort(np.random.default_rng(params.seed).permutation(len(labels))[:MAX_IMAGES])
+    return images[rows], labels[rows]
+
+
+def compute(params: Params, prepared: Path) -> dict:
+    """Everything `scores.json` holds (module docstring)."""
+    start = time.perf_counter()
+    (x_train, y_train), (x_val, y_val) = (capped(params, *load_split(prepared, s)) for s in ("train", "val"))
+    classes = len(load_summary(prepared)["class_names"])
+    if params.model.weights == "none":
+        train, val = {PIXELS: pixel_features(x_train)}, {PIXELS: pixel_features(x_val)}
+        gradients = {}
+    else:
+        train, val = block_features(params, x_train), block_features(params, x_val)
+        gradients = relative_gradient_norms(params, x_train, y_train, classes)
+    forward = time.perf_counter() - start
+    sources = {name: score_source((train[name], y_train), (val[name], y_val)) for name in train}
+    cells = candidates(params)
+    by_block = {block: float(np.mean([gradients[c] for c in BLOCKS[block]])) for block in BLOCKS if gradients}
+    best = max((s for s in sources if s != PIXELS), key=lambda s: sources[s]["ridge_probe"], default=None)
+    return {
+        "images": {"train": len(y_train), "val": len(y_val)},
+        "sources": sources,
+        "strategy_sources": cells,
+        "predictions": predictions(sources, cells),
+        "relative_gradient_norm": {"per_layer": gradients, "per_block": by_block},
+        "auto_rgn_block": max(by_block, key=by_block.get) if by_block else None,
+        "transfer_helps": None
+        if best is None
+        else {
+            "best_source": best,
+            "probe": sources[best]["ridge_probe"],
+            "pixels_probe": sources[PIXELS]["ridge_probe"],
+            "difference": sources[best]["ridge_probe"] - sources[PIXELS]["ridge_probe"],
+        },
+        "seconds": {"forward_and_gradients": round(forward, 2), "total": round(time.perf_counter() - start, 2)},
+    }
+
+
+def _log(record: dict, tags: dict, params: Params) -> None:
+    settings = {"weights": params.model.weights, "image_size": params.data.image_size, **record["images"]}
+    with tracking.run("predict", tags={**tags, "stage": "predict"}, params=settings):
+        metrics = {
+            f"{source}/{k}": v for source, s in record["sources"].items() for k, v in s.items() if k in PREDICTORS
+        }
+        metrics |= {f"rgn/{layer}": v for layer, v in record["relative_gradient_norm"]["per_layer"].items()}
+        tracking.log_metrics(metrics)
+        tracking.log_text(json.dumps(record, indent=2, sort_keys=True), SCORES_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, default=Path("results/predict"))
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    ensure_writable(args.out, "--out")
+    tracking.open_store(params.mlflow, args.params)
+    record = compute(params, args.prepared)
+    with atomic_dir(args.out) as tmp:
+        _log(record, tracking.environment_tags(), params)
+        write_json(tmp / SCORES_FILE, record)
+    for name in PREDICTORS:
+        print(f"[predict] {name}: " + " > ".join(record["predictions"][name]["ranking"]), flush=True)
+    print(f"[predict] {record['seconds']['total']:.1f}s; written to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,166 @@
+"""The report's section "What the cheap predictors said": the `predict` stage's rankings
+(results/predict/scores.json) beside the measured ranking of the strategies, scored with Kendall's
+tau and a bootstrap interval over the training seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import kendalltau
+
+from pipeline.errors import DataError
+
+BOOTSTRAP = 2000  # resamples of the seeds
+BOOTSTRAP_SEED = 0  # fixed: the interval is a property of the results, not a draw of the experiment
+LABELS = {
+    "ridge_probe": "ridge probe (validation accuracy)",
+    "logme": "LogME",
+    "h_score": "H-score (Ledoit-Wolf)",
+    "transrate": "TransRate",
+    "gbc": "GBC",
+}
+
+
+def read_predictions(folder: Path) -> dict:
+    """scores.json of the predict stage; DataError when it is missing."""
+    path = Path(folder) / "scores.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro predict` first")
+    return json.loads(path.read_text())
+
+
+def tau(predicted: list[float], measured: list[float]) -> float:
+    """Kendall's tau-b; 0 when either side is constant (no ranking to agree with)."""
+    value = kendalltau(predicted, measured).statistic
+    return 0.0 if np.isnan(value) else float(value)
+
+
+def agreement(predicted: dict[str, float], per_seed: dict[str, dict[int, float]]) -> dict:
+    """Kendall's tau between predicted scores and measured mean test accuracy over the strategies
+    in both, and its 95% percentile interval over BOOTSTRAP resamples of the seeds (one draw of
+    seeds for every strategy: they share seeds). Test-image noise is not in the interval."""
+    names = sorted(set(predicted) & set(per_seed))
+    seeds = sorted(set.intersection(*(set(per_seed[n]) for n in names)))
+    table = np.array([[per_seed[n][s] for s in seeds] for n in names])  # strategies x seeds
+    scores = [predicted[n] for n in names]
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    draws = [tau(scores, table[:, rng.integers(0, len(seeds), len(seeds))].mean(axis=1)) for _ in range(BOOTSTRAP)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    pairs = len(names) * (len(names) - 1) / 2
+    tied = sum(k * (k - 1) / 2 for k in np.unique(scores, return_counts=True)[1])
+    return {
+        "tau": tau(scores, table.mean(axis=1)),
+        "low": float(low),
+        "high": float(high),
+        "n": len(names),
+        "ceiling": float(np.sqrt(1 - tied / pairs)) if pairs else 0.0,  # tau-b against a measured order without ties
+    }
+
+
+def rows(record: dict, results: dict) -> list[list[str]]:
+    """One row per predictor: its best strategy, that strategy's measured accuracy, tau [interval]."""
+    per_seed = {v: r["test_accuracy"] for v, r in results.items()}
+    measured = {v: float(np.mean(list(a.values()))) for v, a in per_seed.items()}
+    out = []
+    for name in [n for n in LABELS if n in record["predictions"]]:
+        scores = {v: s for v, s in record["predictions"][name]["scores"].items() if v in results}
+        best = max(scores, key=scores.get)
+        score = agreement(scores, per_seed)
+        out.append(
+            [
+                LABELS.get(name, name),
+                f"`{best}`",
+                f"{measured[best]:.3f}",
+                f"{score['tau']:+.2f} [{score['low']:+.2f}, {score['high']:+.2f}]",
+                f"{score['ceiling']:.2f}",
+            ]
+        )
+    return out
+
+
+def _measured_help(record: dict, measured: dict[str, float], pixels: float | None) -> str:
+    """The measured counterpart: the best strategy on pretrained weights (one predicted from more
+    than the pixels) against the pixel baseline."""
+    pretrained = [v for v in measured if record["strategy_sources"].get(v, ["pixels"]) != ["pixels"]]
+    if pixels is None or not pretrained:
+        return ""
+    best = max(pretrained, key=measured.get)
+    return (
+        f" Measured: `{best}` reaches {measured[best]:.3f} test accuracy against {pixels:.3f} for logistic "
+        f"regression on the pixels ({measured[best] - pixels:+.3f}; the comparison table has its interval)."
+    )
+
+
+def sweep_seconds(results: dict) -> float:
+    """Measured seconds of the comparison: every strategy's tuning, feature extraction and runs."""
+    total = 0.0
+    for result in results.values():
+        parts = result["evidence"]["compute_parts"]
+        total += (
+            parts["tuning"] + parts["feature_extraction"] + parts["training_per_run"] * len(result["test_accuracy"])
+        )
+    return total
+
+
+def blocks(record: dict | None, results: dict, pixels: float | None = None) -> list[tuple]:
+    """The section, or nothing when the predict stage has not run."""
+    if record is None:
+        return []
+    measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
+    best = max(measured, key=measured.get)
+    out = [
+        ("h2", "What the cheap predictors said"),
+        (
+            "p",
+            "Before any training, the `predict` stage scored the pretrained features of every block on the "
+            f'{record["images"]["train"]} training images (one forward pass; README "Predicting the answer"). A '
+            "strategy is predicted to reach the best score among the features it starts from: its cut block and "
+            "the highest block below its first trained layer (the pixels when block1 trains or on random weights). "
+            f"Measured best: `{best}` ({measured[best]:.3f}). Kendall's τ compares each predicted ranking with the "
+            f"measured mean test accuracy of the {len(results)} strategies; the interval resamples the seeds (not "
+            "the test images). An interval that includes 0 means the predictor's ranking is not distinguishable "
+            "from chance here, which is not evidence that it is uninformative elsewhere.",
+        ),
+        (
+            "table",
+            ["predictor", "predicted best", "its measured test accuracy", "Kendall's τ [95%]", "τ at most"],
+            rows(record, results),
+        ),
+        (
+            "p",
+            "`τ at most`: the largest τ the predictor can reach against these measurements, because strategies "
+            "predicted from the same features tie.",
+        ),
+    ]
+    helps = record.get("transfer_helps")
+    if helps:
+        out.append(
+            (
+                "p",
+                f"Does transfer help? Predicted: the ridge probe on `{helps['best_source']}` reaches "
+                f"{helps['probe']:.3f} validation accuracy against {helps['pixels_probe']:.3f} on the pixels "
+                f"({helps['difference']:+.3f})." + _measured_help(record, measured, pixels),
+            )
+        )
+    gradients = record["relative_gradient_norm"]["per_block"]
+    if gradients:
+        text = ", ".join(f"{block} {value:.2f}" for block, value in gradients.items())
+        out.append(
+            (
+                "p",
+                f"Relative gradient norm |dL/dW| / |W| per block at the pretrained weights with a fresh head (mean "
+                f"over its conv layers): {text}. Auto-RGN would train `{record['auto_rgn_block']}` first; it ranks "
+                "no strategy (where training acts, not how far it gets).",
+            )
+        )
+    seconds = sweep_seconds(results)
+    out.append(
+        (
+            "p",
+            f"Cost on this machine: the prediction took {record['seconds']['total']:.0f} s, the measured comparison "
+            f"{seconds / 60:.0f} min of tuning and training ({seconds / max(record['seconds']['total'], 1e-9):.0f}×).",
+        )
+    )
+    return out

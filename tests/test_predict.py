@@ -1,0 +1,146 @@
+"""The predict stage: which features each strategy is predicted from, the stage's outputs and MLflow
+run on tiny data, and the report's scoring of a predicted ranking against the measured one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.predict import PIXELS, PREDICTORS, predictions, strategy_sources
+from pipeline.report import predictions as section
+from pipeline.vgg16 import BLOCKS, resolve_trainable
+from tests.conftest import cli, make_tiny_project, run_stage, stage_env
+
+
+@pytest.mark.parametrize(
+    ("trainable", "cut", "weights", "expected"),
+    [
+        ("none", "block5", "hed", ["block5"]),  # frozen: the head reads block5
+        ("none", "block2", "hed", ["block2"]),  # a head on a base cut after block2
+        (["block5_conv3"], "block5", "hed", ["block4", "block5"]),  # part of block5 trains: block4 is fixed
+        (["block5"], "block5", "hed", ["block4", "block5"]),
+        (["block3"], "block3", "hed", ["block2", "block3"]),  # cut3_partial
+        (["block1_conv2"], "block5", "hed", [PIXELS, "block5"]),  # nothing above the pixels stays fixed
+        ("all", "block5", "hed", [PIXELS, "block5"]),  # full fine-tuning
+        ("all", "block5", "none", [PIXELS]),  # random weights: only the pixels carry anything
+    ],
+)
+def test_a_strategy_is_predicted_from_its_cut_and_the_highest_fixed_block(trainable, cut, weights, expected):
+    assert strategy_sources(resolve_trainable(trainable, cut), cut, weights) == expected
+
+
+def test_a_strategy_gets_the_best_score_of_its_sources_and_the_ranking_follows():
+    sources = {s: dict.fromkeys(PREDICTORS, value) for s, value in {PIXELS: 0.5, "block4": 0.7, "block5": 0.6}.items()}
+    cells = {"frozen": ["block5"], "partial": ["block4", "block5"], "scratch": [PIXELS]}
+    out = predictions(sources, cells)
+    assert set(out) == set(PREDICTORS)
+    assert out["logme"]["scores"] == {"frozen": 0.6, "partial": 0.7, "scratch": 0.5}
+    assert out["logme"]["ranking"] == ["partial", "frozen", "scratch"]
+
+
+def test_kendall_tau_and_its_seed_interval_for_perfect_reversed_and_tied_predictions():
+    per_seed = {"a": {1: 0.9, 2: 0.8}, "b": {1: 0.7, 2: 0.6}, "c": {1: 0.5, 2: 0.4}}  # a > b > c on every seed
+    perfect = section.agreement({"a": 3.0, "b": 2.0, "c": 1.0}, per_seed)
+    assert perfect == {"tau": 1.0, "low": 1.0, "high": 1.0, "n": 3, "ceiling": 1.0}
+    assert section.agreement({"a": 1.0, "b": 2.0, "c": 3.0}, per_seed)["tau"] == -1.0
+    tied = section.agreement({"a": 2.0, "b": 2.0, "c": 1.0}, per_seed)  # one of 3 pairs tied
+    assert tied["ceiling"] == pytest.approx(np.sqrt(2 / 3)) and tied["tau"] == pytest.approx(tied["ceiling"])
+    # seeds that disagree on the order of a and b widen the interval
+    noisy = section.agreement(
+        {"a": 3.0, "b": 2.0, "c": 1.0}, {"a": {1: 0.9, 2: 0.6}, "b": {1: 0.7, 2: 0.8}, "c": {1: 0.1, 2: 0.1}}
+    )
+    assert noisy["low"] < noisy["high"]
+
+
+@pytest.fixture(scope="module")
+def predict_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    variants = {
+        "frozen": {"trainable": "none"},
+        "cut3_frozen": {"cut_after": "block3", "trainable": "none"},
+        "partial": {"trainable": ["block5"]},
+        "scratch": {"trainable": "all", "weights": "none"},
+    }
+    params_path, prepared = make_tiny_project(root, variants, {"studies": {"depth": {"k": [0, 3], "seeds": [1]}}})
+    result = run_stage(
+        "predict", *cli(params=params_path, prepared=prepared, out=root / "predict"), env=stage_env(root)
+    )
+    return root, result
+
+
+def test_the_stage_scores_every_block_and_ranks_every_strategy_and_depth_cell(predict_run):
+    root, result = predict_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((root / "predict" / "scores.json").read_text())
+    dimensions = {name: source["dimensions"] for name, source in record["sources"].items()}
+    # 32x32: each block flattened as a head there reads it, and averaged over its map where that differs
+    assert dimensions == {
+        PIXELS: 32 * 32,
+        "block1": 16 * 16 * 64, "block1_gap": 64,
+        "block2": 8 * 8 * 128, "block2_gap": 128,
+        "block3": 4 * 4 * 256, "block3_gap": 256,
+        "block4": 2 * 2 * 512, "block4_gap": 512,
+        "block5": 512,
+    }  # fmt: skip
+    for source in record["sources"].values():
+        assert 0 <= source["ridge_probe"] <= 1 and source["gbc"] <= 0
+        assert all(np.isfinite(source[name]) for name in PREDICTORS)
+    cells = {"frozen", "cut3_frozen", "partial", "scratch", "top0", "top3"}
+    assert record["strategy_sources"]["top3"] == ["block4", "block5"]  # the top 3 conv layers are block5's
+    assert record["strategy_sources"]["scratch"] == [PIXELS]
+    for name in PREDICTORS:
+        prediction = record["predictions"][name]
+        assert set(prediction["ranking"]) == cells
+        expected = max(record["sources"][s][name] for s in record["strategy_sources"]["partial"])
+        assert prediction["scores"]["partial"] == expected
+    per_layer = record["relative_gradient_norm"]["per_layer"]
+    assert set(per_layer) == {layer for block in BLOCKS.values() for layer in block}
+    assert all(value > 0 for value in per_layer.values())
+    assert record["auto_rgn_block"] == max(BLOCKS, key=record["relative_gradient_norm"]["per_block"].get)
+    assert record["images"] == {"train": 20, "val": 10}
+
+
+def test_the_stage_logs_one_mlflow_run_with_every_score(predict_run):
+    from mlflow.tracking import MlflowClient
+
+    root, result = predict_run
+    assert result.returncode == 0
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("vgg16-freezing")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'predict'")
+    record = json.loads((root / "predict" / "scores.json").read_text())
+    assert run.info.run_name == "predict" and run.info.status == "FINISHED"
+    assert run.data.metrics["block3/logme"] == pytest.approx(record["sources"]["block3"]["logme"])
+    assert run.data.metrics["rgn/block1_conv1"] == pytest.approx(
+        record["relative_gradient_norm"]["per_layer"]["block1_conv1"]
+    )
+    assert len([k for k in run.data.metrics if not k.startswith(("rgn/", "system/"))]) == len(record["sources"]) * 5
+
+
+def test_the_report_section_scores_each_predictor_against_the_measured_ranking():
+    record = {
+        "images": {"train": 500, "val": 500},
+        "predictions": {name: {"scores": {"a": 3.0, "b": 2.0, "c": 1.0}} for name in PREDICTORS},
+        "strategy_sources": {"a": ["block2"], "b": ["block5"], "c": [PIXELS]},
+        "transfer_helps": {"best_source": "block2", "probe": 0.8, "pixels_probe": 0.7, "difference": 0.1},
+        "relative_gradient_norm": {"per_block": {"block4": 5.0, "block5": 4.0}},
+        "auto_rgn_block": "block4",
+        "seconds": {"total": 30.0},
+    }
+    parts = {"tuning": 60.0, "feature_extraction": 0.0, "training_per_run": 12.0}
+    results = {
+        v: {"test_accuracy": {1: acc, 2: acc}, "evidence": {"compute_parts": parts}}
+        for v, acc in {"a": 0.8, "b": 0.7, "c": 0.75}.items()
+    }
+    blocks = section.blocks(record, results, pixels=0.76)
+    (table,) = [b for b in blocks if b[0] == "table"]
+    assert [row[:4] for row in table[2]] == [
+        [section.LABELS[name], "`a`", "0.800", "+0.33 [+0.33, +0.33]"] for name in PREDICTORS
+    ]
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "Measured: `a` reaches 0.800 test accuracy against 0.760" in text and "(+0.040;" in text
+    assert "Auto-RGN would train `block4` first" in text
+    assert "took 30 s, the measured comparison 4 min" in text  # 3 x (60 + 2 x 12) s
+    assert section.blocks(None, results) == []
