@@ -144,3 +144,15 @@ def test_the_report_section_scores_each_predictor_against_the_measured_ranking()
     assert "Auto-RGN would train `block4` first" in text
     assert "took 30 s, the measured comparison 4 min" in text  # 3 x (60 + 2 x 12) s
     assert section.blocks(None, results) == []
+    # the depth study's cells, when it ran, get their own table (cells the prediction lacks are left out)
+    record["strategy_sources"] |= {"top0": ["block5"], "top3": ["block4", "block5"]}
+    for name in PREDICTORS:
+        record["predictions"][name]["scores"] |= {"top0": 1.0, "top3": 2.0}
+    depth = {
+        "top0": {"test_accuracy": {1: 0.70}},
+        "top3": {"test_accuracy": {1: 0.72}},
+        "top7": {"test_accuracy": {1: 0.71}},
+    }
+    tables = [b for b in section.blocks(record, results, 0.76, depth) if b[0] == "table"]
+    assert len(tables) == 2 and tables[1][1][1] == "predicted best cell"
+    assert tables[1][2][0][1:4] == ["`top3`", "0.720", "+1.00 [+1.00, +1.00]"]

@@ -60,7 +60,8 @@ def agreement(predicted: dict[str, float], per_seed: dict[str, dict[int, float]]
 
 
 def rows(record: dict, results: dict) -> list[list[str]]:
-    """One row per predictor: its best strategy, that strategy's measured accuracy, tau [interval]."""
+    """One row per predictor: its best strategy (or depth cell) among `results`, that one's measured
+    accuracy, tau [interval] and the largest tau its ties allow."""
     per_seed = {v: r["test_accuracy"] for v, r in results.items()}
     measured = {v: float(np.mean(list(a.values()))) for v, a in per_seed.items()}
     out = []
@@ -104,8 +105,9 @@ def sweep_seconds(results: dict) -> float:
     return total
 
 
-def blocks(record: dict | None, results: dict, pixels: float | None = None) -> list[tuple]:
-    """The section, or nothing when the predict stage has not run."""
+def blocks(record: dict | None, results: dict, pixels: float | None = None, depth: dict | None = None) -> list[tuple]:
+    """The section, or nothing when the predict stage has not run. `depth`: the depth study's
+    results by cell name (`top3`, `block3_top1`), scored the same way when the study ran."""
     if record is None:
         return []
     measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
@@ -134,6 +136,16 @@ def blocks(record: dict | None, results: dict, pixels: float | None = None) -> l
             "predicted from the same features tie.",
         ),
     ]
+    cells = {name: result for name, result in (depth or {}).items() if name in record["strategy_sources"]}
+    if len(cells) > 1:
+        out += [
+            ("p", f"The depth study's {len(cells)} cells, ranked the same way (its seeds, its test images):"),
+            (
+                "table",
+                ["predictor", "predicted best cell", "its measured test accuracy", "Kendall's τ [95%]", "τ at most"],
+                rows(record, cells),
+            ),
+        ]
     helps = record.get("transfer_helps")
     if helps:
         out.append(
