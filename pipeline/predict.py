@@ -84,20 +84,32 @@ def strategy_sources(trainable: frozenset[str], cut: str, weights: str) -> list[
     return sorted({fixed[-1] if fixed else PIXELS, cut}, key=[PIXELS, *CUT_POINTS].index)
 
 
-def candidates(params: Params) -> dict[str, list[str]]:
-    """{strategy or depth cell: its sources}, the strategies of params.yaml then the depth study's cells."""
-    out = {
-        name: strategy_sources(variant.layers, variant.cut_after, params.variant_weights(name))
+def candidates(params: Params) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({strategy or depth cell: its sources}, {one that cannot be predicted: why}): the
+    strategies of params.yaml, then the depth study's cells. The stage scores `model.weights`'
+    features; a strategy on other pretrained weights is left out, saying so."""
+    cells = {
+        name: (variant.layers, variant.cut_after, params.variant_weights(name))
         for name, variant in params.variants.items()
     }
     depth = params.studies.depth
     for cut in depth.cut_after:
         kept = kept_layers(cut)
-        for k in depth.k:
-            if k <= len(kept):
-                weights = depth.weights or params.model.weights
-                out[depth.variant_name(cut, k)] = strategy_sources(frozenset(kept[len(kept) - k :]), cut, weights)
-    return out
+        for k in (k for k in depth.k if k <= len(kept)):
+            cells[depth.variant_name(cut, k)] = (
+                frozenset(kept[len(kept) - k :]),
+                cut,
+                depth.weights or params.model.weights,
+            )
+    out, skipped = {}, {}
+    for name, (trainable, cut, weights) in cells.items():
+        if weights in ("none", params.model.weights):
+            out[name] = strategy_sources(trainable, cut, weights)
+        else:
+            skipped[name] = (
+                f"its weights ({weights}) are not model.weights ({params.model.weights}), whose features are scored"
+            )
+    return out, skipped
 
 
 def predictions(sources: dict[str, dict], cells: dict[str, list[str]]) -> dict[str, dict]:
@@ -142,13 +154,16 @@ def block_features(params: Params, images: np.ndarray) -> dict[str, np.ndarray]:
         base_weights=load_base_weights(params.model.weights).arrays, **BARE_HEAD,
     )  # fmt: skip
     extractor = keras.Model(model.inputs, [model.get_layer(f"{block}_pool").output for block in CUT_POINTS])
-    maps = extractor.predict(images, batch_size=features.extraction_batch_size(size), verbose=0)
-    out = {PIXELS: pixel_features(images)}
-    for block, values in zip(CUT_POINTS, maps, strict=True):
-        out[block] = head_view(values, params.model.pooling, size, block).astype(np.float64)
-        if out[block].shape[1] != values.shape[-1]:
-            out[f"{block}{GAP}"] = values.mean(axis=(1, 2)).astype(np.float64)
-    return out
+    parts: dict[str, list[np.ndarray]] = {}
+    batch = features.extraction_batch_size(size)
+    for start in range(0, len(images), batch):  # batch by batch: five full maps of every image would not fit
+        maps = extractor(np.asarray(images[start : start + batch], dtype=np.float32), training=False)
+        for block, values in zip(CUT_POINTS, (np.asarray(m) for m in maps), strict=True):
+            view = head_view(values, params.model.pooling, size, block).astype(np.float32)
+            parts.setdefault(block, []).append(view)
+            if view.shape[1] != values.shape[-1]:
+                parts.setdefault(f"{block}{GAP}", []).append(values.mean(axis=(1, 2)))
+    return {PIXELS: pixel_features(images), **{name: np.concatenate(chunks) for name, chunks in parts.items()}}
 
 
 def relative_gradient_norms(params: Params, images: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, float]:
@@ -175,7 +190,7 @@ def relative_gradient_norms(params: Params, images: np.ndarray, labels: np.ndarr
     for batch in range(batches):
         rows = order[batch * RGN_BATCH_SIZE : (batch + 1) * RGN_BATCH_SIZE]
         with tf.GradientTape() as tape:
-            value = loss(labels[rows], model(images[rows], training=False))
+            value = loss(labels[rows], model(np.asarray(images[rows], dtype=np.float32), training=False))
         gradients = tape.gradient(value, list(kernels.values()))
         for (name, kernel), gradient in zip(kernels.items(), gradients, strict=True):
             totals[name] += float(tf.norm(gradient) / tf.norm(kernel)) / batches
@@ -203,13 +218,14 @@ def compute(params: Params, prepared: Path) -> dict:
         gradients = relative_gradient_norms(params, x_train, y_train, classes)
     forward = time.perf_counter() - start
     sources = {name: score_source((train[name], y_train), (val[name], y_val)) for name in train}
-    cells = candidates(params)
+    cells, skipped = candidates(params)
     by_block = {block: float(np.mean([gradients[c] for c in BLOCKS[block]])) for block in BLOCKS if gradients}
     best = max((s for s in sources if s != PIXELS), key=lambda s: sources[s]["ridge_probe"], default=None)
     return {
         "images": {"train": len(y_train), "val": len(y_val)},
         "sources": sources,
         "strategy_sources": cells,
+        "not_predicted": skipped,
         "predictions": predictions(sources, cells),
         "relative_gradient_norm": {"per_layer": gradients, "per_block": by_block},
         "auto_rgn_block": max(by_block, key=by_block.get) if by_block else None,

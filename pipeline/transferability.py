@@ -11,8 +11,12 @@ formula comes from (the published reference implementations were read, not copie
   covariance shrunk by Ledoit-Wolf (Bao et al. 2019; the shrinkage of Ibrahim et al. 2022).
 - `transrate`: the coding rate of the features minus the mean coding rate within each class
   (Huang et al., ICML 2022): features that spread overall but compress per class transfer.
-- `gbc`: minus the summed Bhattacharyya overlap of per-class spherical Gaussians in a PCA space
-  (Pandy et al., CVPR 2022): classes that overlap in feature space are hard to separate.
+- `gbc`: minus the summed Bhattacharyya overlap of per-class spherical Gaussians (Pandy et al.,
+  CVPR 2022): classes that overlap in feature space are hard to separate.
+- `ridge_probe`: the validation accuracy of a ridge classifier (a linear probe).
+
+H-score, TransRate and GBC work on the top PCA_DIMENSIONS principal components, so that sources
+of 512 and of 16,384 values compare on one footing.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ import numpy as np
 LOGME_MAX_ITERATIONS = 1000  # the reference stops after 11; each step costs O(rank), so run to the fixed point
 LOGME_TOLERANCE = 1e-10  # relative change of alpha / beta that ends the iteration
 TRANSRATE_EPS = 1e-4  # distortion of the coding rate (the paper's appendix value)
-GBC_DIMENSIONS = 64  # PCA dimensions the class Gaussians live in (the reference's setting)
-VARIANCE_FLOOR = 1e-4  # a class with (near) constant features still gets a proper Gaussian
+# H-score, TransRate and GBC score the top PCA components (GBC's reference setting): with more
+# features than images (a block flattened: 2,048-16,384 values for 500 images) the first two would
+# measure the feature scale and the image count, not the labels (tests/test_transferability.py)
+PCA_DIMENSIONS = 64
+VARIANCE_FLOOR = 1e-4  # relative to the mean variance: a (near) constant class still gets a Gaussian
 
 
 def _checked(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +96,15 @@ def left_singular(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u[:, keep], sigma[keep]
 
 
+def principal_scores(features: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """The centred features projected on their top `dimensions` principal axes (fewer when the
+    data has fewer; each axis's sign is arbitrary); None: the centred features themselves."""
+    if dimensions is None:
+        return features - features.mean(axis=0)
+    u, sigma = left_singular(features - features.mean(axis=0))
+    return u[:, :dimensions] * np.sqrt(sigma[:dimensions])
+
+
 def logme(features: np.ndarray, labels: np.ndarray) -> float:
     """LogME: the mean over classes of the maximised evidence per image of the class's 0/1 column."""
     features, labels, classes = _checked(features, labels)
@@ -118,17 +134,17 @@ def ledoit_wolf(gram: np.ndarray, n_features: int) -> tuple[float, float]:
     return (0.0 if beta == 0 else float(beta / delta)), float(mu)
 
 
-def h_score(features: np.ndarray, labels: np.ndarray) -> float:
+def h_score(features: np.ndarray, labels: np.ndarray, dimensions: int | None = PCA_DIMENSIONS) -> float:
     """Regularised H-score: (1 - a) tr(S_a^-1 C_between), S_a the Ledoit-Wolf covariance of the
-    features (shrinkage a estimated from the data), C_between the covariance of each image's class
-    mean. Unchanged by scaling the features; without shrinkage (a = 0) the plain H-score
-    tr(S^+ C_between), unchanged by any invertible linear map.
+    features' top `dimensions` principal components (None: all features; shrinkage a estimated
+    from the data), C_between the covariance of each image's class mean. Unchanged by scaling the
+    features; without shrinkage (a = 0) the plain H-score tr(S^+ C_between).
 
     Computed in the n x n Gram space: with K = X X^T of the centred rows, P the class-averaging
     matrix and lambda = n a mu / (1 - a), Woodbury's identity gives
     (1 - a) / (a mu) * (tr(P K) - tr((K + lambda I)^-1 K P K)) / n; at a = 0, tr(K K^+ P)."""
     features, labels, classes = _checked(features, labels)
-    centred = features - features.mean(axis=0)
+    centred = principal_scores(features, dimensions)
     n, d = centred.shape
     gram = centred @ centred.T
     members = (labels[:, None] == classes[None, :]).astype(np.float64)
@@ -152,27 +168,38 @@ def coding_rate(features: np.ndarray, eps: float = TRANSRATE_EPS) -> float:
     return float(log_det / 2)
 
 
-def transrate(features: np.ndarray, labels: np.ndarray, eps: float = TRANSRATE_EPS) -> float:
-    """TransRate: the coding rate of the centred features minus the mean over classes of each
-    class's coding rate (rows of the globally centred features; every class weighs the same)."""
+def transrate(
+    features: np.ndarray, labels: np.ndarray, eps: float = TRANSRATE_EPS, dimensions: int | None = PCA_DIMENSIONS
+) -> float:
+    """TransRate: the coding rate of the features minus the mean over classes of each class's
+    coding rate (rows of the globally centred features; every class weighs the same). The features
+    are the top `dimensions` principal components with each row scaled to unit length, then
+    centred (the authors' code normalises rows too): the rate is then free of the feature scale."""
     features, labels, classes = _checked(features, labels)
-    centred = features - features.mean(axis=0)
+    reduced = principal_scores(features, dimensions)
+    norms = np.linalg.norm(reduced, axis=1, keepdims=True)
+    reduced = reduced / np.where(norms > 0, norms, 1.0)
+    centred = reduced - reduced.mean(axis=0)
     within = np.mean([coding_rate(centred[labels == label], eps) for label in classes])
     return coding_rate(centred, eps) - float(within)
 
 
-def gbc(features: np.ndarray, labels: np.ndarray, dimensions: int = GBC_DIMENSIONS) -> float:
+def gbc(features: np.ndarray, labels: np.ndarray, dimensions: int = PCA_DIMENSIONS) -> float:
     """Gaussian Bhattacharyya coefficient: -sum over ordered class pairs of exp(-D_B), D_B the
     Bhattacharyya distance of the two classes' spherical Gaussians in the top `dimensions` PCA
     components (fewer when the data has fewer). 0 for classes that never overlap, -C(C-1) for
     identical ones. The log-determinant term counts all k dimensions (the exact distance between
-    spherical Gaussians; the reference code adds it once)."""
+    spherical Gaussians; the reference code adds it once). A class with a single image has no
+    variance to estimate and is left out."""
     features, labels, classes = _checked(features, labels)
-    u, sigma = left_singular(features - features.mean(axis=0))
-    reduced = u[:, :dimensions] * np.sqrt(sigma[:dimensions])  # the PCA scores (up to each axis's sign)
+    reduced = principal_scores(features, dimensions)
     k = reduced.shape[1]
+    classes = [c for c in classes if (labels == c).sum() >= 2]
+    if len(classes) < 2:
+        raise ValueError("GBC needs at least 2 classes with 2 or more images each")
+    floor = VARIANCE_FLOOR * max(float(reduced.var(axis=0).mean()), np.finfo(np.float64).tiny)
     means = np.stack([reduced[labels == c].mean(axis=0) for c in classes])
-    variances = np.array([max(reduced[labels == c].var(axis=0).mean(), VARIANCE_FLOOR) for c in classes])
+    variances = np.array([max(reduced[labels == c].var(axis=0).mean(), floor) for c in classes])
     total = 0.0
     for i in range(len(classes)):
         for j in range(len(classes)):

@@ -43,7 +43,10 @@ def test_a_strategy_gets_the_best_score_of_its_sources_and_the_ranking_follows()
 def test_kendall_tau_and_its_seed_interval_for_perfect_reversed_and_tied_predictions():
     per_seed = {"a": {1: 0.9, 2: 0.8}, "b": {1: 0.7, 2: 0.6}, "c": {1: 0.5, 2: 0.4}}  # a > b > c on every seed
     perfect = section.agreement({"a": 3.0, "b": 2.0, "c": 1.0}, per_seed)
-    assert perfect == {"tau": 1.0, "low": 1.0, "high": 1.0, "n": 3, "ceiling": 1.0}
+    assert {k: perfect[k] for k in ("tau", "low", "high", "n", "ceiling")} == {
+        "tau": 1.0, "low": 1.0, "high": 1.0, "n": 3, "ceiling": 1.0,
+    }  # fmt: skip
+    assert perfect["p"] == pytest.approx(1 / 3)  # exact: 2 of the 6 orders of 3 have |tau| = 1
     assert section.agreement({"a": 1.0, "b": 2.0, "c": 3.0}, per_seed)["tau"] == -1.0
     tied = section.agreement({"a": 2.0, "b": 2.0, "c": 1.0}, per_seed)  # one of 3 pairs tied
     assert tied["ceiling"] == pytest.approx(np.sqrt(2 / 3)) and tied["tau"] == pytest.approx(tied["ceiling"])
@@ -122,6 +125,7 @@ def test_the_stage_logs_one_mlflow_run_with_every_score(predict_run):
 def test_the_report_section_scores_each_predictor_against_the_measured_ranking():
     record = {
         "images": {"train": 500, "val": 500},
+        "sources": {PIXELS: {}, "block2": {}, "block5": {}},
         "predictions": {name: {"scores": {"a": 3.0, "b": 2.0, "c": 1.0}} for name in PREDICTORS},
         "strategy_sources": {"a": ["block2"], "b": ["block5"], "c": [PIXELS]},
         "transfer_helps": {"best_source": "block2", "probe": 0.8, "pixels_probe": 0.7, "difference": 0.1},
@@ -136,23 +140,45 @@ def test_the_report_section_scores_each_predictor_against_the_measured_ranking()
     }
     blocks = section.blocks(record, results, pixels=0.76)
     (table,) = [b for b in blocks if b[0] == "table"]
-    assert [row[:4] for row in table[2]] == [
-        [section.LABELS[name], "`a`", "0.800", "+0.33 [+0.33, +0.33]"] for name in PREDICTORS
+    assert [row for row in table[2]] == [
+        [section.LABELS[name], "`a`", "0.800", "+0.33", "1", "[+0.33, +0.33]", "1.00"] for name in PREDICTORS
     ]
     text = " ".join(b[1] for b in blocks if b[0] == "p")
     assert "Measured: `a` reaches 0.800 test accuracy against 0.760" in text and "(+0.040;" in text
+    assert "optimistic for transfer: the best of 2 feature sources" in text
     assert "Auto-RGN would train `block4` first" in text
     assert "took 30 s, the measured comparison 4 min" in text  # 3 x (60 + 2 x 12) s
     assert section.blocks(None, results) == []
     # the depth study's cells, when it ran, get their own table (cells the prediction lacks are left out)
-    record["strategy_sources"] |= {"top0": ["block5"], "top3": ["block4", "block5"]}
+    record["strategy_sources"] |= {"top0": ["block5"], "top3": ["block4", "block5"], "top7": ["block3", "block5"]}
     for name in PREDICTORS:
-        record["predictions"][name]["scores"] |= {"top0": 1.0, "top3": 2.0}
+        record["predictions"][name]["scores"] |= {"top0": 1.0, "top3": 2.0, "top7": 2.0}
     depth = {
         "top0": {"test_accuracy": {1: 0.70}},
         "top3": {"test_accuracy": {1: 0.72}},
         "top7": {"test_accuracy": {1: 0.71}},
+        "top9": {"test_accuracy": {1: 0.69}},  # not predicted: left out
     }
     tables = [b for b in section.blocks(record, results, 0.76, depth) if b[0] == "table"]
     assert len(tables) == 2 and tables[1][1][1] == "predicted best cell"
-    assert tables[1][2][0][1:4] == ["`top3`", "0.720", "+1.00 [+1.00, +1.00]"]
+    # a tie at the top names every tied cell; one seed: no resampling interval
+    assert tables[1][2][0][1:] == ["`top3` = `top7`", "0.720 / 0.710", "+0.82", "0.22", "[—, —]", "0.82"]
+
+
+def test_a_strategy_on_other_pretrained_weights_is_left_out_saying_why(default_raw_params):
+    from pipeline.params import parse_params
+    from pipeline.predict import candidates
+
+    raw = {
+        **default_raw_params,
+        "variants": {**default_raw_params["variants"], "imagenet_frozen": {"trainable": "none", "weights": "imagenet"}},
+    }
+    cells, skipped = candidates(parse_params(raw))
+    assert "imagenet_frozen" not in cells and set(cells) == set(default_raw_params["variants"])
+    assert skipped == {
+        "imagenet_frozen": "its weights (imagenet) are not model.weights (hed), whose features are scored"
+    }
+    # random weights need no features: such a strategy is predicted from the pixels
+    raw["model"] = {**raw["model"], "weights": "none"}
+    cells, skipped = candidates(parse_params(raw))
+    assert cells["scratch"] == cells["frozen"] == [PIXELS] and set(skipped) == {"imagenet_frozen"}

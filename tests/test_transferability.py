@@ -20,9 +20,10 @@ SCORES = {"logme": logme, "h_score": h_score, "transrate": transrate, "gbc": gbc
 
 
 def _blobs(n_per_class=40, classes=4, d=16, separation=4.0, seed=0):
-    """Gaussian classes around random centres `separation` apart (in units of the noise)."""
+    """Gaussian classes (unit noise per feature) around random centres, about `separation` x
+    sqrt(d) apart."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(classes, d)) * separation / np.sqrt(2 * d) * np.sqrt(d)
+    centres = rng.normal(size=(classes, d)) * separation / np.sqrt(2)
     labels = np.repeat(np.arange(classes), n_per_class)
     return centres[labels] + rng.normal(size=(len(labels), d)), labels
 
@@ -84,7 +85,7 @@ def test_h_score_in_the_gram_space_equals_the_covariance_formula(n_per_class, d)
     between = means.T @ means / len(means)
     reference = np.trace(np.linalg.pinv(estimate.covariance_) @ ((1 - estimate.shrinkage_) * between))
     assert 0 < estimate.shrinkage_ < 1
-    assert h_score(features, labels) == pytest.approx(reference, rel=1e-8)
+    assert h_score(features, labels, dimensions=None) == pytest.approx(reference, rel=1e-8)
 
 
 def test_h_score_is_unchanged_by_scaling_and_shift_and_counts_between_class_variance():
@@ -156,3 +157,27 @@ def test_ridge_probe_matches_scikit_learn_for_every_strength(d):
     # the best of several strengths
     each = [ridge_probe((features, labels), (held, held_labels), (a,)) for a in (0.1, 10.0, 1000.0)]
     assert ridge_probe((features, labels), (held, held_labels), (0.1, 10.0, 1000.0)) == max(each)
+
+
+@pytest.mark.parametrize("name", ["h_score", "transrate"])
+def test_with_more_features_than_images_the_labels_still_decide(name):
+    """2,000 features, 160 images (a flattened block here: 2,048-16,384 values, 500 images): on
+    the top principal components the labels move both scores, the feature scale does not."""
+    features, labels = _blobs(n_per_class=40, d=2000, separation=0.5)
+    shuffled = np.random.default_rng(1).permutation(labels)
+    score = SCORES[name]
+    assert score(features, labels) > score(features, shuffled) + 0.5
+    assert score(features * 10.0, labels) == pytest.approx(score(features, labels), rel=1e-6)
+    # what the reduction is for: the labels' share of the score is several times larger
+    raw = {"dimensions": None}
+    share = (score(features, labels) - score(features, shuffled)) / score(features, labels)
+    raw_share = (score(features, labels, **raw) - score(features, shuffled, **raw)) / score(features, labels, **raw)
+    assert share > 3 * raw_share
+
+
+def test_gbc_leaves_out_a_class_with_one_image():
+    features, labels = _blobs()
+    lone = np.vstack([features, features[:1] + 50.0])
+    assert gbc(lone, np.append(labels, 99)) == pytest.approx(gbc(lone[:-1], labels), rel=0.05)
+    with pytest.raises(ValueError, match="2 classes with 2 or more images"):
+        gbc(features[:3], np.array([0, 1, 2]))

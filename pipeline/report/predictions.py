@@ -31,10 +31,11 @@ def read_predictions(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def tau(predicted: list[float], measured: list[float]) -> float:
-    """Kendall's tau-b; 0 when either side is constant (no ranking to agree with)."""
-    value = kendalltau(predicted, measured).statistic
-    return 0.0 if np.isnan(value) else float(value)
+def tau(predicted: list[float], measured: list[float]) -> tuple[float, float]:
+    """(Kendall's tau-b, its p-value against no association; exact for few strategies without
+    ties); NaN for both when either side is constant (no ranking to agree with)."""
+    result = kendalltau(predicted, measured)
+    return float(result.statistic), float(result.pvalue)
 
 
 def agreement(predicted: dict[str, float], per_seed: dict[str, dict[int, float]]) -> dict:
@@ -42,16 +43,20 @@ def agreement(predicted: dict[str, float], per_seed: dict[str, dict[int, float]]
     in both, and its 95% percentile interval over BOOTSTRAP resamples of the seeds (one draw of
     seeds for every strategy: they share seeds). Test-image noise is not in the interval."""
     names = sorted(set(predicted) & set(per_seed))
+    if len(names) < 3:
+        raise DataError(f"a ranking needs 3 strategies both predicted and measured; got {names}")
     seeds = sorted(set.intersection(*(set(per_seed[n]) for n in names)))
     table = np.array([[per_seed[n][s] for s in seeds] for n in names])  # strategies x seeds
     scores = [predicted[n] for n in names]
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    draws = [tau(scores, table[:, rng.integers(0, len(seeds), len(seeds))].mean(axis=1)) for _ in range(BOOTSTRAP)]
-    low, high = np.percentile(draws, [2.5, 97.5])
+    draws = [tau(scores, table[:, rng.integers(0, len(seeds), len(seeds))].mean(axis=1))[0] for _ in range(BOOTSTRAP)]
+    low, high = np.nanpercentile(draws, [2.5, 97.5]) if len(seeds) > 1 else (np.nan, np.nan)
+    value, p_value = tau(scores, table.mean(axis=1))
     pairs = len(names) * (len(names) - 1) / 2
     tied = sum(k * (k - 1) / 2 for k in np.unique(scores, return_counts=True)[1])
     return {
-        "tau": tau(scores, table.mean(axis=1)),
+        "tau": value,
+        "p": p_value,
         "low": float(low),
         "high": float(high),
         "n": len(names),
@@ -67,18 +72,35 @@ def rows(record: dict, results: dict) -> list[list[str]]:
     out = []
     for name in [n for n in LABELS if n in record["predictions"]]:
         scores = {v: s for v, s in record["predictions"][name]["scores"].items() if v in results}
-        best = max(scores, key=scores.get)
+        top = sorted(v for v in scores if scores[v] == max(scores.values()))  # tied: every one of them
         score = agreement(scores, per_seed)
         out.append(
             [
-                LABELS.get(name, name),
-                f"`{best}`",
-                f"{measured[best]:.3f}",
-                f"{score['tau']:+.2f} [{score['low']:+.2f}, {score['high']:+.2f}]",
+                LABELS[name],
+                " = ".join(f"`{v}`" for v in top),
+                " / ".join(f"{measured[v]:.3f}" for v in top),
+                _number(score["tau"], "+.2f"),
+                _number(score["p"], ".2g"),
+                f"[{_number(score['low'], '+.2f')}, {_number(score['high'], '+.2f')}]",
                 f"{score['ceiling']:.2f}",
             ]
         )
     return out
+
+
+def _number(value: float, spec: str) -> str:
+    return "—" if np.isnan(value) else format(value, spec)
+
+
+HEADERS = [
+    "predictor",
+    "predicted best",
+    "its measured test accuracy",
+    "Kendall's τ",
+    "p",
+    "τ over seed resamples",
+    "τ at most",
+]
 
 
 def _measured_help(record: dict, measured: dict[str, float], pixels: float | None) -> str:
@@ -112,6 +134,7 @@ def blocks(record: dict | None, results: dict, pixels: float | None = None, dept
         return []
     measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
     best = max(measured, key=measured.get)
+    predicted = {v: r for v, r in results.items() if v in record["strategy_sources"]}
     out = [
         ("h2", "What the cheap predictors said"),
         (
@@ -121,30 +144,28 @@ def blocks(record: dict | None, results: dict, pixels: float | None = None, dept
             "strategy is predicted to reach the best score among the features it starts from: its cut block and "
             "the highest block below its first trained layer (the pixels when block1 trains or on random weights). "
             f"Measured best: `{best}` ({measured[best]:.3f}). Kendall's τ compares each predicted ranking with the "
-            f"measured mean test accuracy of the {len(results)} strategies; the interval resamples the seeds (not "
-            "the test images). An interval that includes 0 means the predictor's ranking is not distinguishable "
-            "from chance here, which is not evidence that it is uninformative elsewhere.",
+            f"measured mean test accuracy of the {len(predicted)} strategies it predicts. `p`: Kendall's test "
+            "against no association between the predicted and the "
+            "measured order over these strategies; with this few strategies only a large τ is significant, and a "
+            "p above 0.05 is no evidence that the score is uninformative. `τ over seed resamples`: the 2.5th and "
+            "97.5th percentiles of τ when the seeds behind the measured means are resampled; it shows how much "
+            "the measured order itself moves, not a confidence interval for the score's quality.",
         ),
-        (
-            "table",
-            ["predictor", "predicted best", "its measured test accuracy", "Kendall's τ [95%]", "τ at most"],
-            rows(record, results),
-        ),
+        ("table", HEADERS, rows(record, predicted))
+        if len(predicted) >= 3
+        else ("p", "Fewer than 3 strategies: no ranking."),
         (
             "p",
             "`τ at most`: the largest τ the predictor can reach against these measurements, because strategies "
-            "predicted from the same features tie.",
+            "predicted from the same features tie."
+            + "".join(f" `{v}` is not predicted: {why}." for v, why in record.get("not_predicted", {}).items()),
         ),
     ]
     cells = {name: result for name, result in (depth or {}).items() if name in record["strategy_sources"]}
-    if len(cells) > 1:
+    if len(cells) >= 3:
         out += [
             ("p", f"The depth study's {len(cells)} cells, ranked the same way (its seeds, its test images):"),
-            (
-                "table",
-                ["predictor", "predicted best cell", "its measured test accuracy", "Kendall's τ [95%]", "τ at most"],
-                rows(record, cells),
-            ),
+            ("table", ["predictor", "predicted best cell", *HEADERS[2:]], rows(record, cells)),
         ]
     helps = record.get("transfer_helps")
     if helps:
@@ -153,7 +174,8 @@ def blocks(record: dict | None, results: dict, pixels: float | None = None, dept
                 "p",
                 f"Does transfer help? Predicted: the ridge probe on `{helps['best_source']}` reaches "
                 f"{helps['probe']:.3f} validation accuracy against {helps['pixels_probe']:.3f} on the pixels "
-                f"({helps['difference']:+.3f})." + _measured_help(record, measured, pixels),
+                f"({helps['difference']:+.3f}; optimistic for transfer: the best of {len(record['sources']) - 1} "
+                "feature sources, chosen on the same validation images)." + _measured_help(record, measured, pixels),
             )
         )
     gradients = record["relative_gradient_norm"]["per_block"]
