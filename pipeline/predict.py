@@ -48,8 +48,8 @@ PIXELS = "pixels"
 GAP = "_gap"  # suffix of a block's globally averaged output, where the head reads another view
 PROBE_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # ridge strength, chosen on validation
 RGN_BATCHES = 4
-MAX_IMAGES = 2000  # per split: the scores work in the n x n Gram space; the default data has 500
 RGN_BATCH_SIZE = 32
+MAX_IMAGES = 2000  # per split: the scores work in the n x n Gram space; the default data has 500
 SCORERS = {
     "logme": transferability.logme,
     "h_score": transferability.h_score,
@@ -122,8 +122,10 @@ def predictions(sources: dict[str, dict], cells: dict[str, list[str]]) -> dict[s
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
-    """N x (side x side): one grey channel (the prepared images repeat it three times), 0..1."""
-    return images[..., 0].reshape(len(images), -1).astype(np.float64) / 255.0
+    """N x values, 0..1: one channel when the three are equal (grey images), else all three."""
+    grey = bool(np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2]))
+    values = images[..., :1] if grey else images
+    return values.reshape(len(images), -1).astype(np.float64) / 255.0
 
 
 def head_view(maps: np.ndarray, pooling: str, image_size: int, block: str) -> np.ndarray:

@@ -182,3 +182,13 @@ def test_a_strategy_on_other_pretrained_weights_is_left_out_saying_why(default_r
     raw["model"] = {**raw["model"], "weights": "none"}
     cells, skipped = candidates(parse_params(raw))
     assert cells["scratch"] == cells["frozen"] == [PIXELS] and set(skipped) == {"imagenet_frozen"}
+
+
+def test_pixels_are_one_channel_for_grey_images_and_all_three_for_colour():
+    from pipeline.predict import pixel_features
+
+    grey = np.repeat(np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1), 3, axis=3)
+    assert pixel_features(grey).shape == (2, 16) and pixel_features(grey)[0, 1] == pytest.approx(1 / 255)
+    colour = grey.copy()
+    colour[..., 2] = 255
+    assert pixel_features(colour).shape == (2, 48) and pixel_features(colour)[0, 2] == 1.0
