@@ -19,12 +19,16 @@ random weights). A head-only strategy gets its cut block's score. The gradient n
 strategy (they say where training would act, not how far it gets); the report shows the block they
 point at.
 
-Reads params.yaml (`seed`, `data.image_size`, `model.weights`, `variants`, `studies.depth`, `mlflow`)
-and the prepared train and validation splits. Writes `--out` (results/predict/):
+Reads params.yaml (`seed`, `data.image_size`, `model.weights`, `model.pooling`, `variants`,
+`studies.depth`, `mlflow`; with the sample-efficiency study on, `studies.sample_efficiency` and the
+`data` keys its pool is prepared from) and the prepared train and validation splits. Writes `--out`
+(results/predict/):
   scores.json   per source: dimensions and every score; per conv layer: relative gradient norm;
                 per predictor: each strategy's (and depth cell's) predicted score and the ranking;
-                seconds spent
-and an MLflow run `predict` (tag `stage: predict`) with every score as a metric.
+                per sample-efficiency size: the same scores on that size's training subsets
+                (mean over the study's seeds) and each strategy's predicted score; seconds spent
+and an MLflow run `predict` (tag `stage: predict`) with every score as a metric
+(`<source>/<predictor>`, `rgn/<conv layer>`, `n<size>/<source>/<predictor>`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 from pipeline import tracking, transferability
 from pipeline.atomic import atomic_dir, ensure_writable, write_json
 from pipeline.cli import run_stage
-from pipeline.data import load_split, load_summary
+from pipeline.data import load_split, load_summary, nested_subset
 from pipeline.params import Params, load_params
 from pipeline.vgg16 import BLOCKS, CONV_LAYERS, CUT_POINTS, feature_map, head_pool_size, kept_layers
 
@@ -59,10 +63,12 @@ SCORERS = {
 PREDICTORS = ("ridge_probe", *SCORERS)
 
 
-def score_source(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> dict:
+def score_source(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], predictors: tuple[str, ...] = PREDICTORS
+) -> dict:
     """{predictor: value, "dimensions": d, "seconds": {predictor: s}} of one feature source."""
     out, seconds = {"dimensions": int(train[0].shape[1])}, {}
-    for name in PREDICTORS:
+    for name in predictors:
         start = time.perf_counter()
         if name == "ridge_probe":
             out[name] = transferability.ridge_probe(train, val, PROBE_ALPHAS)
@@ -112,10 +118,12 @@ def candidates(params: Params) -> tuple[dict[str, list[str]], dict[str, str]]:
     return out, skipped
 
 
-def predictions(sources: dict[str, dict], cells: dict[str, list[str]]) -> dict[str, dict]:
+def predictions(
+    sources: dict[str, dict], cells: dict[str, list[str]], predictors: tuple[str, ...] = PREDICTORS
+) -> dict[str, dict]:
     """{predictor: {"scores": {cell: predicted score}, "ranking": [cells, best first]}}."""
     out = {}
-    for name in PREDICTORS:
+    for name in predictors:
         scores = {cell: max(sources[s][name] for s in used) for cell, used in cells.items()}
         out[name] = {"scores": scores, "ranking": sorted(scores, key=lambda c: -scores[c])}
     return out
@@ -207,20 +215,56 @@ def capped(params: Params, images: np.ndarray, labels: np.ndarray) -> tuple[np.n
     return images[rows], labels[rows]
 
 
+def source_features(params: Params, images: np.ndarray) -> dict[str, np.ndarray]:
+    """{source: N x d}: `block_features`, or the pixels alone on random weights."""
+    return {PIXELS: pixel_features(images)} if params.model.weights == "none" else block_features(params, images)
+
+
+def sample_efficiency(params: Params, cells: dict[str, list[str]]) -> dict[str, dict]:
+    """{str(n): {"images", "seeds", "sources", "predictions"}} per size of the sample-efficiency
+    study ({} when it is off): every source scored on the very training subset each of the study's
+    seeds trains on (`data.nested_subset` of the study's pool, drawn as `train` draws it) against
+    the pool's validation split, the scores averaged over the seeds (as the measured accuracies are);
+    then each strategy of params.yaml predicted from them as in the main comparison."""
+    settings = params.studies.sample_efficiency
+    if not settings.train_per_class:
+        return {}
+    from pipeline.prepare import sample_efficiency_pool  # the study's own pool, exactly as its stages build it
+
+    pool = sample_efficiency_pool(params, max(settings.train_per_class))
+    (x_train, y_train), (x_val, y_val) = pool.splits["train"], capped(params, *pool.splits["val"])
+    train, val = source_features(params, x_train), source_features(params, x_val)
+    strategies = {name: cells[name] for name in params.variants if name in cells}
+    out = {}
+    for n in sorted(settings.train_per_class):
+        used = tuple(p for p in PREDICTORS if n >= 2 or p != "gbc")  # GBC needs a variance within each class
+        subsets = [nested_subset(y_train, n, [params.seed, seed]) for seed in settings.seeds]
+        runs = [
+            {s: score_source((train[s][rows], y_train[rows]), (val[s], y_val), used) for s in train} for rows in subsets
+        ]
+        sources = {s: {p: float(np.mean([run[s][p] for run in runs])) for p in used} for s in train}
+        out[str(n)] = {
+            "images": {"train": len(subsets[0]), "val": len(y_val)},
+            "seeds": list(settings.seeds),
+            "sources": sources,
+            "predictions": predictions(sources, strategies, used),
+            "not_scored": {} if "gbc" in used else {"gbc": "one image per class has no within-class variance"},
+        }
+    return out
+
+
 def compute(params: Params, prepared: Path) -> dict:
     """Everything `scores.json` holds (module docstring)."""
     start = time.perf_counter()
     (x_train, y_train), (x_val, y_val) = (capped(params, *load_split(prepared, s)) for s in ("train", "val"))
     classes = len(load_summary(prepared)["class_names"])
-    if params.model.weights == "none":
-        train, val = {PIXELS: pixel_features(x_train)}, {PIXELS: pixel_features(x_val)}
-        gradients = {}
-    else:
-        train, val = block_features(params, x_train), block_features(params, x_val)
-        gradients = relative_gradient_norms(params, x_train, y_train, classes)
+    train, val = source_features(params, x_train), source_features(params, x_val)
+    gradients = {} if params.model.weights == "none" else relative_gradient_norms(params, x_train, y_train, classes)
     forward = time.perf_counter() - start
     sources = {name: score_source((train[name], y_train), (val[name], y_val)) for name in train}
     cells, skipped = candidates(params)
+    main_done = time.perf_counter()
+    sizes = sample_efficiency(params, cells)
     by_block = {block: float(np.mean([gradients[c] for c in BLOCKS[block]])) for block in BLOCKS if gradients}
     best = max((s for s in sources if s != PIXELS), key=lambda s: sources[s]["ridge_probe"], default=None)
     return {
@@ -239,7 +283,12 @@ def compute(params: Params, prepared: Path) -> dict:
             "pixels_probe": sources[PIXELS]["ridge_probe"],
             "difference": sources[best]["ridge_probe"] - sources[PIXELS]["ridge_probe"],
         },
-        "seconds": {"forward_and_gradients": round(forward, 2), "total": round(time.perf_counter() - start, 2)},
+        "sample_efficiency": sizes,
+        "seconds": {
+            "forward_and_gradients": round(forward, 2),
+            "sample_efficiency": round(time.perf_counter() - main_done, 2),
+            "total": round(time.perf_counter() - start, 2),
+        },
     }
 
 
@@ -250,6 +299,12 @@ def _log(record: dict, tags: dict, params: Params) -> None:
             f"{source}/{k}": v for source, s in record["sources"].items() for k, v in s.items() if k in PREDICTORS
         }
         metrics |= {f"rgn/{layer}": v for layer, v in record["relative_gradient_norm"]["per_layer"].items()}
+        metrics |= {
+            f"n{n}/{source}/{k}": v
+            for n, size in record["sample_efficiency"].items()
+            for source, s in size["sources"].items()
+            for k, v in s.items()
+        }
         tracking.log_metrics(metrics)
         tracking.log_text(json.dumps(record, indent=2, sort_keys=True), SCORES_FILE)
 
@@ -269,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         write_json(tmp / SCORES_FILE, record)
     for name in PREDICTORS:
         print(f"[predict] {name}: " + " > ".join(record["predictions"][name]["ranking"]), flush=True)
+    for n, size in record["sample_efficiency"].items():
+        print(f"[predict] n={n} per class, ridge probe: " + " > ".join(size["predictions"]["ridge_probe"]["ranking"]))
     print(f"[predict] {record['seconds']['total']:.1f}s; written to {args.out}", flush=True)
 
 

@@ -66,7 +66,8 @@ def predict_run(tmp_path_factory):
         "partial": {"trainable": ["block5"]},
         "scratch": {"trainable": "all", "weights": "none"},
     }
-    params_path, prepared = make_tiny_project(root, variants, {"studies": {"depth": {"k": [0, 3], "seeds": [1]}}})
+    studies = {"depth": {"k": [0, 3], "seeds": [1]}, "sample_efficiency": {"train_per_class": [1, 2], "seeds": [1, 2]}}
+    params_path, prepared = make_tiny_project(root, variants, {"studies": studies})
     result = run_stage(
         "predict", *cli(params=params_path, prepared=prepared, out=root / "predict"), env=stage_env(root)
     )
@@ -119,7 +120,36 @@ def test_the_stage_logs_one_mlflow_run_with_every_score(predict_run):
     assert run.data.metrics["rgn/block1_conv1"] == pytest.approx(
         record["relative_gradient_norm"]["per_layer"]["block1_conv1"]
     )
-    assert len([k for k in run.data.metrics if not k.startswith(("rgn/", "system/"))]) == len(record["sources"]) * 5
+    assert run.data.metrics["n1/block2/h_score"] == pytest.approx(
+        record["sample_efficiency"]["1"]["sources"]["block2"]["h_score"]
+    )
+    assert len([k for k in run.data.metrics if not k.startswith(("rgn/", "system/", "n1/", "n2/"))]) == len(
+        record["sources"]
+    ) * len(PREDICTORS)
+    assert len([k for k in run.data.metrics if k.startswith("n1/")]) == len(record["sources"]) * (len(PREDICTORS) - 1)
+
+
+def test_each_sample_efficiency_size_is_scored_on_the_subsets_its_seeds_train_on(predict_run):
+    root, result = predict_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((root / "predict" / "scores.json").read_text())
+    one, two = record["sample_efficiency"]["1"], record["sample_efficiency"]["2"]
+    assert one["images"] == {"train": 10, "val": 10} and two["images"] == {"train": 20, "val": 10}
+    assert one["seeds"] == [1, 2]
+    # 2 per class is the whole pool, which is the prepared training split here (both drawn with 2 per
+    # class from the same seed): every seed's subset is that split, so the scores are the main ones
+    for source, scores in record["sources"].items():
+        assert {p: two["sources"][source][p] for p in PREDICTORS} == pytest.approx({p: scores[p] for p in PREDICTORS})
+    # one image per class: GBC has no within-class variance and is left out, saying so; the rest are scored
+    assert "gbc" not in one["predictions"] and set(one["not_scored"]) == {"gbc"} and two["not_scored"] == {}
+    # only the strategies of params.yaml (the study trains them, not the depth cells)
+    assert set(one["predictions"]["logme"]["ranking"]) == {"frozen", "cut3_frozen", "partial", "scratch"}
+    sources = record["strategy_sources"]["partial"]
+    assert one["predictions"]["ridge_probe"]["scores"]["partial"] == max(
+        one["sources"][s]["ridge_probe"] for s in sources
+    )
+    # the two seeds' subsets of one image per class differ, and each differs from the whole split
+    assert one["sources"]["block5"]["logme"] != pytest.approx(record["sources"]["block5"]["logme"])
 
 
 def test_the_report_section_scores_each_predictor_against_the_measured_ranking():
@@ -163,6 +193,26 @@ def test_the_report_section_scores_each_predictor_against_the_measured_ranking()
     assert len(tables) == 2 and tables[1][1][1] == "predicted best cell"
     # a tie at the top names every tied cell; one seed: no resampling interval
     assert tables[1][2][0][1:] == ["`top3` = `top7`", "0.720 / 0.710", "+0.82", "0.22", "[—, —]", "0.82"]
+    # the sample-efficiency study: one ranking per size, against that size's own scores
+    record["sample_efficiency"] = {
+        "10": {
+            "predictions": {name: {"scores": {"a": 1.0, "b": 2.0, "c": 3.0}} for name in PREDICTORS if name != "gbc"},
+            "not_scored": {"gbc": "why"},
+        }
+    }
+    sample = {
+        v: {10: {"test_accuracy": {1: acc, 2: acc}}, 25: {"test_accuracy": {1: acc}}}
+        for v, acc in {"a": 0.5, "b": 0.6, "c": 0.7}.items()
+    }
+    blocks = section.blocks(record, results, 0.76, None, sample)
+    tables = [b for b in blocks if b[0] == "table"]
+    assert len(tables) == 2 and tables[1][1][:2] == ["images per class", "predictor"]
+    assert tables[1][2] == [  # size 25 has no scores: no rows
+        ["10", section.LABELS[name], "`c`", "0.700", "+1.00", "0.33", "[+1.00, +1.00]", "1.00"]
+        for name in PREDICTORS
+        if name != "gbc"
+    ]
+    assert "GBC at 10 per class: why" in " ".join(b[1] for b in blocks if b[0] == "p")
 
 
 def test_a_strategy_on_other_pretrained_weights_is_left_out_saying_why(default_raw_params):

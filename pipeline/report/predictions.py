@@ -127,9 +127,36 @@ def sweep_seconds(results: dict) -> float:
     return total
 
 
-def blocks(record: dict | None, results: dict, pixels: float | None = None, depth: dict | None = None) -> list[tuple]:
+def size_rows(record: dict, sample: dict[str, dict[int, dict]]) -> list[list[str]]:
+    """The sample-efficiency study's rows (`sample`: its results by strategy and size): per size, each
+    predictor's scores on that size's training subsets (the predict stage's `sample_efficiency`)
+    against the strategies measured at that size."""
+    by_size: dict[int, dict] = {}
+    for variant, sizes in sample.items():
+        for n, result in sizes.items():
+            by_size.setdefault(n, {})[variant] = result
+    out = []
+    for n, measured in sorted(by_size.items()):
+        scored = record.get("sample_efficiency", {}).get(str(n))
+        if scored is None:
+            continue
+        cells = {v: r for v, r in measured.items() if v in record["strategy_sources"]}
+        if len(cells) >= 3:
+            out += [[str(n), *row] for row in rows(scored, cells)]
+    return out
+
+
+def blocks(
+    record: dict | None,
+    results: dict,
+    pixels: float | None = None,
+    depth: dict | None = None,
+    sample: dict[str, dict[int, dict]] | None = None,
+) -> list[tuple]:
     """The section, or nothing when the predict stage has not run. `depth`: the depth study's
-    results by cell name (`top3`, `block3_top1`), scored the same way when the study ran."""
+    results by cell name (`top3`, `block3_top1`), scored the same way when the study ran; `sample`:
+    the sample-efficiency study's results by strategy and size, each size against the scores the
+    predict stage computed on that size's training subsets."""
     if record is None:
         return []
     measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
@@ -167,6 +194,24 @@ def blocks(record: dict | None, results: dict, pixels: float | None = None, dept
             ("p", f"The depth study's {len(cells)} cells, ranked the same way (its seeds, its test images):"),
             ("table", ["predictor", "predicted best cell", *HEADERS[2:]], rows(record, cells)),
         ]
+    sizes = size_rows(record, sample or {})
+    if sizes:
+        out += [
+            (
+                "p",
+                "The sample-efficiency study, one ranking per training-set size: each score computed on the very "
+                "subsets that size's seeds trained on (mean over those seeds), against the strategies' measured "
+                "test accuracy at that size:",
+            ),
+            ("table", ["images per class", "predictor", *HEADERS[1:]], sizes),
+        ]
+        skipped = {
+            f"{LABELS[name]} at {n} per class: {why}"
+            for n, size in record.get("sample_efficiency", {}).items()
+            for name, why in size.get("not_scored", {}).items()
+        }
+        if skipped:
+            out.append(("p", "Not scored: " + "; ".join(sorted(skipped)) + "."))
     helps = record.get("transfer_helps")
     if helps:
         out.append(
