@@ -215,17 +215,28 @@ def capped(params: Params, images: np.ndarray, labels: np.ndarray) -> tuple[np.n
     return images[rows], labels[rows]
 
 
+def transfer_helps(sources: dict[str, dict]) -> dict | None:
+    """ "Does transfer help?": the ridge probe on the best pretrained source against the probe on the
+    pixels (None on random weights, where the pixels are the only source)."""
+    best = max((s for s in sources if s != PIXELS), key=lambda s: sources[s]["ridge_probe"], default=None)
+    if best is None:
+        return None
+    probe, pixels = sources[best]["ridge_probe"], sources[PIXELS]["ridge_probe"]
+    return {"best_source": best, "probe": probe, "pixels_probe": pixels, "difference": probe - pixels}
+
+
 def source_features(params: Params, images: np.ndarray) -> dict[str, np.ndarray]:
     """{source: N x d}: `block_features`, or the pixels alone on random weights."""
     return {PIXELS: pixel_features(images)} if params.model.weights == "none" else block_features(params, images)
 
 
 def sample_efficiency(params: Params, cells: dict[str, list[str]]) -> dict[str, dict]:
-    """{str(n): {"images", "seeds", "sources", "predictions"}} per size of the sample-efficiency
-    study ({} when it is off): every source scored on the very training subset each of the study's
-    seeds trains on (`data.nested_subset` of the study's pool, drawn as `train` draws it) against
-    the pool's validation split, the scores averaged over the seeds (as the measured accuracies are);
-    then each strategy of params.yaml predicted from them as in the main comparison."""
+    """{str(n): {"images", "seeds", "sources", "predictions", "transfer_helps", "not_scored"}} per
+    size of the sample-efficiency study ({} when it is off): every source scored on the very
+    training subset each of the study's seeds trains on (`data.nested_subset` of the study's pool,
+    drawn as `train` draws it) against the pool's validation split, the scores averaged over the
+    seeds (as the measured accuracies are); then each strategy of params.yaml predicted from them as
+    in the main comparison."""
     settings = params.studies.sample_efficiency
     if not settings.train_per_class:
         return {}
@@ -248,6 +259,7 @@ def sample_efficiency(params: Params, cells: dict[str, list[str]]) -> dict[str, 
             "seeds": list(settings.seeds),
             "sources": sources,
             "predictions": predictions(sources, strategies, used),
+            "transfer_helps": transfer_helps(sources),
             "not_scored": {} if "gbc" in used else {"gbc": "one image per class has no within-class variance"},
         }
     return out
@@ -266,7 +278,6 @@ def compute(params: Params, prepared: Path) -> dict:
     main_done = time.perf_counter()
     sizes = sample_efficiency(params, cells)
     by_block = {block: float(np.mean([gradients[c] for c in BLOCKS[block]])) for block in BLOCKS if gradients}
-    best = max((s for s in sources if s != PIXELS), key=lambda s: sources[s]["ridge_probe"], default=None)
     return {
         "images": {"train": len(y_train), "val": len(y_val)},
         "sources": sources,
@@ -275,14 +286,7 @@ def compute(params: Params, prepared: Path) -> dict:
         "predictions": predictions(sources, cells),
         "relative_gradient_norm": {"per_layer": gradients, "per_block": by_block},
         "auto_rgn_block": max(by_block, key=by_block.get) if by_block else None,
-        "transfer_helps": None
-        if best is None
-        else {
-            "best_source": best,
-            "probe": sources[best]["ridge_probe"],
-            "pixels_probe": sources[PIXELS]["ridge_probe"],
-            "difference": sources[best]["ridge_probe"] - sources[PIXELS]["ridge_probe"],
-        },
+        "transfer_helps": transfer_helps(sources),
         "sample_efficiency": sizes,
         "seconds": {
             "forward_and_gradients": round(forward, 2),

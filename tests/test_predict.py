@@ -140,6 +140,10 @@ def test_each_sample_efficiency_size_is_scored_on_the_subsets_its_seeds_train_on
     # class from the same seed): every seed's subset is that split, so the scores are the main ones
     for source, scores in record["sources"].items():
         assert {p: two["sources"][source][p] for p in PREDICTORS} == pytest.approx({p: scores[p] for p in PREDICTORS})
+    # the predicted "does transfer help?" per size, from that size's probes
+    helps = two["transfer_helps"]
+    assert helps["probe"] == max(v["ridge_probe"] for k, v in two["sources"].items() if k != PIXELS)
+    assert helps["difference"] == pytest.approx(helps["probe"] - two["sources"][PIXELS]["ridge_probe"])
     # one image per class: GBC has no within-class variance and is left out, saying so; the rest are scored
     assert "gbc" not in one["predictions"] and set(one["not_scored"]) == {"gbc"} and two["not_scored"] == {}
     # only the strategies of params.yaml (the study trains them, not the depth cells)
@@ -213,6 +217,18 @@ def test_the_report_section_scores_each_predictor_against_the_measured_ranking()
         if name != "gbc"
     ]
     assert "GBC at 10 per class: why" in " ".join(b[1] for b in blocks if b[0] == "p")
+    # does transfer help at each size: predicted (probes, validation) beside measured (test) where baselines ran
+    record["sample_efficiency"]["10"]["transfer_helps"] = {
+        "best_source": "block2", "probe": 0.62, "pixels_probe": 0.66, "difference": -0.04,
+    }  # fmt: skip
+    record["seconds"]["sample_efficiency"] = 12.0
+    blocks = section.blocks(record, results, 0.76, None, sample, {10: 0.65})
+    tables = [b for b in blocks if b[0] == "table"]
+    assert tables[-1][1] == section.HELPS_HEADERS
+    # a and b are predicted from pretrained blocks, c from the pixels: b is the best pretrained strategy
+    assert tables[-1][2] == [["10", "`block2` 0.620", "0.660", "-0.040", "`b` 0.600", "0.650", "-0.050"]]
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "the prediction took 18 s" in text and "sample-efficiency sizes took another 12 s" in text
 
 
 def test_a_strategy_on_other_pretrained_weights_is_left_out_saying_why(default_raw_params):

@@ -268,7 +268,11 @@ def build_document(
     doc += cuts.blocks(params, results, baselines, files)
     pixels = baselines.get("pixels_logistic_regression", {}).get("test_accuracy")
     depth = {params.studies.depth.variant_name(cut, k): r for (cut, k), r in (studies or {}).get("depth", {}).items()}
-    doc += predictions.blocks(predicted, results, pixels, depth, (studies or {}).get("sample_efficiency"))
+    sample_pixels = (studies or {}).get("sample_efficiency_baselines", {}).get("pixels_logistic_regression", {})
+    doc += predictions.blocks(
+        predicted, results, pixels, depth, (studies or {}).get("sample_efficiency"),
+        {n: found["interval"].mean for n, found in sample_pixels.items()},
+    )  # fmt: skip
     doc += [
         ("h2", "Convergence check"),
         (

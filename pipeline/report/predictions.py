@@ -12,6 +12,8 @@ from scipy.stats import kendalltau
 
 from pipeline.errors import DataError
 
+PIXELS = "pixels"  # the predict stage's name of the pixel source (the report never imports a stage)
+
 BOOTSTRAP = 2000  # resamples of the seeds
 BOOTSTRAP_SEED = 0  # fixed: the interval is a property of the results, not a draw of the experiment
 LABELS = {
@@ -106,7 +108,7 @@ HEADERS = [
 def _measured_help(record: dict, measured: dict[str, float], pixels: float | None) -> str:
     """The measured counterpart: the best strategy on pretrained weights (one predicted from more
     than the pixels) against the pixel baseline."""
-    pretrained = [v for v in measured if record["strategy_sources"].get(v, ["pixels"]) != ["pixels"]]
+    pretrained = [v for v in measured if record["strategy_sources"].get(v, [PIXELS]) != [PIXELS]]
     if pixels is None or not pretrained:
         return ""
     best = max(pretrained, key=measured.get)
@@ -127,16 +129,21 @@ def sweep_seconds(results: dict) -> float:
     return total
 
 
+def _by_size(sample: dict[str, dict[int, dict]]) -> dict[int, dict]:
+    """{n: {strategy: result}} from the study's {strategy: {n: result}}."""
+    out: dict[int, dict] = {}
+    for variant, sizes in sample.items():
+        for n, result in sizes.items():
+            out.setdefault(n, {})[variant] = result
+    return dict(sorted(out.items()))
+
+
 def size_rows(record: dict, sample: dict[str, dict[int, dict]]) -> list[list[str]]:
     """The sample-efficiency study's rows (`sample`: its results by strategy and size): per size, each
     predictor's scores on that size's training subsets (the predict stage's `sample_efficiency`)
     against the strategies measured at that size."""
-    by_size: dict[int, dict] = {}
-    for variant, sizes in sample.items():
-        for n, result in sizes.items():
-            by_size.setdefault(n, {})[variant] = result
     out = []
-    for n, measured in sorted(by_size.items()):
+    for n, measured in _by_size(sample).items():
         scored = record.get("sample_efficiency", {}).get(str(n))
         if scored is None:
             continue
@@ -146,17 +153,56 @@ def size_rows(record: dict, sample: dict[str, dict[int, dict]]) -> list[list[str
     return out
 
 
+def helps_rows(record: dict, sample: dict[str, dict[int, dict]], pixels: dict[int, float]) -> list[list[str]]:
+    """ "Does transfer help?" per sample-efficiency size: the predicted difference (best pretrained
+    source's probe minus the pixels', validation) beside the measured one (best strategy on
+    pretrained weights minus logistic regression on the pixels, test) where that size's baselines ran."""
+    out = []
+    for n, measured in _by_size(sample).items():
+        helps = record.get("sample_efficiency", {}).get(str(n), {}).get("transfer_helps")
+        if helps is None:
+            continue
+        means = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in measured.items()}
+        pretrained = [v for v in means if record["strategy_sources"].get(v, [PIXELS]) != [PIXELS]]
+        best = max(pretrained, key=means.get) if pretrained else None
+        out.append(
+            [
+                str(n),
+                f"`{helps['best_source']}` {helps['probe']:.3f}",
+                f"{helps['pixels_probe']:.3f}",
+                f"{helps['difference']:+.3f}",
+                f"`{best}` {means[best]:.3f}" if best else "—",
+                f"{pixels[n]:.3f}" if n in pixels else "—",
+                f"{means[best] - pixels[n]:+.3f}" if best and n in pixels else "—",
+            ]
+        )
+    return out
+
+
+HELPS_HEADERS = [
+    "images per class",
+    "best source's probe (val)",
+    "pixels' probe (val)",
+    "predicted difference",
+    "best pretrained strategy (test)",
+    "pixel regression (test)",
+    "measured difference",
+]
+
+
 def blocks(
     record: dict | None,
     results: dict,
     pixels: float | None = None,
     depth: dict | None = None,
     sample: dict[str, dict[int, dict]] | None = None,
+    sample_pixels: dict[int, float] | None = None,
 ) -> list[tuple]:
     """The section, or nothing when the predict stage has not run. `depth`: the depth study's
     results by cell name (`top3`, `block3_top1`), scored the same way when the study ran; `sample`:
     the sample-efficiency study's results by strategy and size, each size against the scores the
-    predict stage computed on that size's training subsets."""
+    predict stage computed on that size's training subsets; `sample_pixels`: the study's pixel
+    regression's test accuracy by size."""
     if record is None:
         return []
     measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
@@ -212,6 +258,19 @@ def blocks(
         }
         if skipped:
             out.append(("p", "Not scored: " + "; ".join(sorted(skipped)) + "."))
+        helped = helps_rows(record, sample or {}, sample_pixels or {})
+        if helped:
+            out += [
+                (
+                    "p",
+                    "Does transfer help at each size? Predicted: the ridge probe on the best pretrained source "
+                    "against the probe on the pixels, on the validation images (optimistic for transfer: the best "
+                    "of several sources, chosen on those images). Measured: the best strategy on pretrained weights "
+                    "against logistic regression on the pixels, mean test accuracy over the study's seeds (the "
+                    "study's table has the intervals).",
+                ),
+                ("table", HELPS_HEADERS, helped),
+            ]
     helps = record.get("transfer_helps")
     if helps:
         out.append(
@@ -235,11 +294,17 @@ def blocks(
             )
         )
     seconds = sweep_seconds(results)
+    main_seconds = record["seconds"]["total"] - record["seconds"].get("sample_efficiency", 0.0)
     out.append(
         (
             "p",
-            f"Cost on this machine: the prediction took {record['seconds']['total']:.0f} s, the measured comparison "
-            f"{seconds / 60:.0f} min of tuning and training ({seconds / max(record['seconds']['total'], 1e-9):.0f}×).",
+            f"Cost on this machine: the prediction took {main_seconds:.0f} s, the measured comparison "
+            f"{seconds / 60:.0f} min of tuning and training ({seconds / max(main_seconds, 1e-9):.0f}×)."
+            + (
+                f" Scoring the sample-efficiency sizes took another {extra:.0f} s."
+                if (extra := record["seconds"].get("sample_efficiency", 0.0))
+                else ""
+            ),
         )
     )
     return out
