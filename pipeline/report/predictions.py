@@ -205,10 +205,20 @@ def blocks(
     regression's test accuracy by size."""
     if record is None:
         return []
+    return [
+        *_strategy_blocks(record, results),
+        *_helps_blocks(record, results, pixels),
+        *_depth_blocks(record, depth or {}),
+        *_sample_blocks(record, sample or {}, sample_pixels or {}),
+    ]
+
+
+def _strategy_blocks(record: dict, results: dict) -> list[tuple]:
+    """The heading, how to read the table, and the main comparison's table."""
     measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
     best = max(measured, key=measured.get)
     predicted = {v: r for v, r in results.items() if v in record["strategy_sources"]}
-    out = [
+    return [
         ("h2", "What the cheap predictors said"),
         (
             "p",
@@ -234,43 +244,12 @@ def blocks(
             + "".join(f" `{v}` is not predicted: {why}." for v, why in record.get("not_predicted", {}).items()),
         ),
     ]
-    cells = {name: result for name, result in (depth or {}).items() if name in record["strategy_sources"]}
-    if len(cells) >= 3:
-        out += [
-            ("p", f"The depth study's {len(cells)} cells, ranked the same way (its seeds, its test images):"),
-            ("table", ["predictor", "predicted best cell", *HEADERS[2:]], rows(record, cells)),
-        ]
-    sizes = size_rows(record, sample or {})
-    if sizes:
-        out += [
-            (
-                "p",
-                "The sample-efficiency study, one ranking per training-set size: each score computed on the very "
-                "subsets that size's seeds trained on (mean over those seeds), against the strategies' measured "
-                "test accuracy at that size:",
-            ),
-            ("table", ["images per class", "predictor", *HEADERS[1:]], sizes),
-        ]
-        skipped = {
-            f"{LABELS[name]} at {n} per class: {why}"
-            for n, size in record.get("sample_efficiency", {}).items()
-            for name, why in size.get("not_scored", {}).items()
-        }
-        if skipped:
-            out.append(("p", "Not scored: " + "; ".join(sorted(skipped)) + "."))
-        helped = helps_rows(record, sample or {}, sample_pixels or {})
-        if helped:
-            out += [
-                (
-                    "p",
-                    "Does transfer help at each size? Predicted: the ridge probe on the best pretrained source "
-                    "against the probe on the pixels, on the validation images (optimistic for transfer: the best "
-                    "of several sources, chosen on those images). Measured: the best strategy on pretrained weights "
-                    "against logistic regression on the pixels, mean test accuracy over the study's seeds (the "
-                    "study's table has the intervals).",
-                ),
-                ("table", HELPS_HEADERS, helped),
-            ]
+
+
+def _helps_blocks(record: dict, results: dict, pixels: float | None) -> list[tuple]:
+    """Does transfer help (predicted and measured), where the gradient norms point, what it cost."""
+    measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
+    out = []
     helps = record.get("transfer_helps")
     if helps:
         out.append(
@@ -294,17 +273,58 @@ def blocks(
             )
         )
     seconds = sweep_seconds(results)
-    main_seconds = record["seconds"]["total"] - record["seconds"].get("sample_efficiency", 0.0)
-    out.append(
+    extra = record["seconds"].get("sample_efficiency", 0.0)
+    main_seconds = record["seconds"]["total"] - extra
+    text = (
+        f"Cost on this machine: the prediction took {main_seconds:.0f} s, the measured comparison "
+        f"{seconds / 60:.0f} min of tuning and training ({seconds / max(main_seconds, 1e-9):.0f}×)."
+    )
+    return [*out, ("p", text + (f" Scoring the sample-efficiency sizes took another {extra:.0f} s." if extra else ""))]
+
+
+def _depth_blocks(record: dict, depth: dict) -> list[tuple]:
+    """The depth study's cells ranked like the strategies, when at least 3 of them were predicted."""
+    cells = {name: result for name, result in depth.items() if name in record["strategy_sources"]}
+    if len(cells) < 3:
+        return []
+    return [
+        ("p", f"The depth study's {len(cells)} cells, ranked the same way (its seeds, its test images):"),
+        ("table", ["predictor", "predicted best cell", *HEADERS[2:]], rows(record, cells)),
+    ]
+
+
+def _sample_blocks(record: dict, sample: dict, sample_pixels: dict[int, float]) -> list[tuple]:
+    """The sample-efficiency study: one ranking per size, then does transfer help at each size."""
+    sizes = size_rows(record, sample)
+    if not sizes:
+        return []
+    out = [
         (
             "p",
-            f"Cost on this machine: the prediction took {main_seconds:.0f} s, the measured comparison "
-            f"{seconds / 60:.0f} min of tuning and training ({seconds / max(main_seconds, 1e-9):.0f}×)."
-            + (
-                f" Scoring the sample-efficiency sizes took another {extra:.0f} s."
-                if (extra := record["seconds"].get("sample_efficiency", 0.0))
-                else ""
+            "The sample-efficiency study, one ranking per training-set size: each score computed on the very "
+            "subsets that size's seeds trained on (mean over those seeds), against the strategies' measured "
+            "test accuracy at that size:",
+        ),
+        ("table", ["images per class", "predictor", *HEADERS[1:]], sizes),
+    ]
+    skipped = {
+        f"{LABELS[name]} at {n} per class: {why}"
+        for n, size in record.get("sample_efficiency", {}).items()
+        for name, why in size.get("not_scored", {}).items()
+    }
+    if skipped:
+        out.append(("p", "Not scored: " + "; ".join(sorted(skipped)) + "."))
+    helped = helps_rows(record, sample, sample_pixels)
+    if helped:
+        out += [
+            (
+                "p",
+                "Does transfer help at each size? Predicted: the ridge probe on the best pretrained source "
+                "against the probe on the pixels, on the validation images (optimistic for transfer: the best "
+                "of several sources, chosen on those images). Measured: the best strategy on pretrained weights "
+                "against logistic regression on the pixels, mean test accuracy over the study's seeds (the "
+                "study's table has the intervals).",
             ),
-        )
-    )
+            ("table", HELPS_HEADERS, helped),
+        ]
     return out
