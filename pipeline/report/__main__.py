@@ -173,7 +173,7 @@ def _thumbnail(source: Path, target: Path, width: int = 720) -> None:
             small.save(tmp, format="PNG", optimize=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--thumbnail", type=Path, help="also write a small copy of the convergence figure here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     params: Params = load_params(args.params)
     ensure_writable(args.out, "--out")
     if args.thumbnail:

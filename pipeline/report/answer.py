@@ -140,63 +140,75 @@ def head_probe_check(variant: str, head: float, probe: dict) -> str:
 def answer_blocks(
     results: dict, tuning: dict, baselines: dict, answer: dict, unconverged: dict, probes: dict | None = None
 ) -> list[tuple]:
-    # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
+    """The answer, then the checks behind it: the pixel baseline, stability, head-only strategies
+    against their probes, convergence, learning rates at the edge of their range, tuning."""
     val = {v: r["evidence"]["val_accuracy"] for v, r in results.items()}
     test_mean = {v: r["interval"].mean for v, r in results.items()}
     seeds = {v: len(r["evidence"]["seeds"]) for v, r in results.items()}
-    lines = answer_lines(answer, val, test_mean, seeds)
-    doc: list[tuple] = [("h2", "Answer"), ("list", lines)]
-    checks = []
-    pixels = versus_pixels(results, baselines)
-    if pixels:
-        reference = baselines[PIXELS]["test_accuracy"]
-        beat = [v for v, (_, verdict) in pixels.items() if verdict == "beats it"]
-        rest = [f"`{v}` ({verdict}, {_signed(d)})" for v, (d, verdict) in pixels.items() if verdict != "beats it"]
-        checks.append(
-            f"Pixel baseline ({BASELINE_NAMES[PIXELS]}): test accuracy {reference:.3f}. Strategies that "
-            f"beat it with an interval excluding 0: {', '.join(f'`{v}`' for v in beat) or 'none'}"
-            + (f"; the others: {'; '.join(rest)}." if rest else ".")
-        )
-    checks += stability_checks(baselines, answer)
+    checks = _pixel_check(results, baselines) + stability_checks(baselines, answer)
     for variant in head_only(results):
         cut = results[variant].get("cut_after", FULL_BASE)
         record = baselines.get(PROBE) if cut == FULL_BASE else (probes or {}).get(cut)
-        if record is None:
-            continue
-        checks.append(head_probe_check(variant, results[variant]["interval"].mean, record))
+        if record is not None:
+            checks.append(head_probe_check(variant, results[variant]["interval"].mean, record))
+    checks += [_convergence_check(results, unconverged), *_edge_check(tuning), *tuning_checks(tuning)]
+    return [
+        ("h2", "Answer"),
+        ("list", answer_lines(answer, val, test_mean, seeds)),
+        ("p", "Checks behind the answer:"),
+        ("list", checks),
+        ("p", INTERVAL_METHOD),
+    ]
+
+
+def _pixel_check(results: dict, baselines: dict) -> list[str]:
+    pixels = versus_pixels(results, baselines)
+    if not pixels:
+        return []
+    reference = baselines[PIXELS]["test_accuracy"]
+    beat = [v for v, (_, verdict) in pixels.items() if verdict == "beats it"]
+    rest = [f"`{v}` ({verdict}, {_signed(d)})" for v, (d, verdict) in pixels.items() if verdict != "beats it"]
+    return [
+        f"Pixel baseline ({BASELINE_NAMES[PIXELS]}): test accuracy {reference:.3f}. Strategies that "
+        f"beat it with an interval excluding 0: {', '.join(f'`{v}`' for v in beat) or 'none'}"
+        + (f"; the others: {'; '.join(rest)}." if rest else ".")
+    ]
+
+
+def _convergence_check(results: dict, unconverged: dict) -> str:
     flagged = {v: seeds for v, seeds in unconverged.items() if seeds}
     if flagged:
-        checks.append(
+        return (
             "**Not converged** (best epoch in the last 25% of `train.max_epochs` and patience never ran "
             "out: still improving when the budget ended): "
             + "; ".join(f"`{v}` seeds {seeds}" for v, seeds in flagged.items())
             + ". Raise `train.max_epochs` and rerun before trusting these rows."
         )
-    else:
-        runs = sum(len(r["convergence"]) for r in results.values())
-        checks.append(
-            f"Convergence: all {runs} runs either stopped early (patience ran out) or kept an epoch before "
-            "the last 25% of `train.max_epochs`."
-        )
+    runs = sum(len(r["convergence"]) for r in results.values())
+    return (
+        f"Convergence: all {runs} runs either stopped early (patience ran out) or kept an epoch before "
+        "the last 25% of `train.max_epochs`."
+    )
+
+
+def _edge_check(tuning: dict) -> list[str]:
     edges = {
         v: t["best"]["learning_rate_at_edge"] for v, t in tuning.items() if t and t["best"].get("learning_rate_at_edge")
     }
     if edges:
-        checks.append(
+        return [
             "**Tuned learning rate at the edge of the searched range** (the optimum may lie outside it; "
             "widen `tune.learning_rate`, or for a head-only strategy `tune.learning_rate_head_only`, which "
             "`tune.head_only_reference_features` scales per head): "
             + ", ".join(f"`{v}` ({e} end)" for v, e in edges.items())
             + "."
-        )
-    elif any(tuning.values()):
-        checks.append(
+        ]
+    if any(tuning.values()):
+        return [
             "Every tuned learning rate lies inside the searched range (not within 10% of its log width "
             "from either end)."
-        )
-    checks += tuning_checks(tuning)
-    doc += [("p", "Checks behind the answer:"), ("list", checks), ("p", INTERVAL_METHOD)]
-    return doc
+        ]
+    return []
 
 
 def stability_checks(baselines: dict, answer: dict) -> list[str]:

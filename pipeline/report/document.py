@@ -213,17 +213,31 @@ def build_document(
     probes: dict | None = None,
     predicted: dict | None = None,
 ) -> list[tuple]:
-    # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
-    baseline = params.report.baseline
-    baselines = baselines or {}
+    """The report as blocks (heading, paragraph, table, figure, ...), in the order of its text."""
+    baselines, studies = baselines or {}, studies or {}
+    doc = _introduction(params, tuning)
+    if answer is not None:
+        converged = {v: unconverged(r) for v, r in results.items()}
+        doc += answer_blocks(results, tuning, baselines, answer, converged, probes)
+    doc += _comparison_blocks(params, results, tuning, baselines, files)
+    doc += cuts.blocks(params, results, baselines, files)
+    doc += _prediction_blocks(params, results, baselines, studies, predicted)
+    doc += _convergence_blocks(results, files)
+    doc += _tuning_blocks(tuning, files)
+    doc += diagnostics.blocks(params, results, files)
+    doc += study_blocks(params, studies, files)
     shown = answer["recommended_network"] if answer else max(results, key=lambda v: results[v]["interval"].mean)
+    return doc + _closing_blocks(params, data, results, files, shown, answer is not None)
+
+
+def _introduction(params: Params, tuning: dict) -> list[tuple]:
     train = params.train
     tuned = (
         "with its learning rate and head size tuned by Optuna under the same rule"
         if all(tuning.values())
         else "with learning rate and head size tuned where the table says so, else from params.yaml"
     )
-    doc: list[tuple] = [
+    return [
         ("h1", "How much of VGG16 should I freeze?"),
         (
             "p",
@@ -233,13 +247,17 @@ def build_document(
             "first: the best strategy is chosen on validation accuracy, and the test set only decides which "
             f"strategies (and baselines) are shown non-inferior to it within {params.report.margin:g}; the cheapest "
             "of those in training FLOPs is recommended. Then the comparison table with the reference baselines, "
-            f"the paired differences against `{baseline}`, the convergence of every run, tuning, and the caveats.",
+            f"the paired differences against `{params.report.baseline}`, the convergence of every run, tuning, and "
+            "the caveats.",
         ),
     ]
-    if answer is not None:
-        converged = {v: unconverged(r) for v, r in results.items()}
-        doc += answer_blocks(results, tuning, baselines, answer, converged, probes)
-    doc += [
+
+
+def _comparison_blocks(params: Params, results: dict, tuning: dict, baselines: dict, files: dict) -> list[tuple]:
+    """The comparison table and figure, then the paired differences against `report.baseline`."""
+    baseline = params.report.baseline
+    headers, rows = paired_table(results, baseline)
+    return [
         ("h2", "Comparison"),
         ("table", *comparison_table(results, tuning, baselines)),
         (
@@ -254,9 +272,6 @@ def build_document(
             "decides nothing).",
         ),
         ("figure", files["test_accuracy"], "Test accuracy per seed (dots), mean and 95% interval; baselines as lines."),
-    ]
-    headers, rows = paired_table(results, baseline)
-    doc += [
         ("h2", f"Paired differences against {baseline}"),
         ("table", headers, rows),
         (
@@ -265,15 +280,21 @@ def build_document(
             "test set support.",
         ),
     ]
-    doc += cuts.blocks(params, results, baselines, files)
+
+
+def _prediction_blocks(
+    params: Params, results: dict, baselines: dict, studies: dict, predicted: dict | None
+) -> list[tuple]:
+    """ "What the cheap predictors said", with the studies' results where they ran."""
     pixels = baselines.get("pixels_logistic_regression", {}).get("test_accuracy")
-    depth = {params.studies.depth.variant_name(cut, k): r for (cut, k), r in (studies or {}).get("depth", {}).items()}
-    sample_pixels = (studies or {}).get("sample_efficiency_baselines", {}).get("pixels_logistic_regression", {})
-    doc += predictions.blocks(
-        predicted, results, pixels, depth, (studies or {}).get("sample_efficiency"),
-        {n: found["interval"].mean for n, found in sample_pixels.items()},
-    )  # fmt: skip
-    doc += [
+    depth = {params.studies.depth.variant_name(cut, k): r for (cut, k), r in studies.get("depth", {}).items()}
+    sample_pixels = studies.get("sample_efficiency_baselines", {}).get("pixels_logistic_regression", {})
+    by_size = {n: found["interval"].mean for n, found in sample_pixels.items()}
+    return predictions.blocks(predicted, results, pixels, depth, studies.get("sample_efficiency"), by_size)
+
+
+def _convergence_blocks(results: dict, files: dict) -> list[tuple]:
+    return [
         ("h2", "Convergence check"),
         (
             "p",
@@ -288,8 +309,11 @@ def build_document(
         ("h2", "Parameters"),
         ("figure", files["accuracy_vs_trainable"], "Test accuracy against trainable parameters (log scale)."),
         ("figure", files["parameters"], "Trainable and frozen parameters per strategy."),
-        ("h2", "Tuning"),
     ]
+
+
+def _tuning_blocks(tuning: dict, files: dict) -> list[tuple]:
+    doc: list[tuple] = [("h2", "Tuning")]
     if any(tuning.values()):
         doc.append(("p", tuning_text(tuning)))
     doc.append(("table", *tuning_table(tuning)))
@@ -297,10 +321,15 @@ def build_document(
         doc.append(("figure", files["tuning_curves"], "Expected best validation accuracy against trials."))
     if "tuning" in files:
         doc.append(("figure", files["tuning"], "Trial values against learning rate; ring: the chosen trial."))
-    doc += diagnostics.blocks(params, results, files)
-    doc += study_blocks(params, studies or {}, files)
-    doc += [
-        ("h2", f"Confusion matrix of {shown}" + (" (recommended)" if answer else "")),
+    return doc
+
+
+def _closing_blocks(
+    params: Params, data: dict, results: dict, files: dict, shown: str, recommended: bool
+) -> list[tuple]:
+    """The confusion matrix of the recommended (or best) strategy, caveats, how to reproduce, appendix."""
+    return [
+        ("h2", f"Confusion matrix of {shown}" + (" (recommended)" if recommended else "")),
         ("figure", files["confusion_best"], "Test-set predictions summed over seeds."),
         ("h2", "Caveats and fixed settings"),
         ("list", caveats(params, data, results)),
@@ -312,9 +341,8 @@ def build_document(
             "dvc exp show                     # compare experiments",
         ),
         ("h2", "Appendix: confusion matrices per strategy"),
+        *[("figure", files[f"confusion_{v}"], f"{v}: test set, all seeds.") for v in results],
     ]
-    doc += [("figure", files[f"confusion_{v}"], f"{v}: test set, all seeds.") for v in results]
-    return doc
 
 
 def caveats(params: Params, data: dict, results: dict) -> list[str]:

@@ -459,95 +459,109 @@ STUDY_INTERVALS = (
 
 
 def study_blocks(params, studies: dict, files: dict) -> list[tuple]:
-    # one function on purpose (over 60 lines): it reads top to bottom in the order of the text it writes
+    """The studies' sections, for the studies that ran."""
     doc: list[tuple] = []
     if "sample_efficiency" in studies:
-        sample, references = studies["sample_efficiency"], studies["sample_efficiency_baselines"]
-        seeds = list(params.studies.sample_efficiency.seeds)
-        baseline = params.report.baseline
-        doc += [
-            ("h2", "Study: sample efficiency"),
-            (
-                "p",
-                f"Test accuracy as the training set grows: each strategy retrained on n images per class "
-                f"(nested subsets of one pool; seeds {seeds}, each seed with its own draw of the subset), "
-                f"under the training rule (up to {params.train.max_epochs} epochs, early stopping), with the "
-                "hyperparameters tuned on the main comparison's "
-                f"{params.data.train_per_class} per class. Validation and test sets are the same for every n. "
-                "The reference rows are the two baselines fitted on each seed's very subset. " + STUDY_INTERVALS,
-            ),
-            ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% bands."),
-            ("table", *sample_efficiency_table(sample, references)),
-        ]
-        if studies.get("sample_efficiency_answers"):
-            doc += [
-                ("h3", "The answer at each size"),
-                (
-                    "p",
-                    "The main comparison's rule at every n: the best strategy on validation, the strategies and "
-                    f"baselines shown non-inferior to it within {params.report.margin:g} (one-sided 95% lower "
-                    "bound of the difference, seeds and test images), and the cheapest of those in training FLOPs "
-                    "(one training run + feature extraction: the hyperparameters come from the main tuning). "
-                    "Inconclusive: neither shown non-inferior nor shown worse.",
-                ),
-                ("table", *sample_answer_table(studies["sample_efficiency_answers"])),
-            ]
-        if PIXELS in references:
-            reference = {n: b["correct"] for n, b in references[PIXELS].items()}
-            doc += [
-                ("h3", "Against the pixel baseline"),
-                (
-                    "p",
-                    "Δ = test accuracy minus that of logistic regression on the pixels of the same training "
-                    "images (same seeds, same subsets), mean and 95% interval. Where the interval contains 0 "
-                    "the strategy is not shown to beat a linear model on raw pixels.",
-                ),
-                ("table", *advantage_table(sample, reference)),
-            ]
-        if baseline in sample:
-            reference = {n: r["correct"] for n, r in sample[baseline].items()}
-            doc += [
-                ("h3", f"Where the advantage over {baseline} vanishes"),
-                (
-                    "p",
-                    f"Δ = test accuracy minus that of `{baseline}` (same seeds, same subsets), mean and 95% "
-                    "interval. An advantage is significant where the interval lies above 0.",
-                ),
-                ("table", *advantage_table(sample, reference, exclude=baseline)),
-            ]
+        doc += _sample_efficiency_blocks(params, studies, files)
     if "depth" in studies:
-        depth = studies["depth"]
-        seeds = sorted({s for r in depth.values() for s in r["evidence"]["seeds"]})
-        cuts = _cuts(depth)
-        where = (
-            "of VGG16's 13 conv layers (k = 0: frozen base, k = 13: full fine-tuning)"
-            if cuts == [FULL_BASE]
-            else "of the conv layers the base keeps when it is cut after "
-            + ", ".join(cuts)
-            + " (the blocks above the cut removed; k = 0: the kept base frozen)"
-        )
+        doc += _depth_blocks(params, studies, files)
+    return doc
+
+
+def _sample_efficiency_blocks(params, studies: dict, files: dict) -> list[tuple]:
+    sample, references = studies["sample_efficiency"], studies["sample_efficiency_baselines"]
+    doc: list[tuple] = [
+        ("h2", "Study: sample efficiency"),
+        (
+            "p",
+            f"Test accuracy as the training set grows: each strategy retrained on n images per class "
+            f"(nested subsets of one pool; seeds {list(params.studies.sample_efficiency.seeds)}, each seed with its "
+            f"own draw of the subset), under the training rule (up to {params.train.max_epochs} epochs, early "
+            "stopping), with the hyperparameters tuned on the main comparison's "
+            f"{params.data.train_per_class} per class. Validation and test sets are the same for every n. "
+            "The reference rows are the two baselines fitted on each seed's very subset. " + STUDY_INTERVALS,
+        ),
+        ("figure", files["sample_efficiency"], "Test accuracy vs images per class (log scale), 95% bands."),
+        ("table", *sample_efficiency_table(sample, references)),
+    ]
+    if studies.get("sample_efficiency_answers"):
         doc += [
-            ("h2", "Study: freezing depth" + ("" if cuts == [FULL_BASE] else " and cut point")),
+            ("h3", "The answer at each size"),
             (
                 "p",
-                f"The transferability curve: train the top k {where}, every cell tuned with the same Optuna "
-                f"budget as the strategies (`tune.n_trials` = {params.tune.n_trials} trials) "
-                f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
-                f"{seeds}. Reference lines: the main comparison's baselines on the same data. "
-                + ("Dotted lines: where k first covers a whole block. " if cuts == [FULL_BASE] else "")
-                + STUDY_INTERVALS,
+                "The main comparison's rule at every n: the best strategy on validation, the strategies and "
+                f"baselines shown non-inferior to it within {params.report.margin:g} (one-sided 95% lower "
+                "bound of the difference, seeds and test images), and the cheapest of those in training FLOPs "
+                "(one training run + feature extraction: the hyperparameters come from the main tuning). "
+                "Inconclusive: neither shown non-inferior nor shown worse.",
             ),
+            ("table", *sample_answer_table(studies["sample_efficiency_answers"])),
         ]
-        if "depth_answer" in studies:
-            doc += [
-                ("p", "The main answer's rule applied to the depths:"),
-                ("list", depth_answer_lines(studies["depth_answer"])),
-            ]
-        doc += [("figure", files["depth"], "Test accuracy and trainable parameters vs k.")]
-        if "cut_depth" in files:
-            doc += [("figure", files["cut_depth"], "Mean test accuracy over cut point and k (intervals in the table).")]
+    return doc + _sample_advantage_blocks(params.report.baseline, sample, references)
+
+
+def _sample_advantage_blocks(baseline: str, sample: dict, references: dict) -> list[tuple]:
+    """Each size's differences against the pixel baseline and against `report.baseline`."""
+    doc: list[tuple] = []
+    if PIXELS in references:
+        reference = {n: b["correct"] for n, b in references[PIXELS].items()}
         doc += [
-            ("table", *depth_table(depth, studies["depth_baselines"])),
-            ("figure", files["depth_drift"], "Final weight drift per block for every k."),
+            ("h3", "Against the pixel baseline"),
+            (
+                "p",
+                "Δ = test accuracy minus that of logistic regression on the pixels of the same training "
+                "images (same seeds, same subsets), mean and 95% interval. Where the interval contains 0 "
+                "the strategy is not shown to beat a linear model on raw pixels.",
+            ),
+            ("table", *advantage_table(sample, reference)),
         ]
+    if baseline in sample:
+        reference = {n: r["correct"] for n, r in sample[baseline].items()}
+        doc += [
+            ("h3", f"Where the advantage over {baseline} vanishes"),
+            (
+                "p",
+                f"Δ = test accuracy minus that of `{baseline}` (same seeds, same subsets), mean and 95% "
+                "interval. An advantage is significant where the interval lies above 0.",
+            ),
+            ("table", *advantage_table(sample, reference, exclude=baseline)),
+        ]
+    return doc
+
+
+def _depth_blocks(params, studies: dict, files: dict) -> list[tuple]:
+    depth = studies["depth"]
+    seeds = sorted({s for r in depth.values() for s in r["evidence"]["seeds"]})
+    cuts = _cuts(depth)
+    where = (
+        "of VGG16's 13 conv layers (k = 0: frozen base, k = 13: full fine-tuning)"
+        if cuts == [FULL_BASE]
+        else "of the conv layers the base keeps when it is cut after "
+        + ", ".join(cuts)
+        + " (the blocks above the cut removed; k = 0: the kept base frozen)"
+    )
+    doc: list[tuple] = [
+        ("h2", "Study: freezing depth" + ("" if cuts == [FULL_BASE] else " and cut point")),
+        (
+            "p",
+            f"The transferability curve: train the top k {where}, every cell tuned with the same Optuna "
+            f"budget as the strategies (`tune.n_trials` = {params.tune.n_trials} trials) "
+            f"and trained under the training rule (up to {params.train.max_epochs} epochs) with seeds "
+            f"{seeds}. Reference lines: the main comparison's baselines on the same data. "
+            + ("Dotted lines: where k first covers a whole block. " if cuts == [FULL_BASE] else "")
+            + STUDY_INTERVALS,
+        ),
+    ]
+    if "depth_answer" in studies:
+        doc += [
+            ("p", "The main answer's rule applied to the depths:"),
+            ("list", depth_answer_lines(studies["depth_answer"])),
+        ]
+    doc += [("figure", files["depth"], "Test accuracy and trainable parameters vs k.")]
+    if "cut_depth" in files:
+        doc += [("figure", files["cut_depth"], "Mean test accuracy over cut point and k (intervals in the table).")]
+    doc += [
+        ("table", *depth_table(depth, studies["depth_baselines"])),
+        ("figure", files["depth_drift"], "Final weight drift per block for every k."),
+    ]
     return doc
