@@ -197,6 +197,10 @@ def test_the_report_section_scores_each_predictor_against_the_measured_ranking()
     assert len(tables) == 2 and tables[1][1][1] == "predicted best cell"
     # a tie at the top names every tied cell; one seed: no resampling interval
     assert tables[1][2][0][1:] == ["`top3` = `top7`", "0.720 / 0.710", "+0.82", "0.22", "[—, —]", "0.82"]
+    for cell in depth.values():  # with their measured seconds, the cells' cost is stated
+        cell["evidence"] = {"compute_parts": {"tuning": 100.0, "feature_extraction": 20.0, "training_per_run": 60.0}}
+    text = " ".join(b[1] for b in section.blocks(record, results, 0.76, depth) if b[0] == "p")
+    assert "The cells took 9 min of tuning and training" in text  # 3 predicted cells x (100 + 20 + 60 x 1 seed) s
     # the sample-efficiency study: one ranking per size, against that size's own scores
     record["sample_efficiency"] = {
         "10": {

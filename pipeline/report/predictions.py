@@ -287,9 +287,17 @@ def _depth_blocks(record: dict, depth: dict) -> list[tuple]:
     cells = {name: result for name, result in depth.items() if name in record["strategy_sources"]}
     if len(cells) < 3:
         return []
+    cost = ""
+    if all("compute_parts" in r.get("evidence", {}) for r in cells.values()):
+        cost = f" The cells took {sweep_seconds(cells) / 60:.0f} min of tuning and training on this machine."
     return [
         ("p", f"The depth study's {len(cells)} cells, ranked the same way (its seeds, its test images):"),
         ("table", ["predictor", "predicted best cell", *HEADERS[2:]], rows(record, cells)),
+        (
+            "p",
+            "The same rule maps a cell to its sources: the cut block and the block below its lowest trained layer."
+            + cost,
+        ),
     ]
 
 
