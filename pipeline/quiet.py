@@ -7,11 +7,13 @@ Importing TensorFlow 2.21 on a CPU-only machine prints, before its own log level
     I0000 ... cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
 
 which read like failures. `install()` (called by `pipeline/__init__.py`) wraps the first import of
-`tensorflow` in every pipeline process: while TensorFlow loads and probes its devices, the
-process's stderr (file descriptor 2) goes to a temporary file; afterwards every line of it that
-is not one of NOISE is written to the real stderr. Nothing else is touched: on a machine with an
-NVIDIA device, or with PIPELINE_TF_LOGS=1, TensorFlow prints everything as usual, and any other
-line (a real error, a warning) passes through.
+`tensorflow` in every pipeline process. While TensorFlow loads and probes its devices, the
+process's stderr (file descriptor 2) goes through a pipe to a separate filter process, which
+writes every line that is not one of NOISE to the real stderr as it arrives. A separate process,
+so that a crash while TensorFlow loads (a fatal error, an abort) loses no line: the filter still
+reads what was written and forwards it when the pipe closes. Nothing else is touched: on a
+machine with an NVIDIA device, or with PIPELINE_TF_LOGS=1, TensorFlow prints everything as
+usual, and any other line (a real error, a warning) passes through.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import contextlib
 import importlib.abc
 import os
 import re
+import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 NOISE = re.compile(
@@ -39,35 +41,47 @@ def has_nvidia_device() -> bool:
 
 
 def install() -> None:
-    """Filter TensorFlow's start-up noise in this process (see the module docstring)."""
+    """Filter TensorFlow's start-up noise in this process, if it has not imported TensorFlow yet
+    (see the module docstring)."""
     if os.environ.get("PIPELINE_TF_LOGS") == "1" or has_nvidia_device() or "tensorflow" in sys.modules:
         return
     if not any(isinstance(finder, _QuietTensorFlow) for finder in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlow())
 
 
+# the filter process: forwards its stdin to its stdout line by line, leaving out lines matching argv[1]
+FILTER = """
+import re, sys
+noise = re.compile(sys.argv[1])
+for line in sys.stdin.buffer:
+    if not noise.search(line.decode(errors="replace")):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+"""
+
+
 @contextlib.contextmanager
 def filtered_stderr():
-    """Send file descriptor 2 to a temporary file inside the block, then forward its non-NOISE lines."""
+    """Inside the block, file descriptor 2 writes into a pipe read by a filter process (FILTER)
+    whose output is the real stderr; afterwards fd 2 is restored and the filter, having read to the
+    end, exits."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [
-                line
-                for line in captured.read().decode(errors="replace").splitlines(keepends=True)
-                if not NOISE.search(line)
-            ]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    read, write = os.pipe()
+    try:
+        command = [sys.executable, "-I", "-S", "-c", FILTER, NOISE.pattern]
+        forwarder = subprocess.Popen(command, stdin=read, stdout=saved)  # close_fds: it holds no write end
+    finally:
+        os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the last write end closes: the filter reads to the end and exits
+        os.close(saved)
+        forwarder.wait()
 
 
 class _QuietTensorFlow(importlib.abc.MetaPathFinder):

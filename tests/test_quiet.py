@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.quiet import NOISE, filtered_stderr
 from tests.conftest import REPO
 
@@ -45,3 +47,42 @@ def test_a_pipeline_process_imports_tensorflow_quietly():
     assert result.returncode == 0 and result.stdout == "ok\n"
     if not any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):  # with a GPU, TensorFlow's lines stay
         assert result.stderr == "", result.stderr
+
+
+FAKE_TENSORFLOW = """
+import os
+os.write(2, b"{noise}\\n")
+os.write(2, b"F0000 fake.cc:1] Check failed: the reason this import crashed\\n")
+os.write(2, b"no newline before the crash")
+{end}
+"""
+
+
+def _import_fake_tensorflow(tmp_path, end: str) -> subprocess.CompletedProcess:
+    """A process that imports `pipeline`, then a `tensorflow` that writes noise and a real line to
+    fd 2 and ends with `end`."""
+    package = tmp_path / "tensorflow"
+    package.mkdir()
+    (package / "__init__.py").write_text(FAKE_TENSORFLOW.format(noise=NOISY[3], end=end))
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_TF_LOGS"}
+    code = f"import sys; import pipeline; sys.path.insert(0, {str(tmp_path)!r}); import tensorflow"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_crash_while_tensorflow_loads_loses_no_line_of_its_stderr(tmp_path):
+    """The filter is a separate process: an abort inside the import (no `finally` runs) still
+    reaches the terminal, every line but the noise, the last one without its newline too."""
+    if any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):
+        pytest.skip("with a GPU nothing is filtered")
+    result = _import_fake_tensorflow(tmp_path, "os.abort()")
+    assert result.returncode == -6  # SIGABRT
+    assert result.stderr == "F0000 fake.cc:1] Check failed: the reason this import crashed\nno newline before the crash"
+
+
+def test_an_exception_while_tensorflow_loads_keeps_its_lines_and_traceback(tmp_path):
+    if any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):
+        pytest.skip("with a GPU nothing is filtered")
+    result = _import_fake_tensorflow(tmp_path, "raise ImportError('broken build')")
+    assert result.returncode == 1
+    assert result.stderr.startswith("F0000 fake.cc:1] Check failed: the reason this import crashed\n")
+    assert NOISY[3] not in result.stderr and result.stderr.rstrip().endswith("ImportError: broken build")
