@@ -207,11 +207,16 @@ def relative_gradient_norms(params: Params, images: np.ndarray, labels: np.ndarr
     return totals
 
 
+def capped_rows(params: Params, rows: np.ndarray) -> np.ndarray:
+    """At most MAX_IMAGES of `rows` (sorted), drawn with `seed` (the Gram-space scores cost n^2 x d)."""
+    if len(rows) <= MAX_IMAGES:
+        return rows
+    return np.sort(np.asarray(rows)[np.random.default_rng(params.seed).permutation(len(rows))[:MAX_IMAGES]])
+
+
 def capped(params: Params, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """At most MAX_IMAGES of a split, drawn with `seed` (the Gram-space scores cost n^2 x d)."""
-    if len(labels) <= MAX_IMAGES:
-        return images, labels
-    rows = np.sort(np.random.default_rng(params.seed).permutation(len(labels))[:MAX_IMAGES])
+    """At most MAX_IMAGES of a split (`capped_rows`)."""
+    rows = capped_rows(params, np.arange(len(labels)))
     return images[rows], labels[rows]
 
 
@@ -249,7 +254,7 @@ def sample_efficiency(params: Params, cells: dict[str, list[str]]) -> dict[str, 
     out = {}
     for n in sorted(settings.train_per_class):
         used = tuple(p for p in PREDICTORS if n >= 2 or p != "gbc")  # GBC needs a variance within each class
-        subsets = [nested_subset(y_train, n, [params.seed, seed]) for seed in settings.seeds]
+        subsets = [capped_rows(params, nested_subset(y_train, n, [params.seed, seed])) for seed in settings.seeds]
         runs = [
             {s: score_source((train[s][rows], y_train[rows]), (val[s], y_val), used) for s in train} for rows in subsets
         ]
@@ -329,7 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in PREDICTORS:
         print(f"[predict] {name}: " + " > ".join(record["predictions"][name]["ranking"]), flush=True)
     for n, size in record["sample_efficiency"].items():
-        print(f"[predict] n={n} per class, ridge probe: " + " > ".join(size["predictions"]["ridge_probe"]["ranking"]))
+        print(
+            f"[predict] n={n} per class, ridge probe: " + " > ".join(size["predictions"]["ridge_probe"]["ranking"]),
+            flush=True,
+        )
     print(f"[predict] {record['seconds']['total']:.1f}s; written to {args.out}", flush=True)
 
 

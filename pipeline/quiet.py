@@ -49,39 +49,52 @@ def install() -> None:
         sys.meta_path.insert(0, _QuietTensorFlow())
 
 
-# the filter process: forwards its stdin to its stdout line by line, leaving out lines matching argv[1]
+# the filter process: forwards its stdin to its stdout line by line, leaving out lines matching
+# argv[1]; Ctrl-C is for the stage (the filter ends when the pipe closes)
 FILTER = """
-import re, sys
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 noise = re.compile(sys.argv[1])
 for line in sys.stdin.buffer:
     if not noise.search(line.decode(errors="replace")):
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
 """
+FILTER_EXIT_SECONDS = 5  # a child started inside the block may hold the pipe open; the filter then ends with it
 
 
 @contextlib.contextmanager
 def filtered_stderr():
     """Inside the block, file descriptor 2 writes into a pipe read by a filter process (FILTER)
     whose output is the real stderr; afterwards fd 2 is restored and the filter, having read to the
-    end, exits."""
+    end, exits. When the filter cannot start, the block runs unfiltered."""
     sys.stderr.flush()
     saved = os.dup(2)
-    read, write = os.pipe()
+    read, write = os.pipe()  # not inheritable: the filter holds no write end
     try:
-        command = [sys.executable, "-I", "-S", "-c", FILTER, NOISE.pattern]
-        forwarder = subprocess.Popen(command, stdin=read, stdout=saved)  # close_fds: it holds no write end
+        forwarder = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", FILTER, NOISE.pattern], stdin=read, stdout=saved
+        )
+    except OSError:
+        os.close(write)
+        os.close(saved)
+        forwarder = None
     finally:
         os.close(read)
+    if forwarder is None:
+        yield
+        return
     os.dup2(write, 2)
     os.close(write)
     try:
         yield
     finally:
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
         os.dup2(saved, 2)  # the last write end closes: the filter reads to the end and exits
         os.close(saved)
-        forwarder.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            forwarder.wait(timeout=FILTER_EXIT_SECONDS)
 
 
 class _QuietTensorFlow(importlib.abc.MetaPathFinder):

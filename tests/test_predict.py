@@ -156,6 +156,33 @@ def test_each_sample_efficiency_size_is_scored_on_the_subsets_its_seeds_train_on
     assert one["sources"]["block5"]["logme"] != pytest.approx(record["sources"]["block5"]["logme"])
 
 
+def test_a_size_is_scored_on_exactly_the_subsets_the_study_trains_on(predict_run):
+    """Recomputed here on the pixels: each seed's subset drawn as `train` draws it (the study's pool,
+    `nested_subset` with [params.seed, seed]), scored, averaged over the seeds."""
+    from pipeline.data import nested_subset
+    from pipeline.params import load_params
+    from pipeline.predict import pixel_features, score_source
+    from pipeline.prepare import sample_efficiency_pool
+
+    root, result = predict_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((root / "predict" / "scores.json").read_text())
+    params = load_params(root / "params.yaml")
+    pool = sample_efficiency_pool(params, 1)
+    (images, labels), (val_images, val_labels) = pool.splits["train"], pool.splits["val"]
+    used = tuple(p for p in PREDICTORS if p != "gbc")
+    runs = []
+    for seed in (1, 2):
+        rows = nested_subset(labels, 1, [params.seed, seed])
+        runs.append(
+            score_source((pixel_features(images[rows]), labels[rows]), (pixel_features(val_images), val_labels), used)
+        )
+    expected = {p: np.mean([run[p] for run in runs]) for p in used}
+    assert record["sample_efficiency"]["1"]["sources"][PIXELS] == pytest.approx(expected)
+    # the seeds' draws differ (else the mean would hide a draw that ignores the seed)
+    assert runs[0]["logme"] != pytest.approx(runs[1]["logme"])
+
+
 def test_the_report_section_scores_each_predictor_against_the_measured_ranking():
     record = {
         "images": {"train": 500, "val": 500},

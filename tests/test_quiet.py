@@ -86,3 +86,16 @@ def test_an_exception_while_tensorflow_loads_keeps_its_lines_and_traceback(tmp_p
     assert result.returncode == 1
     assert result.stderr.startswith("F0000 fake.cc:1] Check failed: the reason this import crashed\n")
     assert NOISY[3] not in result.stderr and result.stderr.rstrip().endswith("ImportError: broken build")
+
+
+def test_the_noise_filter_steps_aside_when_it_cannot_start(monkeypatch, capfd):
+    from pipeline import quiet
+
+    def fail(*args, **kwargs):
+        raise OSError("no process")
+
+    monkeypatch.setattr(subprocess, "Popen", fail)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with quiet.filtered_stderr():
+        os.write(2, b"a line\n")
+    assert capfd.readouterr().err == "a line\n" and sorted(os.listdir("/proc/self/fd")) == before

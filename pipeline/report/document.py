@@ -227,7 +227,7 @@ def build_document(
     doc += diagnostics.blocks(params, results, files)
     doc += study_blocks(params, studies, files)
     shown = answer["recommended_network"] if answer else max(results, key=lambda v: results[v]["interval"].mean)
-    return doc + _closing_blocks(params, data, results, files, shown, answer is not None)
+    return doc + _closing_blocks(params, data, results, files, shown, bool(answer))
 
 
 def _introduction(params: Params, tuning: dict) -> list[tuple]:

@@ -207,9 +207,9 @@ def blocks(
         return []
     return [
         *_strategy_blocks(record, results),
-        *_helps_blocks(record, results, pixels),
         *_depth_blocks(record, depth or {}),
         *_sample_blocks(record, sample or {}, sample_pixels or {}),
+        *_helps_blocks(record, results, pixels),
     ]
 
 
@@ -315,9 +315,11 @@ def _sample_blocks(record: dict, sample: dict, sample_pixels: dict[int, float]) 
         ),
         ("table", ["images per class", "predictor", *HEADERS[1:]], sizes),
     ]
+    shown = {row[0] for row in sizes}
     skipped = {
         f"{LABELS[name]} at {n} per class: {why}"
         for n, size in record.get("sample_efficiency", {}).items()
+        if n in shown
         for name, why in size.get("not_scored", {}).items()
     }
     if skipped:
