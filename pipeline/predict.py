@@ -163,7 +163,7 @@ def block_features(params: Params, images: np.ndarray) -> dict[str, np.ndarray]:
         image_size=size, num_classes=2, trainable_layers=frozenset(),
         base_weights=load_base_weights(params.model.weights).arrays, **BARE_HEAD,
     )  # fmt: skip
-    extractor = keras.Model(model.inputs, [model.get_layer(f"{block}_pool").output for block in CUT_POINTS])
+    extractor = keras.Model(model.input, [model.get_layer(f"{block}_pool").output for block in CUT_POINTS])
     parts: dict[str, list[np.ndarray]] = {}
     batch = features.extraction_batch_size(size)
     for start in range(0, len(images), batch):  # batch by batch: five full maps of every image would not fit
