@@ -129,7 +129,13 @@ def test_advantage_that_persists_or_never_appears_is_said_so():
     assert _vanishing_point({10: True, 50: True}) == "does not vanish within 10–50 per class"
     assert _vanishing_point({10: False, 50: False}) == "no significant advantage at any size (10–50)"
     # a significant advantage at a larger size counts: it has not vanished at 50
-    assert _vanishing_point({10: True, 50: False, 250: True}) == "does not vanish within 10–250 per class"
+    assert _vanishing_point({10: True, 50: False, 250: True}) == (
+        "does not vanish within 10–250 per class (not significant at n = 50)"
+    )
+    # significant only at the largest size: said so, not just "does not vanish"
+    assert (
+        _vanishing_point({10: False, 25: True}) == "does not vanish within 10–25 per class (not significant at n = 10)"
+    )
 
 
 # --- the study stages on tiny data ------------------------------------------------------------

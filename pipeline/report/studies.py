@@ -239,7 +239,10 @@ def _vanishing_point(significant: dict[int, bool]) -> str:
         return f"no significant advantage at any size ({sizes[0]}–{sizes[-1]})"
     last = max(n for n in sizes if significant[n])
     if last == sizes[-1]:
-        return f"does not vanish within {sizes[0]}–{sizes[-1]} per class"
+        gaps = [str(n) for n in sizes if not significant[n]]  # smaller sizes where it is not (yet) significant
+        return f"does not vanish within {sizes[0]}–{sizes[-1]} per class" + (
+            f" (not significant at n = {', '.join(gaps)})" if gaps else ""
+        )
     after = sizes[sizes.index(last) + 1]
     return f"n = {after} per class (last significant at n = {last})"
 
