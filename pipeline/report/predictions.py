@@ -70,7 +70,7 @@ def rows(record: dict, results: dict) -> list[list[str]]:
     """One row per predictor: its best strategy (or depth cell) among `results`, that one's measured
     accuracy, tau [interval] and the largest tau its ties allow."""
     per_seed = {v: r["test_accuracy"] for v, r in results.items()}
-    measured = {v: float(np.mean(list(a.values()))) for v, a in per_seed.items()}
+    measured = mean_accuracy(results)
     out = []
     for name in [n for n in LABELS if n in record["predictions"]]:
         scores = {v: s for v, s in record["predictions"][name]["scores"].items() if v in results}
@@ -129,6 +129,11 @@ def sweep_seconds(results: dict) -> float:
     return total
 
 
+def mean_accuracy(results: dict) -> dict[str, float]:
+    """{strategy or cell: mean test accuracy over its seeds}."""
+    return {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
+
+
 def _by_size(sample: dict[str, dict[int, dict]]) -> dict[int, dict]:
     """{n: {strategy: result}} from the study's {strategy: {n: result}}."""
     out: dict[int, dict] = {}
@@ -162,7 +167,7 @@ def helps_rows(record: dict, sample: dict[str, dict[int, dict]], pixels: dict[in
         helps = record.get("sample_efficiency", {}).get(str(n), {}).get("transfer_helps")
         if helps is None:
             continue
-        means = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in measured.items()}
+        means = mean_accuracy(measured)
         pretrained = [v for v in means if record["strategy_sources"].get(v, [PIXELS]) != [PIXELS]]
         best = max(pretrained, key=means.get) if pretrained else None
         out.append(
@@ -215,7 +220,7 @@ def blocks(
 
 def _strategy_blocks(record: dict, results: dict) -> list[tuple]:
     """The heading, how to read the table, and the main comparison's table."""
-    measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
+    measured = mean_accuracy(results)
     best = max(measured, key=measured.get)
     predicted = {v: r for v, r in results.items() if v in record["strategy_sources"]}
     return [
@@ -248,7 +253,7 @@ def _strategy_blocks(record: dict, results: dict) -> list[tuple]:
 
 def _helps_blocks(record: dict, results: dict, pixels: float | None) -> list[tuple]:
     """Does transfer help (predicted and measured), where the gradient norms point, what it cost."""
-    measured = {v: float(np.mean(list(r["test_accuracy"].values()))) for v, r in results.items()}
+    measured = mean_accuracy(results)
     out = []
     helps = record.get("transfer_helps")
     if helps:
