@@ -10,7 +10,7 @@ KERAS_FASHION_MNIST_DIR := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-m
 
 export DVC_NO_ANALYTICS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
-# stages call `python -m pipeline.<stage>`: make that the virtualenv's python
+# stages call `python -m pipeline.stages.<stage>`: make that the virtualenv's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install data browser postgres repro test test-slow test-all lint format variants bench bench-tune bench-e2e bench-numerics bench-folders dashboard team-up team-down clean
@@ -84,29 +84,29 @@ format: install
 # bench-* targets below add their parts to the same document
 bench: install data
 	$(BIN)/dvc repro prepare
-	$(BIN)/python -m pipeline.bench
+	$(BIN)/python -m pipeline.tools.bench
 
 # adds a clean `dvc repro` in a temporary copy, no-op repro and peak memory per stage (~20 min)
 bench-e2e: install data
-	$(BIN)/python -m pipeline.bench --end-to-end
+	$(BIN)/python -m pipeline.tools.bench --end-to-end
 
 # tune trials/min per strategy under the training rule (~10 min)
 bench-tune: install data
 	$(BIN)/dvc repro prepare
-	$(BIN)/python -m pipeline.bench --tune
+	$(BIN)/python -m pipeline.tools.bench --tune
 
 # reading a folder of generated camera-size JPEGs: the old path, one decode, draft mode, all cores (~3 min)
 bench-folders: install
-	$(BIN)/python -m pipeline.bench --folders
+	$(BIN)/python -m pipeline.tools.bench --folders
 
 # XLA and bfloat16 mixed precision against float32 (~5 min)
 bench-numerics: install data
 	$(BIN)/dvc repro prepare
-	$(BIN)/python -m pipeline.bench --numerics
+	$(BIN)/python -m pipeline.tools.bench --numerics
 
 # the README's variant table
 variants: install
-	$(BIN)/python -m pipeline.describe
+	$(BIN)/python -m pipeline.tools.describe
 
 # optional extra: a web UI for the Optuna studies (`optuna-dashboard results/tune/<variant>/study.journal`)
 dashboard: install
@@ -117,10 +117,10 @@ dashboard: install
 TEAM_PG_PORT ?= 5433
 TEAM_MLFLOW_PORT ?= 5000
 team-up: install postgres
-	$(BIN)/python -m pipeline.team_stack up --dir .team --pg-port $(TEAM_PG_PORT) --mlflow-port $(TEAM_MLFLOW_PORT)
+	$(BIN)/python -m pipeline.stack.team_stack up --dir .team --pg-port $(TEAM_PG_PORT) --mlflow-port $(TEAM_MLFLOW_PORT)
 
 team-down: install
-	$(BIN)/python -m pipeline.team_stack down --dir .team
+	$(BIN)/python -m pipeline.stack.team_stack down --dir .team
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

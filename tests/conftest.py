@@ -109,8 +109,9 @@ TINY_OVERRIDE = {
 def make_tiny_project(root: Path, variants: dict, override: dict | None = None) -> tuple[Path, Path]:
     """Tiny Fashion-MNIST-format data (10 classes, 28x28), a shrunk copy of the real params
     with only `variants`, and the prepared splits. Returns (params path, prepared folder)."""
-    from pipeline.params import load_params
-    from pipeline.prepare import prepare, write_prepared
+    from pipeline.core.params import load_params
+    from pipeline.core.splits import prepare
+    from pipeline.stages.prepare import write_prepared
 
     folder = root / "fmnist"
     folder.mkdir(parents=True)
@@ -148,9 +149,14 @@ def cli(**options: object) -> list[str]:
     return args
 
 
+STAGES = ("prepare", "baselines", "predict", "tune", "train", "register", "report")
+
+
 def stage_command(module: str, *args: object) -> list[str]:
-    """`python -m pipeline.<module> ARGS` with the tests' interpreter: a stage as a user runs it."""
-    return [sys.executable, "-m", f"pipeline.{module}", *map(str, args)]
+    """`python -m pipeline.stages.<module> ARGS` (a stage's name) or `python -m pipeline.<module> ARGS`
+    (a tool: "tools.bench") with the tests' interpreter: as a user runs it."""
+    dotted = f"stages.{module}" if module in STAGES else module
+    return [sys.executable, "-m", f"pipeline.{dotted}", *map(str, args)]
 
 
 def run_stage(module: str, *args: object, env: dict | None = None, timeout: int = 600, **kwargs):
@@ -171,7 +177,7 @@ def stage_env(root: Path) -> dict:
 @pytest.fixture(scope="session")
 def hed():
     """The embedded pretrained VGG16 conv weights (loaded once per test session)."""
-    from pipeline.weights import load_base_weights
+    from pipeline.core.weights import load_base_weights
 
     return load_base_weights("hed")
 
@@ -179,7 +185,7 @@ def hed():
 def colour_splits(seed: int, train_per_class: int):
     """Splits of 3 classes with a learnable signal (class = dominant colour channel), 32x32:
     `train_per_class`, 4 validation and 4 test images per class."""
-    from pipeline.fit import Splits
+    from pipeline.core.fit import Splits
 
     rng = np.random.default_rng(seed)
 
@@ -194,8 +200,8 @@ def colour_splits(seed: int, train_per_class: int):
 
 def run_config(spec, **overrides):
     """A RunConfig for `colour_splits` training the layers `spec`; `overrides` change any field."""
-    from pipeline.fit import RunConfig
-    from pipeline.vgg16 import resolve_trainable
+    from pipeline.core.fit import RunConfig
+    from pipeline.core.vgg16 import resolve_trainable
 
     values = dict(
         image_size=32,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, cli, make_tiny_project, merge, run_stage, stage_env
+from tests.conftest import REPO, cli, make_tiny_project, merge, run_stage, stage_command, stage_env
 
 PYTHON = sys.executable
 
@@ -392,7 +392,7 @@ def test_tracking_read_only_results_folder(tmp_path, tiny, stage):
                 "--feature-cache",
                 tmp_path / "cache",
             ]
-        command = [*prefix, PYTHON, "-m", f"pipeline.{args[0]}", *map(str, args[1:])]
+        command = [*prefix, *stage_command(*args)]
         proc = subprocess.run(command, cwd=REPO, env=stage_env(tmp_path), capture_output=True, text=True, timeout=600)
         target = results if stage == "prepare" else results / "train"
         assert_rejected(

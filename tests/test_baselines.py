@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import baselines
-from pipeline.baselines import C_GRID, PIXELS, PROBE, TOL, fit, fit_logistic_regression, reorder_stability
+from pipeline.stages import baselines
+from pipeline.stages.baselines import C_GRID, PIXELS, PROBE, TOL, fit, fit_logistic_regression, reorder_stability
 from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_env
 
 
@@ -44,7 +44,7 @@ def test_a_training_subset_fits_as_if_the_data_held_only_those_rows(tmp_path):
     """The sample-efficiency baselines train on a seed's rows of the pool: the same records and
     probabilities as on data cut down to those rows beforehand (the probe standardised with the
     statistics of the rows it trains on, not of the pool)."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     params = load_params(REPO / "params.yaml")
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""The benchmark's arithmetic and a smoke run of `python -m pipeline.bench` on tiny data.
+"""The benchmark's arithmetic and a smoke run of `python -m pipeline.tools.bench` on tiny data.
 
 Timings themselves are never asserted: only that the benchmark measures what it says."""
 
@@ -8,15 +8,15 @@ import json
 
 import pytest
 
-from pipeline.bench import measure, tables
-from pipeline.fit import Splits
-from pipeline.model import BARE_HEAD, build_model
-from pipeline.params import load_params
+from pipeline.core.fit import Splits
+from pipeline.core.model import ModelSpec, build_model
+from pipeline.core.params import load_params
+from pipeline.tools.bench import measure, tables
 from tests.conftest import REPO, make_tiny_project, run_stage, stage_env
 
 
 def test_vgg16_conv_flops_match_the_published_15_3_gmacs_at_224():
-    model = build_model(image_size=224, num_classes=10, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD)
+    model = build_model(ModelSpec(image_size=224, num_classes=10), None)
     flops = measure.conv_flops(model)
     assert len(flops) == 13
     assert sum(flops.values()) / 2 == pytest.approx(15.35e9, rel=0.005)
@@ -47,7 +47,7 @@ def test_bench_runs_every_section_on_tiny_data_and_writes_the_report(tmp_path):
         ["--large-images", "100", "--large-size", "32", "--synthetic-images", "64"],
         ["--tune", "--tune-trials", "2"],
     ):
-        proc = run_stage("bench", *common, *extra, env=stage_env(tmp_path), timeout=900)
+        proc = run_stage("tools.bench", *common, *extra, env=stage_env(tmp_path), timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "benchmark.json").read_text())
     assert [row["variant"] for row in result["strategies"]] == ["frozen", "full"]
@@ -99,7 +99,7 @@ def _trial(curve: list[float], value: float) -> dict:
 
 
 def test_halving_replay_cuts_low_trials_at_the_rung_and_counts_what_it_saves():
-    from pipeline.bench.halving import at_rung
+    from pipeline.tools.bench.halving import at_rung
 
     trials = [
         _trial([0.5, 0.6, 0.7, 0.7], 0.7),
@@ -120,7 +120,7 @@ def test_halving_replay_cuts_low_trials_at_the_rung_and_counts_what_it_saves():
 def test_tuning_noise_spread_is_the_learning_rate_ratio_and_paired_test_difference():
     import numpy as np
 
-    from pipeline.bench.tuning_noise import spread
+    from pipeline.tools.bench.tuning_noise import spread
 
     rows = {
         "a": {"learning_rate": 1e-4, "head_units": 0, "test_accuracy": 0.70},

@@ -1,10 +1,10 @@
-"""pipeline.compare: two runs are the same apart from what measures time."""
+"""pipeline.tools.compare_runs: two runs are the same apart from what measures time."""
 
 from __future__ import annotations
 
 import json
 
-from pipeline.compare import differences, main
+from pipeline.tools.compare_runs import differences, main
 
 
 def _run(root, accuracy, seconds, extra=False):

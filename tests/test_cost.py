@@ -1,10 +1,10 @@
-"""Training cost in FLOPs (pipeline/cost.py): layer counts by hand, the backward-pass convention,
+"""Training cost in FLOPs (pipeline/analysis/cost.py): layer counts by hand, the backward-pass convention,
 whole runs and tune trials, and the one-time extraction of a cached prefix."""
 
 import pytest
 
-from pipeline import cost
-from pipeline.vgg16 import CONV_LAYERS, resolve_trainable
+from pipeline.analysis import cost
+from pipeline.core.vgg16 import CONV_LAYERS, resolve_trainable
 
 LAYOUT = cost.Layout(image_size=32, pooling="flatten", num_classes=10, val_images=500, test_images=2000)
 

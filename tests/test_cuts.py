@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import cost, features
-from pipeline.baselines import average_pool
-from pipeline.drift import block_drift, snapshot
-from pipeline.errors import ConfigError
-from pipeline.fit import fit_variant
-from pipeline.model import BARE_HEAD, build_model, count_parameters
-from pipeline.params import parse_params
-from pipeline.report.cuts import kind
-from pipeline.report.studies import depth_name
-from pipeline.vgg16 import CONV_LAYERS, head_features, head_pool_size, kept_layers, resolve_trainable
+from pipeline.analysis import cost
+from pipeline.core import frozen_features
+from pipeline.core.fit import fit_variant
+from pipeline.core.model import ModelSpec, build_model, count_parameters
+from pipeline.core.params import parse_params
+from pipeline.core.vgg16 import CONV_LAYERS, head_features, head_pool_size, kept_layers, resolve_trainable
+from pipeline.core.weight_drift import block_drift, snapshot
+from pipeline.runtime.errors import ConfigError
+from pipeline.stages.baselines import average_pool
+from pipeline.stages.report.cuts import kind
+from pipeline.stages.report.studies import depth_name
 from tests.conftest import REPO, colour_splits, run_config
 
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -27,14 +28,9 @@ BASE_UP_TO = {"block1": 38_720, "block2": 260_160, "block3": 1_735_488, "block4"
 
 
 def _model(cut: str, trainable=frozenset(), image_size: int = 32, **head) -> keras.Model:
-    options = {**BARE_HEAD, **head}
+    options = head
     return build_model(
-        image_size=image_size,
-        num_classes=10,
-        trainable_layers=trainable,
-        base_weights=None,
-        cut_after=cut,
-        **options,
+        ModelSpec(image_size=image_size, num_classes=10, trainable_layers=trainable, cut_after=cut, **options), None
     )
 
 
@@ -59,10 +55,10 @@ def test_the_blocks_above_the_cut_are_not_built():
 
 @pytest.mark.parametrize("cut", list(BASE_UP_TO))
 def test_the_cached_fast_path_cuts_at_the_kept_bases_end_or_below_its_first_trainable_layer(cut):
-    assert features.cut_layer(_model(cut), frozenset()) == f"{cut}_pool"
+    assert frozen_features.cut_layer(_model(cut), frozenset()) == f"{cut}_pool"
     top = kept_layers(cut)[-1]
     below = CONV_LAYERS[CONV_LAYERS.index(top) - 1]
-    assert features.cut_layer(_model(cut, frozenset({top})), frozenset({top})) == below
+    assert frozen_features.cut_layer(_model(cut, frozenset({top})), frozenset({top})) == below
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +185,7 @@ def test_the_report_reads_what_trained_from_the_parameter_counts():
 
 
 def test_pooling_benchmark_measures_each_distinct_pooling_once_and_marks_the_auto_one():
-    from pipeline.bench.pooling import poolings, table
+    from pipeline.tools.bench.pooling import poolings, table
 
     assert poolings(4, 256) == {"flatten": 1, "2x2 grid": 2, "global average": None}  # block3 at 32x32
     assert poolings(2, 512) == {"flatten": 1, "global average": None}  # a 2x2 grid is the flattened map
@@ -205,7 +201,7 @@ def test_pooling_benchmark_measures_each_distinct_pooling_once_and_marks_the_aut
 
 
 def test_a_head_further_than_the_tolerance_below_its_probe_is_flagged():
-    from pipeline.report.answer import HEAD_PROBE_TOLERANCE, head_probe_check
+    from pipeline.stages.report.answer import HEAD_PROBE_TOLERANCE, head_probe_check
 
     probe = {"test_accuracy": 0.8015, "features": "hed conv base cut after block3, auto"}
     flagged = head_probe_check("cut3_frozen", 0.771, probe)  # the committed default run's numbers

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import folders
-from pipeline.bench.folders import camera_scene
-from pipeline.images import _draft_scale
+from pipeline.core import folders
+from pipeline.core.images import _draft_scale
+from pipeline.tools.bench.folders import camera_scene
 from tests.conftest import run_stage
 from tests.test_bad_inputs import assert_nothing_written, assert_rejected
 

@@ -1,6 +1,6 @@
 """Every image arrives as an image viewer shows it: one small file of each kind (PIL mode, bit
 depth, transparency, colour profile, EXIF orientation, animation) with known content, prepared
-through `python -m pipeline.prepare`, and the prepared pixels compared value by value."""
+through `python -m pipeline.stages.prepare`, and the prepared pixels compared value by value."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import KINDS, decode
+from pipeline.core.images import KINDS, decode
 from tests.conftest import REPO, cli, run_stage
 
 S = 32  # the prepared size: files are written at it, so no resampling blurs the expected values
@@ -339,7 +339,7 @@ def test_an_srgb_profile_is_left_alone(tmp_path):
 
 
 def test_truncated_and_undecodable_files_are_unreadable(tmp_path):
-    from pipeline.folders import decode_file
+    from pipeline.core.folders import decode_file
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, "PNG")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import team_stack
+from pipeline.stack import team_stack
 from tests.conftest import REPO, as_from_a_terminal, cli, make_tiny_project, stage_command, stage_env
 
 FULL = {"full": {"trainable": "all"}}
@@ -111,7 +111,7 @@ def test_train_stage_logs_to_a_real_mlflow_server_over_http(tmp_path, mlflow_ser
     assert run.data.metrics["parameters/trainable"] == seed_metrics["parameters"]["trainable"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/val_accuracy")] == [1, 2]
     assert run.data.params["trainable"] == "none"
-    assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"
+    assert run.data.tags["mlflow.source.name"] == "pipeline/stages/train.py"
     # artifacts went through the server into its artifact destination, not a local ./mlruns
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "history.csv", "confusion_matrix.png", "model_summary.txt"} <= names

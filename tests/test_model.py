@@ -7,9 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.errors import WeightsError
-from pipeline.model import (
-    BARE_HEAD,
+from pipeline.core.model import (
+    ModelSpec,
     VGG16Preprocess,
     build_model,
     check_trainable,
@@ -17,9 +16,10 @@ from pipeline.model import (
     count_parameters,
     trainable_layer_names,
 )
-from pipeline.params import load_params
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
-from pipeline.weights import hed_weights_path, load_base_weights
+from pipeline.core.params import load_params
+from pipeline.core.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
+from pipeline.core.weights import hed_weights_path, load_base_weights
+from pipeline.runtime.errors import WeightsError
 from tests.conftest import REPO
 
 VGG16_NOTOP = 14_714_688
@@ -28,11 +28,7 @@ BLOCK_SIZES = {"block1": 38_720, "block2": 221_440, "block3": 1_475_328, "block4
 
 def _build(trainable=frozenset(), image_size=32, num_classes=10, weights=None, **head):
     return build_model(
-        image_size=image_size,
-        num_classes=num_classes,
-        trainable_layers=trainable,
-        base_weights=weights,
-        **{**BARE_HEAD, **head},
+        ModelSpec(image_size=image_size, num_classes=num_classes, trainable_layers=trainable, **head), weights
     )
 
 
@@ -174,7 +170,7 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
 
 
 def test_imagenet_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
-    import pipeline.weights as weights_module
+    import pipeline.core.weights as weights_module
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure: Name or service not known")

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from pipeline import param_reads
-from pipeline.errors import ConfigError
-from pipeline.params import load_params, parse_params
-from pipeline.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
+from pipeline.core.params import load_params, parse_params
+from pipeline.core.vgg16 import BLOCKS, CONV_LAYERS, resolve_trainable
+from pipeline.runtime.errors import ConfigError
+from tests import param_reads
 from tests.conftest import REPO, merge
 
 
@@ -172,7 +171,7 @@ def test_every_default_in_the_code_equals_params_yaml():
 
     import yaml
 
-    from pipeline.params import Params, _convert
+    from pipeline.core.params import Params, _convert
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     checked = []
@@ -192,21 +191,21 @@ def test_every_default_in_the_code_equals_params_yaml():
 
 
 RECORDED_READS = """
-from pipeline.params import load_params
+from pipeline.core.params import load_params
 params = load_params("params.yaml")
 params.trains_end_to_end("frozen")
 sorted(params.variants)
-exec("params.mlflow.experiment, list(params.variants)", {"__name__": "pipeline.tracking", "params": params})
+exec("params.mlflow.experiment, list(params.variants)", {"__name__": "pipeline.stack.tracking", "params": params})
 depth, name = params.with_depth(2)
 depth.report.baseline, depth.report.target_accuracy, depth.variants[name].trainable
 """
 
 
 def test_a_process_records_each_params_value_it_reads_except_through_an_observer(tmp_path):
-    """pipeline/param_reads.py, the evidence for dvc.yaml's `params:` lists: values by full key,
+    """tests/param_reads.py, the evidence for dvc.yaml's `params:` lists: values by full key,
     the strategies' mapping when iterated, nothing read by an observing module (`tracking`) or
     set by the code (the depth study's baseline and strategy)."""
-    env = {**os.environ, param_reads.ENV: str(tmp_path)}
+    env = param_reads.environment(tmp_path)
     run = subprocess.run([sys.executable, "-c", RECORDED_READS], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     [record] = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]

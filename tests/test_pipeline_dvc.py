@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import param_reads
-from pipeline.bench.scale import copy_repository
-from pipeline.params import load_params
-from pipeline.results import TIMING_COLUMNS
+from pipeline.core.params import load_params
+from pipeline.core.results import TIMING_COLUMNS
+from pipeline.tools.bench.scale import copy_repository
+from tests import param_reads
 from tests.conftest import TINY_OVERRIDE, as_from_a_terminal, merge
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def project(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
-    env[param_reads.ENV] = str(tmp_path / "params-reads")  # every stage records the params it reads
+    env = param_reads.environment(tmp_path / "params-reads", env)  # every stage records the params it reads
     first = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
     return repo, env, raw, first
 
@@ -337,7 +337,7 @@ def _generic(keys, stage_params: dict) -> set[str]:
 
 
 def test_every_stage_declares_exactly_the_params_it_reads(project):
-    """dvc.yaml's `params:` against what each stage's code read (pipeline/param_reads.py) in every
+    """dvc.yaml's `params:` against what each stage's code read (tests/param_reads.py) in every
     run of this module, the studies included (so last). Per stage instance: no value read that is
     not declared. Per stage definition (the instances of a foreach/matrix stage together, as they
     share one `params:` list): no declared value that none of them read."""

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.predict import PIXELS, PREDICTORS, predictions, strategy_sources
-from pipeline.report import predictions as section
-from pipeline.vgg16 import BLOCKS, resolve_trainable
+from pipeline.core.vgg16 import BLOCKS, resolve_trainable
+from pipeline.stages.predict import PIXELS, PREDICTORS, predictions, strategy_sources
+from pipeline.stages.report import predictions as section
 from tests.conftest import cli, make_tiny_project, run_stage, stage_env
 
 
@@ -159,10 +159,10 @@ def test_each_sample_efficiency_size_is_scored_on_the_subsets_its_seeds_train_on
 def test_a_size_is_scored_on_exactly_the_subsets_the_study_trains_on(predict_run):
     """Recomputed here on the pixels: each seed's subset drawn as `train` draws it (the study's pool,
     `nested_subset` with [params.seed, seed]), scored, averaged over the seeds."""
-    from pipeline.data import nested_subset
-    from pipeline.params import load_params
-    from pipeline.predict import pixel_features, score_source
-    from pipeline.prepare import sample_efficiency_pool
+    from pipeline.core.data import nested_subset
+    from pipeline.core.params import load_params
+    from pipeline.core.splits import sample_efficiency_pool
+    from pipeline.stages.predict import pixel_features, score_source
 
     root, result = predict_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -263,8 +263,8 @@ def test_the_report_section_scores_each_predictor_against_the_measured_ranking()
 
 
 def test_a_strategy_on_other_pretrained_weights_is_left_out_saying_why(default_raw_params):
-    from pipeline.params import parse_params
-    from pipeline.predict import candidates
+    from pipeline.core.params import parse_params
+    from pipeline.stages.predict import candidates
 
     raw = {
         **default_raw_params,
@@ -282,7 +282,7 @@ def test_a_strategy_on_other_pretrained_weights_is_left_out_saying_why(default_r
 
 
 def test_pixels_are_one_channel_for_grey_images_and_all_three_for_colour():
-    from pipeline.predict import pixel_features
+    from pipeline.stages.predict import pixel_features
 
     grey = np.repeat(np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1), 3, axis=3)
     assert pixel_features(grey).shape == (2, 16) and pixel_features(grey)[0, 1] == pytest.approx(1 / 255)

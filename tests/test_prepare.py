@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data import read_idx, sample_per_class
-from pipeline.errors import DataError
-from pipeline.params import load_params
-from pipeline.prepare import prepare, write_prepared
+from pipeline.core.data import read_idx, sample_per_class
+from pipeline.core.params import load_params
+from pipeline.core.splits import prepare
+from pipeline.runtime.errors import DataError
+from pipeline.stages.prepare import write_prepared
 from tests.conftest import run_stage, write_idx
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.quiet import NOISE, filtered_stderr
+from pipeline.runtime.quiet import NOISE, filtered_stderr
 from tests.conftest import REPO
 
 NOISY = [
@@ -40,7 +40,7 @@ def test_noise_lines_are_dropped_and_everything_else_passes(capfd):
 def test_a_pipeline_process_imports_tensorflow_quietly():
     """Without TF_CPP_MIN_LOG_LEVEL: importing the package, then TensorFlow, prints nothing."""
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PIPELINE_TF_LOGS")}
-    code = "import pipeline, tensorflow as tf; tf.constant(1.0) + 1; print('ok')"
+    code = "import pipeline.stages, tensorflow as tf; tf.constant(1.0) + 1; print('ok')"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -65,7 +65,7 @@ def _import_fake_tensorflow(tmp_path, end: str) -> subprocess.CompletedProcess:
     package.mkdir()
     (package / "__init__.py").write_text(FAKE_TENSORFLOW.format(noise=NOISY[3], end=end))
     env = {k: v for k, v in os.environ.items() if k != "PIPELINE_TF_LOGS"}
-    code = f"import sys; import pipeline; sys.path.insert(0, {str(tmp_path)!r}); import tensorflow"
+    code = f"import sys; import pipeline.stages; sys.path.insert(0, {str(tmp_path)!r}); import tensorflow"
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -89,7 +89,7 @@ def test_an_exception_while_tensorflow_loads_keeps_its_lines_and_traceback(tmp_p
 
 
 def test_the_noise_filter_steps_aside_when_it_cannot_start(monkeypatch, capfd):
-    from pipeline import quiet
+    from pipeline.runtime import quiet
 
     def fail(*args, **kwargs):
         raise OSError("no process")
@@ -99,3 +99,13 @@ def test_the_noise_filter_steps_aside_when_it_cannot_start(monkeypatch, capfd):
     with quiet.filtered_stderr():
         os.write(2, b"a line\n")
     assert capfd.readouterr().err == "a line\n" and sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_filter_is_opt_in_a_stage_installs_it_the_core_does_not():
+    code = (
+        "import sys; import pipeline.core.params; from pipeline.runtime import quiet; "
+        "hooked = lambda: any(isinstance(f, quiet._QuietTensorFlow) for f in sys.meta_path); "
+        "print(hooked()); import pipeline.stages; print(hooked())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", "True"], result.stderr

@@ -1,12 +1,12 @@
-"""The answer rule (pipeline/recommendation.py): best on validation, non-inferiority within the
+"""The answer rule (pipeline/analysis/recommendation.py): best on validation, non-inferiority within the
 margin on test, the cheapest candidate in FLOPs, the baselines as candidates, wording."""
 
 import numpy as np
 import pytest
 
-from pipeline.errors import DataError
-from pipeline.recommendation import choose, describe
-from pipeline.stats import noninferiority
+from pipeline.analysis.recommendation import choose, describe
+from pipeline.core.stats import noninferiority
+from pipeline.runtime.errors import DataError
 
 IMAGES = 2000
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import results
-from pipeline.stats import accuracy_interval, noninferiority
-from pipeline.vgg16 import BLOCKS
+from pipeline.core import results
+from pipeline.core.stats import accuracy_interval, noninferiority
+from pipeline.core.vgg16 import BLOCKS
 from tests.conftest import REPO, cli, run_stage, stage_env
 
 # mean test accuracy, mean best-validation accuracy, compute seconds (tuning + one run) per strategy
@@ -63,11 +63,14 @@ def _write_results(root: Path) -> None:
             metrics = {
                 "test_accuracy": accuracy + 0.01 * (seed - 2),
                 "test_macro_f1": accuracy - 0.05,
+                "test_recall_per_class": dict.fromkeys(CLASSES, accuracy),
                 "best_val_accuracy": val_accuracy,
                 "best_epoch": 19 if unconverged else 2,
                 "epochs_run": 20 if unconverged else 2 + seed,
                 "max_epochs": 20,
                 "stopped_early": not unconverged,
+                "patience": 2,
+                "min_delta": 0.0,
                 "epochs_to_target": 3 if variant == "partial" else None,
                 "target_accuracy": 0.4,
                 "parameters": {
@@ -81,7 +84,9 @@ def _write_results(root: Path) -> None:
                 },
                 "head_units": 8,
                 "learning_rate": 1e-3,
+                "cut_after": "block5",
                 "training_path": "end-to-end",
+                "frozen_weights_unchanged": True,
                 "warmup_epochs": 0,
                 "train_images": 30,
                 "weight_drift": {b: 0.1 * seed if b == "block5" and variant != "frozen" else 0.0 for b in BLOCKS},
@@ -89,6 +94,9 @@ def _write_results(root: Path) -> None:
                     "seconds_per_epoch": 1.0 + v_index,
                     "train_seconds": compute / 2 + seed - 2,
                     "extraction_seconds": 0.0,
+                    "feature_seconds": 0.0,
+                    "first_epoch_seconds": 1.0 + v_index,
+                    "seconds_to_target": 3.0 if variant == "partial" else None,
                 },
             }
             probabilities = _probabilities(accuracy + 0.01 * (seed - 2))
@@ -397,8 +405,8 @@ def test_baselines_from_another_test_set_stop_the_report_with_the_fix(report, tm
 
 
 def test_data_caveat_names_every_kind_of_image_conversion_in_one_line():
-    from pipeline.images import KINDS
-    from pipeline.report.document import _conversions
+    from pipeline.core.images import KINDS
+    from pipeline.stages.report.document import _conversions
 
     data = {
         "conversions": {**dict.fromkeys(KINDS, 0), "high_bit_depth_16": 41, "exif_orientation": 2},
@@ -413,8 +421,8 @@ def test_data_caveat_names_every_kind_of_image_conversion_in_one_line():
 
 
 def test_data_caveat_says_what_an_image_folder_left_out():
-    from pipeline.folders import COUNTS
-    from pipeline.report.document import _folder
+    from pipeline.core.folders import COUNTS
+    from pipeline.stages.report.document import _folder
 
     data = {
         "folder": {**dict.fromkeys(COUNTS, 0), "duplicates_removed": 2, "macos_resource_forks": 3},
@@ -426,3 +434,26 @@ def test_data_caveat_says_what_an_image_folder_left_out():
         "(._*), 1 unreadable files skipped, images per class 6–9 before sampling."
     )
     assert _folder({"source": "fashion_mnist"}) == ""
+
+
+def test_a_seed_record_is_written_and_read_through_one_schema(tmp_path):
+    """results.SEED_KEYS: `write_seed` refuses a record that lacks a key or has an unknown one
+    (a bug in the writer); reading a metrics.json written by other code names what differs."""
+    from pipeline.runtime.errors import DataError
+
+    complete = {**dict.fromkeys(results.SEED_KEYS, 1), "timing": dict.fromkeys(results.SEED_TIMING, 1.0)}
+    results.write_seed(tmp_path / "ok", [], complete, LABELS, _probabilities(0.9), np.eye(3, dtype=int), CLASSES)
+    assert json.loads((tmp_path / "ok" / "metrics.json").read_text()) == complete
+    probabilities, labels = _probabilities(0.9), LABELS
+    incomplete = {k: v for k, v in complete.items() if k != "patience"}
+    with pytest.raises(ValueError, match=r"lack \['patience'\]"):
+        results.write_seed(tmp_path / "a", [], incomplete, labels, probabilities, np.eye(3, dtype=int), CLASSES)
+    with pytest.raises(ValueError, match=r"unknown keys \['timing.wall'\]"):
+        extra = {**complete, "timing": {**complete["timing"], "wall": 1.0}}
+        results.write_seed(tmp_path / "b", [], extra, labels, probabilities, np.eye(3, dtype=int), CLASSES)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+    seed_dir = tmp_path / "train" / "frozen" / "seeds" / "1"
+    seed_dir.mkdir(parents=True)
+    (seed_dir / "metrics.json").write_text(json.dumps(incomplete))
+    with pytest.raises(DataError, match=r"metrics\.json was written by other code: its metrics lack \['patience'\]"):
+        results.read_seed_metrics(tmp_path / "train", "frozen", 1)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking
+from pipeline.stack import tracking
 from tests.conftest import REPO
 
-SOURCES = sorted((REPO / "pipeline").glob("*.py"))
+SOURCES = sorted((REPO / "pipeline").rglob("*.py"))
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_params_loader_is_a_safe_loader():
     object tag is refused like yaml.safe_load refuses it."""
     import yaml
 
-    from pipeline.params import _safe_load_unique, _StrictLoader
+    from pipeline.core.params import _safe_load_unique, _StrictLoader
 
     assert issubclass(_StrictLoader, yaml.SafeLoader)
     with pytest.raises(yaml.constructor.ConstructorError):

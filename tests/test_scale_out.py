@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import optuna_study, team_stack
-from pipeline.errors import PipelineError
+from pipeline.runtime.errors import PipelineError
+from pipeline.stack import optuna_study, team_stack
 from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_command
 
 pytestmark = pytest.mark.slow  # real servers and stage processes: about 2 minutes together
@@ -174,8 +174,8 @@ def test_tune_workers_on_three_machines_share_one_postgresql_study_and_survive_a
     rows = (machines[0] / "tune" / "trials.csv").read_text().splitlines()
     assert len(rows) == budget + 1 and all(",COMPLETE," in row for row in rows[1:])
 
-    from pipeline.params import load_params
-    from pipeline.train import hyperparameters
+    from pipeline.core.params import load_params
+    from pipeline.stages.train import hyperparameters
 
     read = hyperparameters(load_params(machines[0] / "params.yaml"), machines[0] / "tune" / "best_params.json")
     assert (read["head_units"], read["learning_rate"]) == (winner.params["head_units"], winner.params["learning_rate"])
@@ -233,7 +233,7 @@ def test_team_stack_up_then_down(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "pipeline.team_stack",
+        "pipeline.stack.team_stack",
         "--dir",
         str(root / "team"),
         "--pg-port",

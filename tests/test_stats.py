@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.stats import accuracy_interval, difference_interval, paired_t_test, t_interval
+from pipeline.core.stats import accuracy_interval, difference_interval, paired_t_test, t_interval
 
 
 def test_t_interval_matches_the_textbook_value():
@@ -102,7 +102,7 @@ def test_variance_estimate_is_unbiased_for_the_two_way_random_effects_model():
     variance of the mean over 5000 tables matches sigma_seed^2/S + sigma_image^2/N +
     sigma_res^2/(S N) within 3%; adding var(seed accuracies)/S instead (the residual twice) is
     measurably too large."""
-    from pipeline.stats import _components
+    from pipeline.core.stats import _components
 
     rng = np.random.default_rng(7)
     seeds, images, sd_seed, sd_image, sd_res = 3, 200, 0.1, 0.3, 0.4
@@ -141,7 +141,7 @@ def test_difference_is_paired_on_images():
 def test_tuning_curve_is_the_expected_best_of_n_draws_with_replacement():
     import itertools
 
-    from pipeline.stats import tuning_curve
+    from pipeline.core.stats import tuning_curve
 
     values = [0.61, 0.7, 0.55, 0.7, 0.68]
     curve = tuning_curve(values)
@@ -157,7 +157,7 @@ def test_tuning_curve_is_the_expected_best_of_n_draws_with_replacement():
 
 
 def test_accuracy_standard_error_is_binomial():
-    from pipeline.stats import accuracy_standard_error
+    from pipeline.core.stats import accuracy_standard_error
 
     assert accuracy_standard_error(0.7, 500) == pytest.approx(0.0205, abs=1e-4)
     assert accuracy_standard_error(0.7, 200) == pytest.approx(0.0324, abs=1e-4)
@@ -181,7 +181,7 @@ def test_noninferiority_is_declared_at_most_5_percent_of_the_time_at_the_margin(
     """The decision's type I error: at a true loss of exactly the margin, 1000 simulated
     experiments (2000 test images) declare non-inferiority in at most 5% of them (plus two Monte
     Carlo standard errors)."""
-    from pipeline.stats import noninferiority
+    from pipeline.core.stats import noninferiority
 
     rng = np.random.default_rng(seeds * 100 + int(seed_sd * 1000))
     margin, repeats = 0.02, 1000
@@ -196,7 +196,7 @@ def test_noninferiority_has_power_when_seeds_agree_and_is_hard_to_show_when_they
     """No true loss, 5 seeds, 2000 images: with seeds that agree (SD 0.003) non-inferiority within
     0.02 is shown in most experiments; with seeds that spread (SD 0.02) it mostly is not: the
     margin must be read against the seed noise."""
-    from pipeline.stats import noninferiority
+    from pipeline.core.stats import noninferiority
 
     rng = np.random.default_rng(11)
 
@@ -211,7 +211,7 @@ def test_noninferiority_has_power_when_seeds_agree_and_is_hard_to_show_when_they
 def test_noninferiority_verdicts_follow_the_one_sided_bounds():
     from scipy import stats
 
-    from pipeline.stats import difference_interval, noninferiority
+    from pipeline.core.stats import difference_interval, noninferiority
 
     rng = np.random.default_rng(3)
     a = (rng.uniform(size=(3, 1000)) < 0.7).astype(np.int8)

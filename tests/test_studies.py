@@ -9,11 +9,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.baselines import C_GRID
-from pipeline.corruptions import BLUR_SIGMA_PER_32PX, CONTRAST_FACTOR, NOISE_SIGMA, corrupt
-from pipeline.data import nested_subset
-from pipeline.report.studies import _vanishing_point, advantage_table
-from pipeline.results import read_predictions
+from pipeline.core.corruptions import BLUR_SIGMA_PER_32PX, CONTRAST_FACTOR, NOISE_SIGMA, corrupt
+from pipeline.core.data import nested_subset
+from pipeline.core.results import read_predictions
+from pipeline.stages.baselines import C_GRID
+from pipeline.stages.report.studies import _vanishing_point, advantage_table
 from tests.conftest import make_tiny_project, run_stage, stage_env
 
 # --- corruptions ------------------------------------------------------------------------------
@@ -283,10 +283,10 @@ def test_sample_efficiency_baselines_fit_every_seed_on_the_same_test_images(stud
             )
             assert np.mean(predicted == labels) == record["seeds"][str(seed)]["test_accuracy"]
     # the pixel baseline on seed 1's subset is exactly a fit on those rows of the pool
-    from pipeline.baselines import PIXELS, fit, pixels
-    from pipeline.data import nested_subset
-    from pipeline.params import load_params
-    from pipeline.prepare import sample_efficiency_pool
+    from pipeline.core.data import nested_subset
+    from pipeline.core.params import load_params
+    from pipeline.core.splits import sample_efficiency_pool
+    from pipeline.stages.baselines import PIXELS, fit, pixels
 
     params = load_params(root / "params.yaml")
     pool = sample_efficiency_pool(params, 3)

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline.stack import tracking
 
 
 @pytest.fixture

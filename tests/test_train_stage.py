@@ -1,4 +1,4 @@
-"""The train stage end to end: `python -m pipeline.train` on tiny prepared data, real MLflow."""
+"""The train stage end to end: `python -m pipeline.stages.train` on tiny prepared data, real MLflow."""
 
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def test_stage_writes_per_seed_outputs(stage_run):
 def test_saved_model_loads_in_safe_mode_and_matches_best_seed(stage_run):
     import keras
 
-    import pipeline.model  # noqa: F401  registers the VGG16Preprocess layer for loading
-    from pipeline.data import load_split
+    import pipeline.core.model  # noqa: F401  registers the VGG16Preprocess layer for loading
+    from pipeline.core.data import load_split
 
     root, _, result = stage_run
     assert result.returncode == 0
@@ -164,7 +164,7 @@ def test_runs_read_well_in_mlflow_and_in_the_terminal(stage_run):
     none of TensorFlow's start-up noise."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import split_digests
+    from pipeline.stack.tracking import split_digests
 
     root, _, result = stage_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -190,6 +190,14 @@ def test_runs_read_well_in_mlflow_and_in_the_terminal(stage_run):
         "curves/val_accuracy",
     }
     assert "evaluation/recall/T-shirt_top" in names and sum(n.startswith("evaluation/recall/") for n in names) == 10
+    # one clock: MLflow's per-epoch seconds are the ones history.csv holds, not a second timing
+    with (root / "results" / "last_layers" / "seeds" / "1" / "history.csv").open() as f:
+        written = [float(row["epoch_seconds"]) for row in csv.DictReader(f)]
+    logged = [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "timing/epoch_seconds"), key=lambda m: m.step)
+    ]
+    assert logged == pytest.approx(written, rel=1e-6) and len(written) == 2
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= names
     summary = json.loads((root / "prepared" / "summary.json").read_text())
     expected = split_digests(summary)
@@ -218,6 +226,7 @@ def registered(stage_run):
     options = cli(
         params=params_path,
         train_dir=root / "results",
+        tune_dir=root / "no-tune",  # not tuned here (the repository's results/tune must not leak in)
         baselines_dir=root / "no-baselines",  # not the repository's results/ of a user who ran `make repro`
         prepared=root / "prepared",
         out=root / "registered.json",
@@ -276,8 +285,8 @@ def test_registered_model_loads_from_any_folder_and_predicts_like_the_trained_on
     the probabilities of the trained Keras model."""
     import keras
 
-    import pipeline.model  # noqa: F401  registers VGG16Preprocess (for the reference predictions only)
-    from pipeline.data import load_split
+    import pipeline.core.model  # noqa: F401  registers VGG16Preprocess (for the reference predictions only)
+    from pipeline.core.data import load_split
 
     root, _ = registered
     env = {k: v for k, v in stage_env(root).items() if k != "PYTHONPATH"}
@@ -307,7 +316,7 @@ def test_registered_model_loads_from_any_folder_and_predicts_like_the_trained_on
 def test_mlflow_models_serve_answers_with_class_names(registered):
     """`mlflow models serve` (the README's command) on 127.0.0.1: one image POSTed to
     /invocations comes back with its class name and the probabilities."""
-    from pipeline.data import load_split
+    from pipeline.core.data import load_split
 
     root, _ = registered
     port = _free_port()
@@ -351,7 +360,7 @@ def test_mlflow_models_serve_answers_with_class_names(registered):
 
 
 def test_same_seed_twice_gives_byte_identical_results_apart_from_timing(stage_run, tmp_path):
-    from pipeline.results import TIMING_COLUMNS
+    from pipeline.core.results import TIMING_COLUMNS
 
     root, params_path, result = stage_run
     assert result.returncode == 0
@@ -394,7 +403,7 @@ def test_logged_params_tags_and_artifacts_hold_no_home_path(stage_run, tmp_path)
     for run in runs:
         if run.info.run_name.startswith("train/"):
             assert run.data.params["data.fashion_mnist_dir"] == "~/fmnist"
-            assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"
+            assert run.data.tags["mlflow.source.name"] == "pipeline/stages/train.py"
         leaked = {k: v for k, v in {**run.data.params, **run.data.tags}.items() if str(root) in v}
         assert not leaked
         folder = tmp_path / run.info.run_id

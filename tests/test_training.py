@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import features
-from pipeline.fit import NonFiniteLossError, Splits, fit_variant
-from pipeline.model import BARE_HEAD, build_model
-from pipeline.results import TIMING_COLUMNS
-from pipeline.vgg16 import BLOCKS, resolve_trainable
+from pipeline.core import frozen_features
+from pipeline.core.fit import NonFiniteLossError, Splits, fit_variant
+from pipeline.core.model import ModelSpec, build_model
+from pipeline.core.results import TIMING_COLUMNS
+from pipeline.core.vgg16 import BLOCKS, resolve_trainable
 from tests.conftest import colour_splits, run_config
 
 
@@ -30,21 +30,23 @@ def _without_timing(history):
 @pytest.mark.parametrize("spec", ["none", ["block5_conv3"], ["block5"], ["block4", "block5"]])
 def test_split_model_predicts_like_the_full_model(hed, tiny_splits, spec):
     model = build_model(
-        image_size=32,
-        num_classes=3,
-        trainable_layers=resolve_trainable(spec),
-        base_weights=hed.arrays,
-        head_units=16,
-        dropout=0.2,
-        pooling="flatten",
-        augmentation=False,
-        head_norm="none",
+        ModelSpec(
+            image_size=32,
+            num_classes=3,
+            trainable_layers=resolve_trainable(spec),
+            head_units=16,
+            dropout=0.2,
+            pooling="flatten",
+            augmentation=False,
+            head_norm="none",
+        ),
+        hed.arrays,
     )
-    cut = features.cut_layer(model, resolve_trainable(spec))
-    split = features.split_model(model, cut)
+    cut = frozen_features.cut_layer(model, resolve_trainable(spec))
+    split = frozen_features.split_model(model, cut)
     images = tiny_splits.train[0]
-    end_to_end = features.predict(model, images, 8)
-    cached = features.predict(split.suffix, features.predict(split.prefix, images, 8), 8)
+    end_to_end = frozen_features.predict(model, images, 8)
+    cached = frozen_features.predict(split.suffix, frozen_features.predict(split.prefix, images, 8), 8)
     np.testing.assert_allclose(cached, end_to_end, atol=1e-4)
     # the halves share the full model's layer objects: training one trains the other
     assert split.suffix.get_layer("predictions") is model.get_layer("predictions")
@@ -52,10 +54,8 @@ def test_split_model_predicts_like_the_full_model(hed, tiny_splits, spec):
 
 def test_cut_points_follow_the_first_trainable_layer(hed):
     def cut(spec):
-        model = build_model(
-            image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec), base_weights=None, **BARE_HEAD
-        )
-        return features.cut_layer(model, resolve_trainable(spec))
+        model = build_model(ModelSpec(image_size=32, num_classes=3, trainable_layers=resolve_trainable(spec)), None)
+        return frozen_features.cut_layer(model, resolve_trainable(spec))
 
     assert cut("none") == "block5_pool"
     assert cut(["block5_conv3"]) == "block5_conv2"
@@ -138,7 +138,7 @@ def test_nan_loss_stops_the_run_with_a_clear_error(hed, tiny_splits):
 
 
 def test_feature_cache_is_reused_across_seeds(tmp_path, hed, tiny_splits):
-    cache = features.FeatureCache(tmp_path)
+    cache = frozen_features.FeatureCache(tmp_path)
     first = fit_variant(_config("none"), hed, tiny_splits, "data", feature_cache=cache)
     second = fit_variant(_config("none", seed=9), hed, tiny_splits, "data", feature_cache=cache)
     assert first.feature_seconds > 0 and second.feature_seconds == 0
@@ -160,10 +160,10 @@ def test_augmentation_bypasses_the_cache(hed, tiny_splits):
 def _epochs_of_batches(x, y, seed: int, shuffle: bool, epochs: int = 2):
     import keras
 
-    from pipeline.fit import _batches
+    from pipeline.core.fit import batches
 
     keras.utils.set_random_seed(seed)
-    dataset = _batches(x, y, 8, seed, shuffle)
+    dataset = batches(x, y, 8, seed, shuffle)
     return [[(xb.numpy(), yb.numpy()) for xb, yb in dataset] for _ in range(epochs)]
 
 
@@ -171,7 +171,7 @@ def _epochs_of_batches(x, y, seed: int, shuffle: bool, epochs: int = 2):
 def test_streamed_batches_equal_in_memory_batches(tmp_path, monkeypatch, shuffle):
     """Large inputs are read batch by batch from their memory map; the batches (order included,
     epoch after epoch) must be exactly those of the in-memory path, or results would change."""
-    import pipeline.fit as training
+    import pipeline.core.fit as training
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.normal(size=(45, 2, 2, 3)).astype(np.float32))
@@ -190,27 +190,27 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path, monkeypatch, shuffle
 
 
 def test_cached_features_file_equals_the_prefix_output(tmp_path, hed, tiny_splits):
-    model = build_model(
-        image_size=32, num_classes=3, trainable_layers=frozenset(), base_weights=hed.arrays, **BARE_HEAD
-    )
-    prefix = features.split_model(model, "block4_pool").prefix
+    model = build_model(ModelSpec(image_size=32, num_classes=3, trainable_layers=frozenset()), hed.arrays)
+    prefix = frozen_features.split_model(model, "block4_pool").prefix
     images = tiny_splits.train[0]
-    cache = features.FeatureCache(tmp_path)
+    cache = frozen_features.FeatureCache(tmp_path)
     cached, seconds = cache.get_or_compute("k", "train", prefix, images, 7)  # batches that do not divide N
     assert isinstance(cached, np.memmap) and seconds > 0
-    np.testing.assert_array_equal(cached, features.predict(prefix, images, 7))
+    np.testing.assert_array_equal(cached, frozen_features.predict(prefix, images, 7))
     # the extraction batch size is a speed setting only: other batch sizes give the same bits
-    np.testing.assert_array_equal(cached, features.predict(prefix, images, features.extraction_batch_size(32)))
-    assert features.extraction_batch_size(32) == 128 and features.extraction_batch_size(224) == 20
+    np.testing.assert_array_equal(
+        cached, frozen_features.predict(prefix, images, frozen_features.extraction_batch_size(32))
+    )
+    assert frozen_features.extraction_batch_size(32) == 128 and frozen_features.extraction_batch_size(224) == 20
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["train.json", "train.npy"]  # no temporaries
     assert cache.extraction_seconds("k", "train") == pytest.approx(seconds)
 
 
 def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatch, hed, tiny_splits):
-    import pipeline.fit as training
+    import pipeline.core.fit as training
 
     def run():
-        cache = features.FeatureCache(tmp_path)
+        cache = frozen_features.FeatureCache(tmp_path)
         result = fit_variant(_config(["block5"], max_epochs=2), hed, tiny_splits, "data", feature_cache=cache)
         return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in result.history]
 
@@ -222,7 +222,7 @@ def test_training_on_streamed_inputs_gives_the_same_history(tmp_path, monkeypatc
 def test_mixed_precision_option_computes_in_bfloat16_and_restores_the_policy(tmp_path, hed, tiny_splits):
     import keras
 
-    cache = features.FeatureCache(tmp_path)
+    cache = frozen_features.FeatureCache(tmp_path)
     result = fit_variant(_config(["block5"], max_epochs=1, mixed_precision=True), hed, tiny_splits, "data", cache)
     assert result.model.get_layer("block5_conv1").compute_dtype == "bfloat16"
     assert result.model.get_layer("block5_conv1").kernel.dtype == "float32"  # weights stay float32

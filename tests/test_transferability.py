@@ -1,11 +1,11 @@
-"""The transferability scores on cases with a known answer (pipeline/transferability.py)."""
+"""The transferability scores on cases with a known answer (pipeline/analysis/transferability.py)."""
 
 import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 from sklearn.covariance import LedoitWolf, ledoit_wolf_shrinkage
 
-from pipeline.transferability import (
+from pipeline.analysis.transferability import (
     coding_rate,
     gbc,
     h_score,

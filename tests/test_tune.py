@@ -13,11 +13,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline import optuna_study
-from pipeline.errors import PipelineError
-from pipeline.params import load_params
-from pipeline.tune import study_identity
-from pipeline.tune_outputs import best_params
+from pipeline.core.params import load_params
+from pipeline.runtime.errors import PipelineError
+from pipeline.stack import optuna_study
+from pipeline.stack.optuna_outputs import best_params
+from pipeline.stages.tune import study_identity
 from tests.conftest import REPO, cli, make_tiny_project, run_stage, stage_command, stage_env
 
 FROZEN = {"frozen": {"trainable": "none"}}
@@ -60,7 +60,7 @@ def test_split_quota_is_exact_and_even():
 
 
 def test_study_identity_ignores_n_trials_so_raising_it_continues_the_study(default_raw_params):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
     from tests.conftest import merge
 
     base = parse_params(default_raw_params)
@@ -70,6 +70,25 @@ def test_study_identity_ignores_n_trials_so_raising_it_continues_the_study(defau
     name = lambda p: optuna_study.study_name("frozen", study_identity(p, "frozen", "w", "d"))  # noqa: E731
     assert name(base) == name(more) == name(other_seeds)  # train seeds do not touch a trial
     assert name(base) != name(other_rule)  # the training rule does
+
+
+def test_study_identity_holds_every_field_of_the_run_configuration_but_the_trials_own(default_raw_params):
+    """Derived from RunConfig itself: a field added there is part of the identity without an edit here,
+    so a changed setting can never resume a finished study."""
+    import dataclasses
+
+    from pipeline.core.fit import RunConfig
+    from pipeline.core.params import parse_params
+    from tests.conftest import merge
+
+    params = parse_params(default_raw_params)
+    identity = study_identity(params, "partial", "w", "d")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(identity["run"]) == fields - {"head_units", "learning_rate", "num_classes"}
+    assert identity["run"]["trainable_layers"] == sorted(params.variant("partial").layers)
+    name = lambda p: optuna_study.study_name("partial", study_identity(p, "partial", "w", "d"))  # noqa: E731
+    for change in ({"model": {"head_norm": "none"}}, {"train": {"augmentation": True}}, {"seed": 7}):
+        assert name(parse_params(merge(default_raw_params, change))) != name(params), change
 
 
 def _trial(number, state, value=None, attrs=None):
@@ -125,7 +144,7 @@ def test_interrupted_failures_do_not_count_against_the_budget():
 
 
 def test_best_params_records_budget_rule_and_edge(default_raw_params):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     params = parse_params(default_raw_params)
     study = optuna.create_study(direction="maximize")
@@ -151,7 +170,7 @@ def test_best_params_records_budget_rule_and_edge(default_raw_params):
 
 
 def test_learning_rate_edges_are_the_outer_tenths_of_the_log_range():
-    from pipeline.tune_outputs import learning_rate_edge
+    from pipeline.stack.optuna_outputs import learning_rate_edge
 
     assert learning_rate_edge(1.1e-5, (1e-5, 1e-2)) == "low"
     assert learning_rate_edge(9e-3, (1e-5, 1e-2)) == "high"
@@ -172,7 +191,7 @@ def test_start_up_design_covers_the_range_and_differs_per_strategy():
 
 
 def test_head_only_strategies_search_their_own_learning_rate_range(default_raw_params):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     params = parse_params(default_raw_params)
     end_to_end = {v for v in params.variants if params.trains_end_to_end(v)}
@@ -276,7 +295,7 @@ def test_tune_stage_writes_outputs_and_nested_mlflow_runs(tmp_path):
         (n, pytest.approx(v)) for n, v in enumerate(best["tuning_curve"]["expected_best"], 1)
     ]
     # the train stage reads them
-    from pipeline.train import hyperparameters
+    from pipeline.stages.train import hyperparameters
 
     hyper = hyperparameters(load_params(params_path), out / "best_params.json")
     assert hyper == {"head_units": best["head_units"], "learning_rate": best["learning_rate"], "source": "tuned"}

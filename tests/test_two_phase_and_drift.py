@@ -9,12 +9,12 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.drift import block_drift
-from pipeline.features import FeatureCache
-from pipeline.fit import Splits, fit_variant
-from pipeline.model import BARE_HEAD, build_model, compile_model
-from pipeline.results import TIMING_COLUMNS
-from pipeline.vgg16 import BLOCKS, resolve_trainable
+from pipeline.core.fit import Splits, fit_variant
+from pipeline.core.frozen_features import FeatureCache
+from pipeline.core.model import ModelSpec, build_model, compile_model
+from pipeline.core.results import TIMING_COLUMNS
+from pipeline.core.vgg16 import BLOCKS, resolve_trainable
+from pipeline.core.weight_drift import block_drift
 from tests.conftest import colour_splits, run_config
 
 DRIFTS = [f"drift_{b}" for b in BLOCKS]
@@ -68,7 +68,7 @@ def test_final_weight_drift_is_measured_from_the_weights_and_exactly_zero_for_fr
 
 
 def test_block_drift_of_a_model_against_itself_is_zero_and_scales_linearly():
-    model = build_model(image_size=32, num_classes=2, trainable_layers=frozenset(), base_weights=None, **BARE_HEAD)
+    model = build_model(ModelSpec(image_size=32, num_classes=2, trainable_layers=frozenset()), None)
     start = {b: [w.copy() for n in layers for w in model.get_layer(n).get_weights()] for b, layers in BLOCKS.items()}
     assert set(block_drift(model, start).values()) == {0.0}
     layer = model.get_layer("block2_conv1")
@@ -90,15 +90,17 @@ def test_blockwise_learning_rate_scales_the_first_adam_step_of_that_block_only(h
     for multipliers in (None, {"block5": 0.1}):
         keras.utils.set_random_seed(0)
         model = build_model(
-            image_size=32,
-            num_classes=2,
-            trainable_layers=layers,
-            base_weights=hed.arrays,
-            head_units=0,
-            pooling="flatten",
-            dropout=0.0,
-            augmentation=False,
-            head_norm="none",
+            ModelSpec(
+                image_size=32,
+                num_classes=2,
+                trainable_layers=layers,
+                head_units=0,
+                pooling="flatten",
+                dropout=0.0,
+                augmentation=False,
+                head_norm="none",
+            ),
+            hed.arrays,
         )
         before = {v.path: np.array(v.numpy()) for v in model.trainable_weights}
         compile_model(model, 1e-3, layers, multipliers=multipliers)

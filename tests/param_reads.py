@@ -1,0 +1,210 @@
+"""Which params.yaml keys a stage reads: the evidence behind dvc.yaml's `params:` lists.
+
+Test instrumentation, never imported by the pipeline: a process started with `environment(folder)`
+(PIPELINE_PARAMS_READS=<folder>, and tests/params_recorder on PYTHONPATH, whose sitecustomize calls
+`install()`) gets from `load_params` a params object whose every value read is recorded under its
+full key (`train.max_epochs`,
+`variants.frozen.trainable`); at exit the process writes `<folder>/<stage>-<pid>.json` with the
+stage's name (DVC's `DVC_STAGE`), its command line and the keys read. `tests/test_pipeline_dvc.py`
+runs the whole DAG this way and compares the keys with the ones each stage declares.
+
+A read counts when the code that makes it is the stage's own: reads from the modules that only
+observe a run (`code_deps.is_observer`, e.g. `tracking` logging every setting to MLflow) do not,
+as such a value cannot change an output.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from pipeline.runtime import code_deps
+from pipeline.runtime.atomic import write_json
+
+ENV = "PIPELINE_PARAMS_READS"
+SITE = Path(__file__).resolve().parent / "params_recorder"  # its sitecustomize.py calls install()
+# id(section) -> (section, its key prefix, the fields that hold no params.yaml value): kept here,
+# not on the instances, whose __dict__ the stages log to MLflow
+_labels: dict[int, tuple[object, str, frozenset[str]]] = {}
+_reads: set[str] = set()
+_paused = 0
+_entry_now = ""  # set by `record`
+
+
+def environment(folder: Path, base: dict | None = None) -> dict:
+    """`base` (default: this process's environment) with the recorder on, writing into `folder`."""
+    env = dict(os.environ if base is None else base)
+    env[ENV] = str(folder)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
+    return env
+
+
+def install() -> None:
+    """Record the reads of every params object `load_params` returns in this process; the depth
+    study's copies (`Params.with_depth`) record under the keys they were copied from."""
+    from pipeline.core import params as module
+
+    load, with_depth = module.load_params, module.Params.with_depth
+
+    def recorded_load(*args, **kwargs):
+        return record(load(*args, **kwargs))
+
+    def recorded_with_depth(self, *args, **kwargs):
+        replace = dataclasses.replace
+
+        def paused_replace(*args, **kwargs):
+            with paused():  # copying is no use of a value: the copies record their own reads
+                return replace(*args, **kwargs)
+
+        dataclasses.replace = paused_replace
+        try:
+            depth, name = with_depth(self, *args, **kwargs)
+        finally:
+            dataclasses.replace = replace
+        with paused():
+            derive(depth.report, self.report, {"baseline"})
+            derive(depth, self)
+        return depth, name
+
+    module.load_params, module.Params.with_depth = recorded_load, recorded_with_depth
+
+
+def _entry_module() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name.removeprefix("pipeline.").removesuffix(".__main__") if spec else ""
+
+
+def _made_by_an_observer(entry: str) -> bool:
+    """True when the nearest `pipeline` code on the stack (the stage's own `__main__` included) is
+    an observing module."""
+    frame = sys._getframe(3)  # 0: here, 1: _record, 2: the recording method, 3: the reader
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module == "__main__":
+            return False
+        if module.startswith("pipeline."):
+            return code_deps.is_observer(module.removeprefix("pipeline."), entry)
+        frame = frame.f_back
+    return False
+
+
+def _is_section(value: object) -> bool:
+    """A dataclass (a params section) or a mapping of them (`variants`): not a value by itself."""
+    if dataclasses.is_dataclass(value):
+        return True
+    return isinstance(value, dict) and bool(value) and all(dataclasses.is_dataclass(v) for v in dict.values(value))
+
+
+def _recording_getattribute(self, name: str):
+    value = object.__getattribute__(self, name)
+    if name.startswith("_") or name not in object.__getattribute__(self, "__dataclass_fields__"):
+        return value
+    _, prefix, derived = _labels.get(id(self), (None, None, ()))
+    if prefix is None or name in derived or _is_section(value):
+        return value  # no params.yaml value (made by the code), or a section, not a value
+    _record(prefix + name)
+    return value
+
+
+def _record(key: str) -> None:
+    if not _paused and not _made_by_an_observer(_entry_now):
+        _reads.add(key)
+
+
+class _Mapping(dict):
+    """A mapping section (`variants`) that records its key when code goes through all its entries
+    (the set of strategies is then what was read); looking one entry up records nothing."""
+
+    key = ""
+
+    def __iter__(self):
+        _record(self.key)
+        return super().__iter__()
+
+    def keys(self):
+        _record(self.key)
+        return super().keys()
+
+    def values(self):
+        _record(self.key)
+        return super().values()
+
+    def items(self):
+        _record(self.key)
+        return super().items()
+
+    def __len__(self):
+        _record(self.key)
+        return super().__len__()
+
+
+def _label(section: object, prefix: str, classes: set[type]) -> None:
+    classes.add(type(section))
+    _labels[id(section)] = (section, prefix, frozenset())
+    for field in dataclasses.fields(section):
+        value = object.__getattribute__(section, field.name)
+        if dataclasses.is_dataclass(value):
+            _label(value, f"{prefix}{field.name}.", classes)
+        elif _is_section(value):
+            for key, item in dict.items(value):
+                _label(item, f"{prefix}{field.name}.{key}.", classes)
+            mapping = _Mapping(value)
+            mapping.key = prefix + field.name
+            object.__setattr__(section, field.name, mapping)
+
+
+def record(params: object) -> object:
+    """Start recording the reads of `params` (the whole loaded params object); returns it."""
+    global _entry_now
+    classes: set[type] = set()
+    _label(params, "", classes)
+    for cls in classes:
+        cls.__getattribute__ = _recording_getattribute
+    _entry_now = _entry_module()
+    atexit.register(_write, Path(os.environ[ENV]))
+    return params
+
+
+def derive(copy: object, original: object, replaced: frozenset[str] | set[str] = frozenset()) -> object:
+    """Label `copy`, made from the section `original` with the fields `replaced` set by the code, so
+    that reading one of the other fields records `original`'s key. Returns `copy`."""
+    if id(original) in _labels:
+        _labels[id(copy)] = (copy, _labels[id(original)][1], frozenset(replaced))
+    return copy
+
+
+@contextlib.contextmanager
+def paused():
+    """Reads inside are not uses (copying a section into a derived one, say)."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+
+
+def _write(folder: Path) -> None:
+    stage = os.environ.get("DVC_STAGE") or _entry_module()
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "argv": sys.argv, "reads": sorted(_reads)}
+    write_json(folder / f"{stage.replace('/', '_')}-{os.getpid()}.json", record)
+
+
+def leaf_keys(section: object, prefix: str = "") -> list[str]:
+    """Every value's full key under `section` (a params object or section)."""
+    keys = []
+    for field in dataclasses.fields(section):
+        value = object.__getattribute__(section, field.name)
+        if dataclasses.is_dataclass(value):
+            keys += leaf_keys(value, f"{prefix}{field.name}.")
+        elif _is_section(value):
+            for key, item in dict.items(value):
+                keys += leaf_keys(item, f"{prefix}{field.name}.{key}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
