@@ -41,7 +41,7 @@ from pipeline.tools.bench.measure import (
 from pipeline.tools.bench.scale import end_to_end, large_study
 from pipeline.tools.bench.tables import render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # pipeline/tools/bench/ -> the repository
 
 
 def run_sections(args) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.core.params import Params
 from pipeline.tools.bench.measure import MemorySampler, timed
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # pipeline/tools/bench/ -> the repository
 
 # ------------------------------------------------------------------ streaming a large study
 
