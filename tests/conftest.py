@@ -5,15 +5,19 @@ from __future__ import annotations
 import copy
 import gzip
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from tests import param_reads
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -167,11 +171,26 @@ def run_stage(module: str, *args: object, env: dict | None = None, timeout: int 
     )
 
 
+# every stage process a test starts with `stage_env` records the params it reads here; the
+# session's last test (test_params_declared.py) checks them against dvc.yaml
+PARAMS_READS = Path(tempfile.mkdtemp(prefix="params-reads-"))
+
+
 def stage_env(root: Path) -> dict:
-    """The environment for a stage subprocess: its own SQLite MLflow store under `root`."""
+    """The environment for a stage subprocess: its own SQLite MLflow store under `root`, and the
+    params recorder on (tests/param_reads.py)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
     env.pop("DVC_ROOT", None)
-    return env
+    return param_reads.environment(PARAMS_READS, env)
+
+
+def pytest_collection_modifyitems(items):
+    """The check of what this session's stage processes read runs after all of them."""
+    items[:] = sorted(items, key=lambda item: item.nodeid.startswith("tests/test_params_declared.py"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(PARAMS_READS, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,16 @@
 
 Test instrumentation, never imported by the pipeline: a process started with `environment(folder)`
 (PIPELINE_PARAMS_READS=<folder>, and tests/params_recorder on PYTHONPATH, whose sitecustomize calls
-`install()`) gets from `load_params` a params object whose every value read is recorded under its
-full key (`train.max_epochs`,
-`variants.frozen.trainable`); at exit the process writes `<folder>/<stage>-<pid>.json` with the
-stage's name (DVC's `DVC_STAGE`), its command line and the keys read. `tests/test_pipeline_dvc.py`
-runs the whole DAG this way and compares the keys with the ones each stage declares.
+`install_on_import()`) gets from `load_params` a params object whose every value read is recorded
+under its full key (`train.max_epochs`, `variants.frozen.trainable`); at exit the process writes
+`<folder>/<stage>-<pid>.json` with the stage's name (DVC's `DVC_STAGE`, else its module), its
+command line and the keys read.
+
+Two checks read the records: every stage process the tests start records into one folder per test
+session (`tests/conftest.py` `stage_env`), and the last test of the session
+(`test_params_declared.py`) fails naming any key a stage read but dvc.yaml does not declare for
+it; the slow `tests/test_pipeline_dvc.py` runs the whole DAG this way and also fails naming a
+declared key that no run read.
 
 A read counts when the code that makes it is the stage's own: reads from the modules that only
 observe a run (`code_deps.is_observer`, e.g. `tracking` logging every setting to MLflow) do not,
@@ -18,12 +23,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib.abc
 import os
 import sys
 from pathlib import Path
 
-from pipeline.runtime import code_deps
-from pipeline.runtime.atomic import write_json
+import yaml
 
 ENV = "PIPELINE_PARAMS_READS"
 SITE = Path(__file__).resolve().parent / "params_recorder"  # its sitecustomize.py calls install()
@@ -43,10 +48,40 @@ def environment(folder: Path, base: dict | None = None) -> dict:
     return env
 
 
-def install() -> None:
-    """Record the reads of every params object `load_params` returns in this process; the depth
-    study's copies (`Params.with_depth`) record under the keys they were copied from."""
-    from pipeline.core import params as module
+def install_on_import() -> None:
+    """`install()` as soon as this process imports `pipeline.core.params` (nothing before: a process
+    that never imports the pipeline is untouched)."""
+    if not any(isinstance(finder, _PatchParams) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchParams())
+
+
+class _PatchParams(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "pipeline.core.params":
+            return None
+        sys.meta_path.remove(self)  # once per process
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                spec.loader.exec_module = _then_install(spec.loader.exec_module)
+                return spec
+        return None
+
+
+def _then_install(execute):
+    def exec_module(module):
+        execute(module)
+        install(module)
+
+    return exec_module
+
+
+def install(module=None) -> None:
+    """Record the reads of every params object `load_params` (of `module`, default
+    `pipeline.core.params`) returns in this process; the depth study's copies
+    (`Params.with_depth`) record under the keys they were copied from."""
+    if module is None:
+        from pipeline.core import params as module
 
     load, with_depth = module.load_params, module.Params.with_depth
 
@@ -71,6 +106,24 @@ def install() -> None:
         return depth, name
 
     module.load_params, module.Params.with_depth = recorded_load, recorded_with_depth
+    _watch_exit_status()
+
+
+_status = {"code": 0}  # how the process ends: a failed stage writes no output, so its reads count for nothing
+
+
+def _watch_exit_status() -> None:
+    exit_, excepthook = sys.exit, sys.excepthook
+
+    def recorded_exit(code=0):
+        _status["code"] = code if isinstance(code, int) else 1
+        exit_(code)
+
+    def recorded_excepthook(*exc_info):
+        _status["code"] = 1
+        excepthook(*exc_info)
+
+    sys.exit, sys.excepthook = recorded_exit, recorded_excepthook
 
 
 def _entry_module() -> str:
@@ -80,10 +133,15 @@ def _entry_module() -> str:
 
 def _made_by_an_observer(entry: str) -> bool:
     """True when the nearest `pipeline` code on the stack (the stage's own `__main__` included) is
-    an observing module."""
+    an observing module, or when the recorder itself made the read (`_is_section` asking a
+    mapping for its length)."""
+    from pipeline.runtime import code_deps
+
     frame = sys._getframe(3)  # 0: here, 1: _record, 2: the recording method, 3: the reader
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
+        if module == __name__:
+            return True
         if module == "__main__":
             return False
         if module.startswith("pipeline."):
@@ -189,9 +247,11 @@ def paused():
 
 
 def _write(folder: Path) -> None:
+    from pipeline.runtime.atomic import write_json
+
     stage = os.environ.get("DVC_STAGE") or _entry_module()
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "argv": sys.argv, "reads": sorted(_reads)}
+    record = {"stage": stage, "argv": sys.argv, "status": _status["code"], "reads": sorted(_reads)}
     write_json(folder / f"{stage.replace('/', '_')}-{os.getpid()}.json", record)
 
 
@@ -208,3 +268,69 @@ def leaf_keys(section: object, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + field.name)
     return keys
+
+
+def definition_of(stage: str, argv: list[str]) -> str:
+    """The dvc.yaml stage definition a recorded process ran: DVC's stage name without its
+    foreach/matrix key, or, for a process the tests started directly, its module and flags."""
+    if not stage.startswith("stages."):
+        return stage.split("@")[0]
+    name = stage.removeprefix("stages.")
+    if name == "train":
+        return "sample_efficiency" if "--train-per-class" in argv else "depth_train" if "--depth" in argv else "train"
+    if name == "tune":
+        return "depth_tune" if "--depth" in argv else "tune"
+    if name == "baselines":
+        return "sample_efficiency_baselines" if "--train-per-class" in argv else "baselines"
+    return name
+
+
+def declared(dvc_yaml: Path) -> dict[str, list[str]]:
+    """Each dvc.yaml stage definition's params.yaml keys (anchors resolved; a templated strategy
+    `variants.${key}` as `variants.*`)."""
+    import re
+
+    out = {}
+    for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        keys = []
+        for entry in stage.get("do", stage).get("params", []):
+            keys += [entry] if isinstance(entry, str) else [key for listed in entry.values() for key in listed]
+        out[name] = [re.sub(r"\$\{[^}]*\}", "*", key) for key in keys]
+    return out
+
+
+def covered(key: str, patterns: list[str]) -> bool:
+    """`key` is a declared key or lies under one (`*` matches one part: a strategy's name)."""
+    parts = key.split(".")
+    for pattern in patterns:
+        wanted = pattern.split(".")
+        if len(wanted) <= len(parts) and all(w in ("*", p) for w, p in zip(wanted, parts, strict=False)):
+            return True
+    return False
+
+
+# what a training without --best-params reads instead (a test's shortcut; dvc.yaml always passes
+# the tune stage's best_params.json)
+UNTUNED = ("model.head_units", "train.learning_rate")
+
+
+def _untuned_training(record: dict) -> bool:
+    return record["stage"].split("@")[0] in ("stages.train", "train") and "--best-params" not in record["argv"]
+
+
+def undeclared_reads(folder: Path, dvc_yaml: Path) -> dict[str, list[str]]:
+    """{stage definition: keys its processes read (records in `folder`) that dvc.yaml does not
+    declare for it}; processes of no dvc.yaml stage (a tool, a test's own code) and processes that
+    failed (an error names the defined strategies, say; no output is written) are left out."""
+    import json
+
+    stages, wrong = declared(dvc_yaml), {}
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        definition = definition_of(record["stage"], record["argv"])
+        if definition in stages and record.get("status", 0) == 0:
+            allowed = stages[definition] + (list(UNTUNED) if _untuned_training(record) else [])
+            missing = [key for key in record["reads"] if not covered(key, allowed)]
+            if missing:
+                wrong.setdefault(definition, set()).update(missing)
+    return {name: sorted(keys) for name, keys in wrong.items()}

@@ -162,6 +162,7 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     from pipeline.core.fit import seed_everything
     from pipeline.core.frozen_features import predict
     from pipeline.core.model import build_model, compile_model
+    from pipeline.core.vgg16 import FULL_BASE
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -173,7 +174,8 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     epochs: list[float] = []
     start = time.perf_counter()
     seed_everything(config.seed)
-    model = build_model(dataclasses.replace(config.model_spec, augmentation=False), weights.arrays)
+    # the naive baseline as measured so far: the whole base, whatever the strategy's cut (see reports/benchmark.md)
+    model = build_model(dataclasses.replace(config.model_spec, augmentation=False, cut_after=FULL_BASE), weights.arrays)
     compile_model(model, config.learning_rate, config.trainable_layers)
     (x_train, y_train), (x_val, y_val) = splits.train, splits.val
     model.fit(

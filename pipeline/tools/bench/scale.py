@@ -45,13 +45,10 @@ def _study_model(params, image_size: int, trainable: frozenset[str]):
 
 def large_study(params: Params, images_total: int, image_size: int, work: Path, train_images: int) -> dict:
     """Disk needed by the feature caches of a `image_size` study of `images_total` images, and a
-    synthetic run: the frozen strategy's cached features of that study written to a memory-mapped
-    file, then one epoch of head training streamed from it, with peak memory sampled."""
-    # one function on purpose: a single measured sequence (write, then stream while sampling memory)
-
-    from pipeline.core.fit import STREAM_BYTES, batches, seed_everything
+    synthetic run (`synthetic_stream`): the frozen strategy's cached features of that study written
+    to a memory-mapped file, then one epoch of head training streamed from it."""
     from pipeline.core.frozen_features import cut_layer, split_model
-    from pipeline.core.model import ModelSpec, build_model, compile_model
+    from pipeline.core.model import ModelSpec, build_model
 
     model = build_model(ModelSpec(image_size=image_size, num_classes=10, trainable_layers=frozenset()), None)
     disk = {}
@@ -63,9 +60,28 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
         shape = split_model(model, cut).prefix.output.shape[1:]
         disk[variant] = {"cut": cut, "shape": list(shape), "gb": images_total * int(np.prod(shape)) * 4 / 1e9}
     free_gb = shutil.disk_usage(work).free / 1e9
-
     shape = tuple(split_model(model, "block5_pool").prefix.output.shape[1:])
-    path = work / "synthetic_features.npy"
+    per_image = per_image_seconds(params, image_size)
+    return {
+        "per_image": per_image,
+        "study": FULL_STUDY,
+        "study_cost": study_cost(per_image, FULL_STUDY),
+        "images": images_total,
+        "image_size": image_size,
+        "disk": disk,
+        "disk_free_gb": free_gb,
+        "synthetic": synthetic_stream(params, image_size, shape, work / "synthetic_features.npy", train_images),
+    }
+
+
+def synthetic_stream(params: Params, image_size: int, shape: tuple, path: Path, train_images: int) -> dict:
+    """`train_images` synthetic block5 features of `shape` written to the memory-mapped file `path`,
+    then one epoch of the frozen strategy's head streamed from it, peak memory sampled; the file
+    is removed. One measured sequence: the write, then the stream while sampling memory."""
+    from pipeline.core.fit import STREAM_BYTES, batches, seed_everything
+    from pipeline.core.frozen_features import split_model
+    from pipeline.core.model import compile_model
+
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(train_images, *shape))
@@ -86,27 +102,17 @@ def large_study(params: Params, images_total: int, image_size: int, work: Path, 
         head.fit(dataset, epochs=1, verbose=0)
         epoch_seconds = time.perf_counter() - start
     path.unlink()
-    per_image = per_image_seconds(params, image_size)
     return {
-        "per_image": per_image,
-        "study": FULL_STUDY,
-        "study_cost": study_cost(per_image, FULL_STUDY),
-        "images": images_total,
-        "image_size": image_size,
-        "disk": disk,
-        "disk_free_gb": free_gb,
-        "synthetic": {
-            "train_images": train_images,
-            "shape": list(shape),
-            "file_gb": train_images * int(np.prod(shape)) * 4 / 1e9,
-            "write_seconds": write_seconds,
-            "epoch_seconds": epoch_seconds,
-            "streamed": train_images * int(np.prod(shape)) * 4 > STREAM_BYTES,
-            "rss_anon_before_mb": memory.before["RssAnon"],
-            "rss_anon_peak_mb": memory.peak["RssAnon"],
-            "rss_file_before_mb": memory.before["RssFile"],
-            "rss_file_peak_mb": memory.peak["RssFile"],
-        },
+        "train_images": train_images,
+        "shape": list(shape),
+        "file_gb": train_images * int(np.prod(shape)) * 4 / 1e9,
+        "write_seconds": write_seconds,
+        "epoch_seconds": epoch_seconds,
+        "streamed": train_images * int(np.prod(shape)) * 4 > STREAM_BYTES,
+        "rss_anon_before_mb": memory.before["RssAnon"],
+        "rss_anon_peak_mb": memory.peak["RssAnon"],
+        "rss_file_before_mb": memory.before["RssFile"],
+        "rss_file_peak_mb": memory.peak["RssFile"],
     }
 
 
