@@ -1,6 +1,6 @@
 """Every MLflow metric name the pipeline logs, in one module: what a stage's numbers are called
-in the MLflow UI. An observer (pipeline/runtime/code_deps.py): renaming a metric here reruns no
-stage, since no output depends on it.
+in the MLflow UI. An observer for the stages that train (pipeline/runtime/code_deps.py): renaming a
+metric here reruns only the register stage, which logs the registered run's metrics.
 
 MLflow's chart view makes one section per name prefix (everything before the last "/") and
 orders sections alphabetically, ungrouped names last ("Model metrics"), system metrics after them
