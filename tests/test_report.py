@@ -226,7 +226,7 @@ def test_report_writes_its_outputs_and_leaves_other_files(report):
         "convergence_seconds.png",
         "train_vs_val.png",
         "test_accuracy.png",
-        "accuracy_vs_trainable.png",
+        "pareto.png",
         "parameters.png",
         "tuning.png",
         "tuning_curves.png",

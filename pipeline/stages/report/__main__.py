@@ -38,7 +38,7 @@ from pipeline.core.stats import accuracy_interval
 from pipeline.runtime.atomic import atomic_dir, atomic_path, ensure_writable, write_json, write_text
 from pipeline.runtime.cli import run_stage
 from pipeline.stack import tracking
-from pipeline.stages.report import cuts, diagnostics, figures, studies
+from pipeline.stages.report import cuts, diagnostics, figures, pareto, studies
 from pipeline.stages.report.answer import unconverged
 from pipeline.stages.report.document import build_document, to_html, to_markdown
 from pipeline.stages.report.predictions import read_predictions
@@ -143,7 +143,7 @@ def draw_figures(
         ),
         "train_vs_val": lambda: figures.train_vs_val(results, palette),
         "test_accuracy": lambda: figures.test_accuracy(results, palette, references),
-        "accuracy_vs_trainable": lambda: figures.accuracy_vs_trainable(results, palette, references),
+        "pareto": lambda: pareto.figure(results, palette, references),
         "parameters": lambda: figures.parameter_counts(results, palette),
         "confusion_best": lambda: confusion_matrix_figure(
             results[shown]["confusion"], class_names, f"{shown} ({why}): test set, all seeds"

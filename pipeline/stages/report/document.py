@@ -18,7 +18,7 @@ from pipeline.core.images import KINDS
 from pipeline.core.params import Params
 from pipeline.core.results import PIXELS
 from pipeline.core.stats import difference_interval
-from pipeline.stages.report import cuts, diagnostics, predictions
+from pipeline.stages.report import cuts, diagnostics, pareto, predictions
 from pipeline.stages.report.answer import answer_blocks, baseline_rows, unconverged, versus_pixels
 from pipeline.stages.report.studies import study_blocks
 
@@ -222,6 +222,7 @@ def build_document(
         doc += answer_blocks(results, tuning, baselines, answer, converged, probes)
     doc += _comparison_blocks(params, results, tuning, baselines, files)
     doc += cuts.blocks(params, results, baselines, files)
+    doc += pareto.blocks(results, files)
     doc += _prediction_blocks(params, results, baselines, studies, predicted)
     doc += _convergence_blocks(results, files)
     doc += _tuning_blocks(tuning, files)
@@ -308,7 +309,6 @@ def _convergence_blocks(results: dict, files: dict) -> list[tuple]:
         ("figure", files["convergence_seconds"], "The same against training wall-clock seconds."),
         ("figure", files["train_vs_val"], "Training vs validation accuracy per strategy."),
         ("h2", "Parameters"),
-        ("figure", files["accuracy_vs_trainable"], "Test accuracy against trainable parameters (log scale)."),
         ("figure", files["parameters"], "Trainable and frozen parameters per strategy."),
     ]
 

@@ -134,25 +134,6 @@ def test_accuracy(results: dict, palette: dict, references: dict[str, float] | N
     return figure
 
 
-def accuracy_vs_trainable(results: dict, palette: dict, references: dict[str, float] | None = None) -> plt.Figure:
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for variant, result in results.items():
-        interval = result["interval"]
-        trainable = result["parameters"]["trainable"]
-        axes.errorbar(trainable, interval.mean, yerr=_yerr(interval), fmt="o", color=palette[variant], capsize=5)
-        axes.annotate(variant, (trainable, interval.mean), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    _references(axes, references or {})
-    if references:
-        axes.legend(fontsize=8, loc="lower right")
-    axes.set_xscale("log")
-    axes.set_xlabel("trainable parameters (log scale)")
-    axes.set_ylabel("test accuracy (mean, 95% CI)")
-    axes.grid(alpha=0.3, which="both")
-    axes.set_title("Accuracy vs trainable parameters")
-    figure.tight_layout()
-    return figure
-
-
 def parameter_counts(results: dict, palette: dict) -> plt.Figure:
     figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(results)), 4.5))
     names = list(results)
