@@ -101,13 +101,13 @@ def train_vs_val(results: dict, palette: dict) -> plt.Figure:
 REFERENCE_STYLES = ("--", ":", "-.")
 
 
-def _references(axes, references: dict[str, float]) -> None:
+def reference_lines(axes, references: dict[str, float]) -> None:
     """The baselines as horizontal lines on the same accuracy scale."""
     for (name, value), style in zip(references.items(), REFERENCE_STYLES, strict=False):
         axes.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name.replace('_', ' ')} {value:.3f}")
 
 
-def _yerr(interval) -> list | None:
+def error_bar(interval) -> list | None:
     return None if interval.low is None else [[interval.mean - interval.low], [interval.high - interval.mean]]
 
 
@@ -119,8 +119,10 @@ def test_accuracy(results: dict, palette: dict, references: dict[str, float] | N
         values = list(result["test_accuracy"].values())
         interval = result["interval"]
         axes.scatter([i] * len(values), values, color=palette[variant], alpha=0.5, s=18)
-        axes.errorbar(i, interval.mean, yerr=_yerr(interval), fmt="o", color=palette[variant], capsize=6, markersize=8)
-    _references(axes, references or {})
+        axes.errorbar(
+            i, interval.mean, yerr=error_bar(interval), fmt="o", color=palette[variant], capsize=6, markersize=8
+        )
+    reference_lines(axes, references or {})
     axes.set_xticks(range(len(results)), list(results))
     lows = [r["interval"].low or r["interval"].mean for r in results.values()] + list((references or {}).values())
     axes.set_ylim(max(0.0, min(lows) - 0.1), 1.0)

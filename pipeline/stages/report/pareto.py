@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pipeline.core.plotting import plt
 from pipeline.core.stats import difference_interval
+from pipeline.stages.report import figures
 from pipeline.stages.report.answer import signed_interval, tflop
 
 COSTS = {  # cost id -> (axis label, the strategy's cost from its report record)
@@ -52,18 +53,19 @@ def figure(results: dict, palette: dict, references: dict[str, float]) -> plt.Fi
         on_front = front(at)
         for variant, result in results.items():
             interval, filled = result["interval"], variant in on_front
-            yerr = None if interval.low is None else [[interval.mean - interval.low], [interval.high - interval.mean]]
             axes.errorbar(
-                at[variant][0], interval.mean, yerr=yerr, fmt="o", color=palette[variant], capsize=4, markersize=7,
+                *at[variant],
+                yerr=figures.error_bar(interval),
+                fmt="o",
+                color=palette[variant],
                 markerfacecolor=palette[variant] if filled else "white",
-            )  # fmt: skip
+                capsize=4,
+                markersize=7,
+            )
             axes.annotate(variant, at[variant], textcoords="offset points", xytext=(6, 5), fontsize=8)
         xs, ys = [at[v][0] for v in on_front], [at[v][1] for v in on_front]
         axes.step([*xs, max(c for c, _ in at.values()) * 1.5], [*ys, ys[-1]], where="post", color="grey", linewidth=1)
-        for (name, value), style in zip(references.items(), ("--", ":"), strict=False):
-            axes.axhline(
-                value, color="black", linestyle=style, linewidth=1, label=f"{name.replace('_', ' ')} {value:.3f}"
-            )
+        figures.reference_lines(axes, references)
         axes.set_xscale("log")
         axes.set_xlabel(f"{label} (log scale)")
         axes.grid(alpha=0.3, which="both")
