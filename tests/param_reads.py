@@ -78,35 +78,56 @@ def _then_install(execute):
 
 def install(module=None) -> None:
     """Record the reads of every params object `load_params` (of `module`, default
-    `pipeline.core.params`) returns in this process; the depth study's copies
-    (`Params.with_depth`) record under the keys they were copied from."""
+    `pipeline.core.params`) returns in this process; the studies' copies (`Params.with_depth`,
+    `Params.with_study_strategy`) record under the keys they were copied from."""
     if module is None:
         from pipeline.core import params as module
 
-    load, with_depth = module.load_params, module.Params.with_depth
+    load = module.load_params
 
     def recorded_load(*args, **kwargs):
         return record(load(*args, **kwargs))
 
-    def recorded_with_depth(self, *args, **kwargs):
+    module.load_params = recorded_load
+    module.Params.with_depth = _recording_copy(module.Params.with_depth, _derive_depth)
+    module.Params.with_study_strategy = _recording_copy(module.Params.with_study_strategy, _derive_study)
+    _watch_exit_status()
+
+
+def _recording_copy(method, derive_copy):
+    """`method` (a Params method returning (a copy, a name)) with its `dataclasses.replace` calls
+    paused (copying is no use of a value: the copies record their own reads) and the copy's
+    sections labelled by `derive_copy(copy, original)`. Its other reads are recorded."""
+
+    def recorded(self, *args, **kwargs):
         replace = dataclasses.replace
 
         def paused_replace(*args, **kwargs):
-            with paused():  # copying is no use of a value: the copies record their own reads
+            with paused():
                 return replace(*args, **kwargs)
 
         dataclasses.replace = paused_replace
         try:
-            depth, name = with_depth(self, *args, **kwargs)
+            copy, name = method(self, *args, **kwargs)
         finally:
             dataclasses.replace = replace
         with paused():
-            derive(depth.report, self.report, {"baseline"})
-            derive(depth, self)
-        return depth, name
+            derive_copy(copy, self)
+        return copy, name
 
-    module.load_params, module.Params.with_depth = recorded_load, recorded_with_depth
-    _watch_exit_status()
+    return recorded
+
+
+def _derive_depth(copy, original) -> None:
+    derive(copy.report, original.report, {"baseline"})
+    derive(copy, original)
+
+
+def _derive_study(copy, original) -> None:
+    """The study's strategy keeps its own labels (studies.parameter_efficient.strategies.<name>)."""
+    _derive_depth(copy, original)
+    derive(copy.studies, original.studies, {"parameter_efficient"})
+    derive(copy.studies.parameter_efficient, original.studies.parameter_efficient, {"run"})
 
 
 _status = {"code": 0}  # how the process ends: a failed stage writes no output, so its reads count for nothing
@@ -276,6 +297,8 @@ def definition_of(stage: str, argv: list[str]) -> str:
     if not stage.startswith("stages."):
         return stage.split("@")[0]
     name = stage.removeprefix("stages.")
+    if name in ("train", "tune") and "--parameter-efficient" in argv:
+        return f"parameter_efficient_{name}"
     if name == "train":
         return "sample_efficiency" if "--train-per-class" in argv else "depth_train" if "--depth" in argv else "train"
     if name == "tune":

@@ -11,7 +11,10 @@ so two runs of the same code and data give the same cost to the last digit. Conv
   otherwise) a training image costs one forward pass, plus one more per layer for the gradient
   of its weights when the layer trains, plus one more for the gradient of its input when a layer
   below it in that part trains (what a gradient tape computes; nothing flows below the lowest
-  trainable layer);
+  trainable layer). Which parameters train matters for the weights' gradient only: bias-only and
+  scale-and-shift layers need no kernel gradient (their per-channel sums are not counted, like
+  biases), while a LoRA layer costs a full one: Keras convolves with the merged kernel and its
+  tape computes that kernel's gradient before projecting it onto the low-rank factors;
 - every epoch also runs one forward pass of the trained part over the validation images; a
   training run ends with one over the test images;
 - a cached strategy computes its frozen prefix once over train, validation and test images,
@@ -99,21 +102,30 @@ def _split(layers: list[tuple[str, float]], cut: str | None) -> tuple[list, list
     return layers[:start], layers[start:]
 
 
-def step_flops(layers: list[tuple[str, float]], cut: str | None, trainable: frozenset[str]) -> tuple[float, float]:
+# the parameter kinds (pipeline/core/vgg16.py PARAMETER_KINDS) whose training computes a kernel gradient
+KERNEL_GRADIENT = ("all", "lora")
+
+
+def step_flops(
+    layers: list[tuple[str, float]], cut: str | None, trainable: frozenset[str], parameters: str = "all"
+) -> tuple[float, float]:
     """(training FLOPs per image, forward FLOPs per image) of the part above `cut`, with the conv
-    layers in `trainable` and the head training."""
+    layers in `trainable` (their `parameters`) and the head training."""
     _, suffix = _split(layers, cut)
     forward = backward = 0.0
     below_trains = False
     for name, flops in suffix:
         trains = (name in trainable or name in HEAD_LAYERS) and flops > 0
-        backward += (flops if trains else 0.0) + (flops if below_trains else 0.0)
+        kernel_gradient = trains and (name in HEAD_LAYERS or parameters in KERNEL_GRADIENT)
+        backward += (flops if kernel_gradient else 0.0) + (flops if below_trains else 0.0)
         below_trains = below_trains or trains
         forward += flops
     return forward + backward, forward
 
 
-def run_flops(run: dict, trainable: frozenset[str], layout: Layout, test: bool = True) -> float:
+def run_flops(
+    run: dict, trainable: frozenset[str], layout: Layout, test: bool = True, parameters: str = "all"
+) -> float:
     """FLOPs of one training run (a seed, or a tune trial with test=False): every epoch's
     training and validation passes in each phase, then the test pass."""
     # results written before cut points existed have no `cut_after`: they used the whole base
@@ -121,7 +133,7 @@ def run_flops(run: dict, trainable: frozenset[str], layout: Layout, test: bool =
     total = 0.0
     main_cut = None
     for cut, head_only, epochs in phases(run):
-        train_step, forward = step_flops(layers, cut, frozenset() if head_only else trainable)
+        train_step, forward = step_flops(layers, cut, frozenset() if head_only else trainable, parameters)
         total += epochs * (int(run["train_images"]) * train_step + layout.val_images * forward)
         main_cut = cut
     if test:
@@ -142,17 +154,25 @@ def prefix_flops(cut: str, images: int, layout: Layout) -> float:
     return float(images * sum(f for _, f in _split(layer_flops(layout, 0), cut)[0]))
 
 
-def strategy_flops(runs: list[dict], trials: list[dict], trainable: frozenset[str], layout: Layout) -> dict:
+def strategy_flops(
+    runs: list[dict], trials: list[dict], trainable: frozenset[str], layout: Layout, parameters: str = "all"
+) -> dict:
     """{"tuning", "training_per_run", "feature_extraction", "total"} in FLOPs: every counted tune
     trial (pruned ones for the epochs they ran), the mean training run over seeds, the one-time
     extraction; total = tuning + one training run + extraction. Trials train on the runs' images
     along the runs' path."""
     template = runs[0]
     tuning = sum(
-        run_flops({**template, "head_units": t["head_units"], "epochs_run": t["epochs_run"]}, trainable, layout, False)
+        run_flops(
+            {**template, "head_units": t["head_units"], "epochs_run": t["epochs_run"]},
+            trainable,
+            layout,
+            False,
+            parameters,
+        )
         for t in trials
     )
-    training = float(np.mean([run_flops(run, trainable, layout) for run in runs]))
+    training = float(np.mean([run_flops(run, trainable, layout, True, parameters) for run in runs]))
     extraction = extraction_flops(runs, layout)
     return {
         "tuning": float(tuning),

@@ -89,10 +89,10 @@ def describe(name: str, comparison: dict, margin: float) -> str:
     return f"not shown non-inferior: cannot rule out a loss of up to {-comparison['lower_bound']:.3f}"
 
 
-def with_flops(evidence: dict, trainable: frozenset[str], layout) -> dict:
+def with_flops(evidence: dict, trainable: frozenset[str], layout, parameters: str = "all") -> dict:
     """A strategy's evidence (`results.read_evidence`) with its cost in FLOPs: "flops_parts"
     (`cost.strategy_flops`) and "flops" (their total)."""
-    parts = cost.strategy_flops(evidence["runs"], evidence["trials"], trainable, layout)
+    parts = cost.strategy_flops(evidence["runs"], evidence["trials"], trainable, layout, parameters)
     return {**evidence, "flops_parts": parts, "flops": parts["total"]}
 
 
@@ -127,7 +127,10 @@ def read_inputs(params, data_summary: dict, train_dir: Path, tune_dir: Path, bas
     names the fix when the baselines predicted another test set than the strategies."""
     layout = cost.layout_of(data_summary, params.model.pooling)
     evidence = {
-        v: with_flops(read_evidence(train_dir, tune_dir, v), params.variant(v).layers, layout) for v in params.variants
+        v: with_flops(
+            read_evidence(train_dir, tune_dir, v), params.variant(v).layers, layout, params.variant(v).parameters
+        )
+        for v in params.variants
     }
     labels = next(iter(evidence.values()))["labels"]
     for name, baseline in baselines.items():

@@ -53,6 +53,8 @@ class RunConfig:
     warmup_epochs: int  # head-only epochs before `trainable_layers` train (within `max_epochs`)
     lr_multipliers: tuple[tuple[str, float], ...]  # (block, factor on learning_rate)
     cut_after: str = FULL_BASE  # the base ends after this block's pooling (blocks above removed)
+    parameters: str = "all"  # which parameters of `trainable_layers` train (pipeline/core/parameter_kinds.py)
+    lora_rank: int = 0  # parameters: lora
 
     @classmethod
     def from_params(
@@ -67,6 +69,8 @@ class RunConfig:
             num_classes=num_classes,
             trainable_layers=strategy.layers,
             cut_after=strategy.cut_after,
+            parameters=strategy.parameters,
+            lora_rank=strategy.lora_rank,
             pooling=params.model.pooling,
             head_units=head_units,
             dropout=params.model.dropout,
@@ -98,6 +102,8 @@ class RunConfig:
             dropout=self.dropout,
             augmentation=self.augmentation,
             head_norm=self.head_norm,
+            parameters=self.parameters,
+            lora_rank=self.lora_rank,
         )
 
     @property
@@ -178,7 +184,7 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
     feature_seconds, extraction_seconds, train_seconds, first_epoch, paths = 0.0, 0.0, 0.0, 0, []
     inference_batch = frozen_features.extraction_batch_size(config.image_size)
     for phase, trainable_layers, last_epoch in phases:
-        set_trainable(model, trainable_layers)
+        set_trainable(model, trainable_layers, config.parameters)
         images = {"train": x_train, "val": val[0], "test": test[0] if test is not None else None}
         inputs, path, (seconds, one_time) = _phase_inputs(
             model, config, trainable_layers, base_weights, data_sha256, feature_cache, images, data.train_index
@@ -190,7 +196,9 @@ def _fit(config, base_weights, data, data_sha256, feature_cache, callbacks, verb
         if phase == phases[0][0]:  # before any step: standardise the head's input (data-dependent init)
             set_head_statistics(model, _head_inputs(trained, inputs["train"], inference_batch))
         multipliers = dict(config.lr_multipliers) if phase == "main" else None
-        compile_model(trained, config.learning_rate, trainable_layers, config.jit_compile, multipliers)
+        compile_model(
+            trained, config.learning_rate, trainable_layers, config.jit_compile, multipliers, config.parameters
+        )
         recorder.phase = phase
         keep_best.may_stop = phase == "main"  # the warm-up's length is part of the strategy
         start = time.perf_counter()

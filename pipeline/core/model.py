@@ -9,16 +9,25 @@ nested model whose `trainable` flag could silently override its children's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 
+from pipeline.core.parameter_kinds import (
+    add_adapter,
+    conv_layer,
+    effective_conv_weights,
+    load_conv_weights,
+    set_layer_trainable,
+)
 from pipeline.core.vgg16 import (
     BLOCKS,
     FILTERS,
     FULL_BASE,
+    TRAINED_VARIABLES,
     block_of,
     check_cut,
     feature_map,
@@ -53,7 +62,9 @@ class ModelSpec:
     `vgg16.MAX_HEAD_FEATURES`), `head_units` (0: no hidden layer, the classic tutorial head),
     `dropout`, `augmentation` (random flip/rotation/zoom layers in front of the preprocessing,
     active in training only) and `head_norm` ("standardize": the pooled features centred and
-    scaled with statistics set by `set_head_statistics` before training; "none").
+    scaled with statistics set by `set_head_statistics` before training; "none"). `parameters`:
+    which parameters of the trainable conv layers train (pipeline/core/parameter_kinds.py), with
+    `lora_rank` for "lora".
 
     The defaults are the smallest head (Flatten -> Dense(classes), nothing else), for callers that
     use only the conv base (feature extraction, benchmarks); a run's head comes from params.yaml
@@ -69,6 +80,8 @@ class ModelSpec:
     dropout: float = 0.0
     augmentation: bool = False
     head_norm: str = "none"
+    parameters: str = "all"
+    lora_rank: int = 0
 
 
 def build_model(spec: ModelSpec, base_weights: dict[str, list[np.ndarray]] | None) -> keras.Model:
@@ -88,14 +101,34 @@ def build_model(spec: ModelSpec, base_weights: dict[str, list[np.ndarray]] | Non
         if conv_layers[0] not in kept:
             break
         for name in conv_layers:
-            x = keras.layers.Conv2D(FILTERS[block], 3, padding="same", activation="relu", name=name)(x)
+            parameters = spec.parameters if name in spec.trainable_layers else "all"
+            x = conv_layer(FILTERS[block], name, parameters)(x)
         x = keras.layers.MaxPooling2D(2, strides=2, name=f"{block}_pool")(x)
     model = keras.Model(images, _head(x, spec), name="vgg16_classifier")
-    if base_weights is not None:
-        for name in kept:
-            model.get_layer(name).set_weights(base_weights[name])
-    set_trainable(model, spec.trainable_layers)
+    for name in kept:
+        layer = model.get_layer(name)
+        if base_weights is not None:
+            load_conv_weights(layer, *base_weights[name])
+        if name in spec.trainable_layers:
+            add_adapter(layer, spec.parameters, spec.lora_rank)
+    set_trainable(model, spec.trainable_layers, spec.parameters)
     return model
+
+
+def merge_for_serving(model: keras.Model, spec: ModelSpec) -> keras.Model:
+    """A plain VGG16 classifier (Keras's Conv2D everywhere, nothing trainable beyond the usual
+    layers) computing what `model`, built from `spec`, computes: every conv layer's effective
+    kernel and bias (LoRA merged, scale-and-shift folded in), every other layer's weights as they
+    are. LoRA and bias-only merge exactly; scale-and-shift to float32 rounding (a test states the
+    tolerance)."""
+    plain = build_model(dataclasses.replace(spec, parameters="all", lora_rank=0, augmentation=False), None)
+    for layer in plain.layers:
+        source = model.get_layer(layer.name)
+        if layer.name in conv_layer_names(plain):
+            layer.set_weights(effective_conv_weights(source))
+        elif layer.weights:
+            layer.set_weights(source.get_weights())
+    return plain
 
 
 def _head(x, spec: ModelSpec):
@@ -145,10 +178,11 @@ def set_head_statistics(model: keras.Model, head_inputs: np.ndarray) -> None:
     layer.finalize_state()  # Normalization reads its statistics from tensors made here
 
 
-def set_trainable(model: keras.Model, trainable_layers: frozenset[str]) -> None:
-    """Exactly `trainable_layers` of the conv base train (the head always does); compile again after."""
+def set_trainable(model: keras.Model, trainable_layers: frozenset[str], parameters: str = "all") -> None:
+    """Exactly `trainable_layers` of the conv base train, and of them only the variables of
+    `parameters` (the head always trains); compile again after."""
     for name in conv_layer_names(model):
-        model.get_layer(name).trainable = name in trainable_layers
+        set_layer_trainable(model.get_layer(name), name in trainable_layers, parameters)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -184,10 +218,11 @@ def compile_model(
     trainable_layers: frozenset[str],
     jit_compile: bool = False,
     multipliers: dict[str, float] | None = None,
+    parameters: str = "all",
 ) -> None:
     """Compile with Adam (block-wise learning-rate `multipliers` when given) + sparse categorical
-    cross-entropy, then check that exactly `trainable_layers` plus the head train (RuntimeError
-    otherwise).
+    cross-entropy, then check that exactly `trainable_layers` (their `parameters`) plus the head
+    train (RuntimeError otherwise).
 
     Recompile after any change to `trainable`: Keras reads the flags at compile time.
     """
@@ -202,7 +237,7 @@ def compile_model(
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
-    check_trainable(model, trainable_layers)
+    check_trainable(model, trainable_layers, parameters)
 
 
 def trainable_layer_names(model: keras.Model) -> frozenset[str]:
@@ -210,8 +245,9 @@ def trainable_layer_names(model: keras.Model) -> frozenset[str]:
     return frozenset(variable.path.split("/")[0] for variable in model.trainable_weights)
 
 
-def check_trainable(model: keras.Model, trainable_layers: frozenset[str]) -> None:
-    """Raise RuntimeError unless exactly the spec's conv layers plus the head train."""
+def check_trainable(model: keras.Model, trainable_layers: frozenset[str], parameters: str = "all") -> None:
+    """Raise RuntimeError unless exactly the spec's conv layers plus the head train, and of the conv
+    layers exactly the variables `parameters` names."""
     head = {layer.name for layer in model.layers if layer.name in HEAD_LAYERS}
     expected = frozenset(trainable_layers) | head
     actual = trainable_layer_names(model)
@@ -219,6 +255,13 @@ def check_trainable(model: keras.Model, trainable_layers: frozenset[str]) -> Non
         raise RuntimeError(
             f"trainable layers differ from the spec: unexpected {sorted(actual - expected)}, "
             f"missing {sorted(expected - actual)}"
+        )
+    variables = {v.path for v in model.trainable_weights if block_of(v.path.split("/")[0])}
+    wanted = {f"{layer}/{name}" for layer in trainable_layers for name in TRAINED_VARIABLES[parameters]}
+    if variables != wanted:
+        raise RuntimeError(
+            f"trainable conv variables differ from parameters: {parameters}: unexpected {sorted(variables - wanted)}, "
+            f"missing {sorted(wanted - variables)}"
         )
 
 

@@ -26,9 +26,11 @@ from pipeline.core.vgg16 import (
     CUT_POINTS,
     FULL_BASE,
     MIN_IMAGE_SIZE,
+    PARAMETER_KINDS,
     check_cut,
     head_features,
     kept_layers,
+    max_lora_rank,
     resolve_trainable,
 )
 from pipeline.runtime.errors import ConfigError
@@ -131,19 +133,23 @@ def _check_cut(key: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class VariantParams:
-    """A freezing strategy: where the base is cut and which of its layers train, optionally its own
-    weight source, a head-only warm-up (linear probe, then fine-tune) and per-block learning-rate
-    multipliers."""
+    """A strategy: where the base is cut, which of its layers train and which of their parameters
+    (`parameters`: all, bias, lora with `lora_rank`, scale_shift; pipeline/core/vgg16.py
+    TRAINED_VARIABLES), optionally its own weight source, a head-only warm-up (linear probe, then
+    fine-tune) and per-block learning-rate multipliers."""
 
     trainable: str | tuple[str, ...]
     weights: str | None = None
     warmup_epochs: int = 0  # head-only epochs first, counted in the epoch budget
     lr_multipliers: dict[str, float] | None = None  # block -> factor on the learning rate (discriminative LRs)
     cut_after: str = FULL_BASE  # the base ends after this block's pooling; the blocks above are removed
+    parameters: str = "all"  # which parameters of the `trainable` layers train
+    lora_rank: int = 0  # parameters: lora only, the rank r of every adapted layer's update
 
     def __post_init__(self):
         _check_cut("cut_after", self.cut_after)
         layers = self.layers  # raises ConfigError("trainable", ...) on bad names and layers above the cut
+        self._check_parameters(layers)
         if self.weights is not None:
             _check_weights("weights", self.weights)
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "it must be >= 0 (0 = no warm-up)")
@@ -169,6 +175,31 @@ class VariantParams:
                 key,
                 factor,
                 f"{block} does not train in this strategy (see its `trainable`); remove the entry",
+            )
+
+    def _check_parameters(self, layers: frozenset[str]) -> None:
+        kinds = ", ".join(PARAMETER_KINDS)
+        _check(self.parameters in PARAMETER_KINDS, "parameters", self.parameters, f"use one of {kinds}")
+        _check(
+            self.parameters == "all" or bool(layers),
+            "parameters",
+            self.parameters,
+            "it says which parameters of the `trainable` conv layers train, and this strategy trains none "
+            "(trainable: none); select layers, e.g. trainable: all",
+        )
+        if self.parameters != "lora":
+            _check(self.lora_rank == 0, "lora_rank", self.lora_rank, "it applies to parameters: lora only; remove it")
+            return
+        _check(
+            self.lora_rank >= 1, "lora_rank", self.lora_rank, "parameters: lora needs a rank >= 1, e.g. lora_rank: 4"
+        )
+        for name in sorted(layers, key=CONV_LAYERS.index):
+            _check(
+                self.lora_rank <= max_lora_rank(name),
+                "lora_rank",
+                self.lora_rank,
+                f"{name}'s kernel has rank at most {max_lora_rank(name)} (min(9 x input channels, filters)); "
+                "lower the rank or leave that layer out of `trainable`",
             )
 
     @property
@@ -348,10 +379,29 @@ class RobustnessParams:
 
 
 @dataclass(frozen=True)
+class ParameterEfficientParams:
+    """Beyond layer freezing: the strategies of `strategies` named in `run` (off while it is
+    empty), each tuned and trained like the main comparison's (the same rule, budget and seeds)
+    and read with them (README "Beyond layer freezing")."""
+
+    run: tuple[str, ...] = ()  # names from `strategies`; [] = study off
+    strategies: dict[str, VariantParams] = dataclasses.field(default_factory=dict)  # the `variants` schema
+    robustness: bool = True  # the study's models are also evaluated on the corrupted test set (studies.robustness)
+
+    def __post_init__(self):
+        names = list(self.run)
+        _check(len(set(names)) == len(names), "run", names, "names must be unique")
+        unknown = [name for name in names if name not in self.strategies]
+        defined = ", ".join(self.strategies) or "none"
+        _check(not unknown, "run", names, f"{unknown} are not in `strategies` (defined: {defined}); define them there")
+
+
+@dataclass(frozen=True)
 class StudiesParams:
     sample_efficiency: SampleEfficiencyParams = SampleEfficiencyParams()
     depth: DepthParams = DepthParams()
     robustness: RobustnessParams = RobustnessParams()
+    parameter_efficient: ParameterEfficientParams = ParameterEfficientParams()
 
 
 @dataclass(frozen=True)
@@ -373,11 +423,21 @@ class Params:
         if reserved:
             problem = "is a reserved name (a section of reports/summary.json or a baseline); rename the strategy"
             raise ConfigError(f"variants.{reserved[0]}", problem)
+        study = self.studies.parameter_efficient.strategies
+        taken = [name for name in self.studies.parameter_efficient.run if name in (*self.variants, *RESERVED_NAMES)]
+        if taken:
+            raise ConfigError(
+                "studies.parameter_efficient.run",
+                f"{taken[0]!r} is also a main strategy (`variants`) or a reserved name; the study's strategies are "
+                "read beside the main ones, so rename it in `strategies` and `run` (or drop it from `run`)",
+            )
         limit = self.train.max_epochs
-        for name, variant in self.variants.items():
+        named = [*(("variants", k, v) for k, v in self.variants.items()),
+                 *(("studies.parameter_efficient.strategies", k, v) for k, v in study.items())]  # fmt: skip
+        for section, name, variant in named:
             if variant.warmup_epochs >= limit:
                 raise ConfigError(
-                    f"variants.{name}.warmup_epochs",
+                    f"{section}.{name}.warmup_epochs",
                     f"{variant.warmup_epochs} leaves no fine-tuning epoch within train.max_epochs={limit}; "
                     f"lower it below {limit} (the warm-up counts in the budget)",
                 )
@@ -456,6 +516,34 @@ class Params:
         variant = VariantParams(trainable=spec, weights=self.studies.depth.weights, cut_after=cut)
         report = dataclasses.replace(self.report, baseline=name)
         return dataclasses.replace(self, variants={name: variant}, report=report), name
+
+    def select(
+        self, variant: str | None = None, depth: int | None = None, cut: str | None = None, study: str | None = None
+    ) -> tuple[Params, str]:
+        """(params, name) of the one strategy a tune or train stage runs: `variant` (a key of
+        `variants`, these params), the depth sweep's top<depth> on the base cut after `cut`
+        (`with_depth`) or the parameter-efficient study's `study` (`with_study_strategy`).
+        ConfigError for an unknown name."""
+        if depth is not None:
+            return self.with_depth(depth, cut or FULL_BASE)
+        if cut is not None:
+            raise ConfigError("--cut", f"{cut!r} applies to --depth only (the depth sweep's base); remove it")
+        if study is not None:
+            return self.with_study_strategy(study)
+        self.variant(variant)
+        return self, variant
+
+    def with_study_strategy(self, name: str) -> tuple[Params, str]:
+        """These params with the parameter-efficient study's strategy `name` as the only variant
+        (the study's `run` emptied: it is the one strategy now), and its name."""
+        study = self.studies.parameter_efficient
+        if name not in study.strategies:
+            defined = ", ".join(study.strategies) or "none"
+            raise ConfigError("studies.parameter_efficient.strategies", f"has no strategy {name!r}; defined: {defined}")
+        studies = dataclasses.replace(self.studies, parameter_efficient=dataclasses.replace(study, run=()))
+        report = dataclasses.replace(self.report, baseline=name)
+        strategy = {name: study.strategies[name]}
+        return dataclasses.replace(self, variants=strategy, report=report, studies=studies), name
 
     def variant(self, name: str) -> VariantParams:
         if name not in self.variants:

@@ -21,6 +21,22 @@ BLOCKS: dict[str, tuple[str, ...]] = {
 FILTERS = {"block1": 64, "block2": 128, "block3": 256, "block4": 512, "block5": 512}
 CONV_LAYERS: tuple[str, ...] = tuple(name for layers in BLOCKS.values() for name in layers)
 
+# `parameters`: which weights of a trainable conv layer train (README "Beyond layer freezing").
+# The layer's own variables (Keras names) that train under each kind:
+#   all          kernel and bias (classic fine-tuning)
+#   bias         the bias only (BitFit, Ben Zaken et al. 2022): C_out per layer
+#   lora         a low-rank update of the kernel, kernel + A @ B with A (3, 3, C_in, r), B (r, C_out)
+#                (LoRA, Hu et al. 2022, on convolutions: Keras's `enable_lora`); kernel and bias frozen
+#   scale_shift  a per-channel scale and shift after the conv, before its ReLU: 2 x C_out per layer;
+#                kernel and bias frozen (norm-only tuning for a network without normalisation layers)
+TRAINED_VARIABLES: dict[str, tuple[str, ...]] = {
+    "all": ("kernel", "bias"),
+    "bias": ("bias",),
+    "lora": ("lora_kernel_a", "lora_kernel_b"),
+    "scale_shift": ("scale", "shift"),
+}
+PARAMETER_KINDS: tuple[str, ...] = tuple(TRAINED_VARIABLES)
+
 
 CUT_POINTS: tuple[str, ...] = tuple(BLOCKS)  # `cut_after`: the base ends after this block's pooling layer
 FULL_BASE = "block5"  # no cut: all five blocks
@@ -29,6 +45,20 @@ FULL_BASE = "block5"  # no cut: all five blocks
 # the classic tutorial's head: an uncut base keeps it at every size up to 224, and a cut base never
 # gives the head more (block3 at 224 would be 200,704). README "Where the network is cut".
 MAX_HEAD_FEATURES = 25088
+
+
+def conv_channels(name: str) -> tuple[int, int]:
+    """(input channels, output channels) of conv layer `name` (the first one reads RGB)."""
+    index = CONV_LAYERS.index(name)
+    previous = 3 if index == 0 else FILTERS[block_of(CONV_LAYERS[index - 1])]
+    return previous, FILTERS[block_of(name)]
+
+
+def max_lora_rank(name: str) -> int:
+    """The largest useful LoRA rank of conv layer `name`: min(9 C_in, C_out), the rank of its kernel
+    as a (9 C_in) x C_out matrix (27 for block1_conv1)."""
+    channels_in, channels_out = conv_channels(name)
+    return min(9 * channels_in, channels_out)
 
 
 def kept_layers(cut_after: str) -> tuple[str, ...]:

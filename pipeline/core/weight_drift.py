@@ -2,8 +2,10 @@
 
 drift(block) = ||W - W0|| / ||W0||, with W the block's conv kernels and biases flattened
 together and W0 their values before the first training step (pretrained weights, or the random
-initialisation for scratch). A block that never trained is exactly 0.0, and so is one the model
-does not have (a base cut below it: nothing of it exists to move).
+initialisation for scratch). W is what the layers compute with (`effective_conv_weights`): a
+LoRA layer's merged kernel, a scale-and-shift layer's folded kernel and bias. A block that never
+trained is exactly 0.0, and so is one the model does not have (a base cut below it: nothing of it
+exists to move).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from pipeline.core.parameter_kinds import effective_conv_weights
 from pipeline.core.vgg16 import BLOCKS
 
 
@@ -18,7 +21,7 @@ def snapshot(model: keras.Model) -> dict[str, list[np.ndarray]]:
     """Copies of every conv layer's weights, by block (the blocks the model has)."""
     names = {layer.name for layer in model.layers}
     return {
-        block: [np.array(w) for name in layers for w in model.get_layer(name).get_weights()]
+        block: [np.array(w) for name in layers for w in effective_conv_weights(model.get_layer(name))]
         for block, layers in BLOCKS.items()
         if layers[0] in names
     }
@@ -32,7 +35,7 @@ def block_drift(model: keras.Model, initial: dict[str, list[np.ndarray]], blocks
         if block not in initial:
             out[block] = 0.0
             continue
-        current = [w for name in BLOCKS[block] for w in model.get_layer(name).get_weights()]
+        current = [w for name in BLOCKS[block] for w in effective_conv_weights(model.get_layer(name))]
         moved = sum(float(np.sum((np.float64(w) - w0) ** 2)) for w, w0 in zip(current, initial[block], strict=True))
         size = sum(float(np.sum(np.float64(w0) ** 2)) for w0 in initial[block])
         out[block] = float(np.sqrt(moved / size)) if size > 0 else float(np.sqrt(moved))

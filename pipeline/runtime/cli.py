@@ -1,7 +1,9 @@
-"""Entry-point glue shared by the stages: turn user errors into a clean message and exit 2."""
+"""Entry-point glue shared by the stages: turn user errors into a clean message and exit 2; the
+command-line arguments that choose a strategy."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -59,3 +61,27 @@ def _record_usage(seconds: float, status: int) -> None:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The strategy a tune or train stage runs, one of: a named one (`--variant`), the depth
+    sweep's top<K> (`--depth`, with `--cut`), a parameter-efficient study's (`--parameter-efficient`).
+    `pipeline.core.params.Params.select` turns them into the params of that one strategy."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variant", help="a key of params.yaml `variants`")
+    which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
+    which.add_argument(
+        "--parameter-efficient", metavar="NAME", help="a key of params.yaml studies.parameter_efficient.strategies"
+    )
+    parser.add_argument(
+        "--cut", help="with --depth: the base ends after this block (studies.depth.cut_after; default block5, no cut)"
+    )
+
+
+def strategy_argv(args: argparse.Namespace) -> list[str]:
+    """The flags `add_strategy_arguments` parsed, as a child process's command line needs them."""
+    if args.depth is not None:
+        return ["--depth", str(args.depth), *(["--cut", args.cut] if args.cut else [])]
+    if args.parameter_efficient is not None:
+        return ["--parameter-efficient", args.parameter_efficient]
+    return ["--variant", args.variant]

@@ -1,7 +1,9 @@
 """Stage `train@<variant>`: train one freezing strategy for every seed, evaluate, log to MLflow.
 
 Also the studies' stages: `--depth K` trains the depth sweep's strategy top<K> (the top K conv
-layers) over `studies.depth.seeds` (`depth_train@<k>`); `--train-per-class N` trains the strategy
+layers) over `studies.depth.seeds` (`depth_train@<k>`); `--parameter-efficient NAME` a strategy of
+studies.parameter_efficient over `train.seeds` (`parameter_efficient_train@<name>`, its models also
+on the corrupted test set when the study's `robustness` is on); `--train-per-class N` trains the strategy
 on N images per class over `studies.sample_efficiency.seeds` (`sample_efficiency@<variant>-<N>`):
 the pool (the largest size of the study) is prepared in-process from `data`, each seed trains on
 the first N per class of its own shuffle of the pool (nested sizes), features of the pool are
@@ -12,11 +14,13 @@ prepared data (`--prepared`), and the tuned hyperparameters (`--best-params`, op
 it `model.head_units` and `train.learning_rate` apply). Writes, atomically, into `--out`
 (results/train/<variant>; the format: pipeline/core/results.py):
   metrics.json                   per-seed headline numbers, their mean, the best seed
-  model.keras                    the model of the seed with the best validation accuracy
+  model.keras                    the model of the seed with the best validation accuracy, as a
+                                 plain VGG16 classifier (adapters merged into the kernels)
   seeds/<seed>/history.csv       per epoch: loss, accuracy, val_loss, val_accuracy, timings
   seeds/<seed>/metrics.json      test metrics, best epoch, epochs run, max epochs, whether patience
                                  stopped it (convergence), parameter counts, weight drift per block,
-                                 robustness (studies.robustness.enabled), timings
+                                 robustness (studies.robustness.enabled, or the parameter-
+                                 efficient study's `robustness`), timings
   seeds/<seed>/confusion_matrix.csv
   seeds/<seed>/test_predictions.csv  per test image: label, predicted class (paired comparisons)
 and one MLflow run per seed (`train/<variant>/seed-<seed>`).
@@ -36,13 +40,12 @@ from pipeline.core.data import load_split, load_summary
 from pipeline.core.evaluation import epochs_to_target, evaluate, robustness
 from pipeline.core.fit import RunConfig, Splits, fit_variant
 from pipeline.core.frozen_features import FeatureCache, extraction_batch_size
-from pipeline.core.model import count_parameters
+from pipeline.core.model import count_parameters, merge_for_serving
 from pipeline.core.params import Params, load_params
 from pipeline.core.splits import sample_efficiency_pool, study_subset
-from pipeline.core.vgg16 import FULL_BASE
 from pipeline.core.weights import load_base_weights
 from pipeline.runtime.atomic import atomic_dir, ensure_writable
-from pipeline.runtime.cli import run_stage
+from pipeline.runtime.cli import add_strategy_arguments, run_stage
 from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.progress import ProgressLine
 from pipeline.stack import metric_names, tracking
@@ -133,7 +136,7 @@ class Training:
         metrics = seed_metrics(result, evaluation, config, self.params.report.target_accuracy)
         metrics["train_images"] = len(splits.train[1]) if splits.train_index is None else len(splits.train_index)
         robust = self.params.studies.robustness
-        if robust.enabled:
+        if self.robustness_on():
             test_images, test_labels = splits.test
             accuracy, batch = evaluation["test_accuracy"], extraction_batch_size(config.image_size)
             metrics["robustness"] = robustness(
@@ -147,6 +150,12 @@ class Training:
                 batch,
             )
         return metrics
+
+    def robustness_on(self) -> bool:
+        """studies.robustness.enabled, or for the parameter-efficient study's runs its own switch."""
+        if self.study == "parameter_efficient" and self.params.studies.parameter_efficient.robustness:
+            return True
+        return self.params.studies.robustness.enabled
 
     def run_seed(self, seed: int, folder: Path):
         """Train, evaluate and log one seed, its files written into `folder`; returns (metrics, fit result)."""
@@ -197,6 +206,8 @@ class Training:
             "weights": self.weights_source,
             "trainable": params.variant(self.variant).trainable,
             "cut_after": config.cut_after,
+            "parameters": config.parameters,
+            "lora_rank": config.lora_rank,
             "warmup_epochs": config.warmup_epochs,
             "lr_multipliers": dict(config.lr_multipliers),
             "data": vars(params.data),
@@ -215,22 +226,19 @@ def _model_summary(model) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_model(model, path: Path) -> None:
-    """Save without optimizer state (half the size; the saved model is for inference)."""
-    import keras
-
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    clone.save(path)
+def _save_model(model, spec, path: Path) -> None:
+    """Save for inference: a plain VGG16 classifier (LoRA merged, scale-and-shift folded into the
+    kernels: `merge_for_serving`), without optimizer state (half the size)."""
+    merge_for_serving(model, spec).save(path)
 
 
 def _setup(args, params: Params):
     """(params, variant, seeds, MLflow run-name prefix, study name or None) for the chosen mode."""
+    params, variant = params.select(args.variant, args.depth, args.cut, args.parameter_efficient)
     if args.depth is not None:
-        params, variant = params.with_depth(args.depth, args.cut)
         return params, variant, params.studies.depth.seeds, f"depth/{variant}", "depth"
-    variant = args.variant
-    params.variant(variant)  # unknown variant -> ConfigError listing the defined ones
+    if args.parameter_efficient is not None:
+        return params, variant, params.train.seeds, f"parameter_efficient/{variant}", "parameter_efficient"
     if args.train_per_class is not None:
         prefix = f"sample_efficiency/{variant}/n{args.train_per_class}"
         return params, variant, params.studies.sample_efficiency.seeds, prefix, "sample_efficiency"
@@ -251,14 +259,7 @@ def _load_data(args, params: Params) -> tuple[Splits, dict, str]:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--variant", help="a key of params.yaml `variants`")
-    which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
-    parser.add_argument(
-        "--cut",
-        default=FULL_BASE,
-        help="with --depth: the base ends after this block (studies.depth.cut_after; default: %(default)s, no cut)",
-    )
+    add_strategy_arguments(parser)
     parser.add_argument("--train-per-class", type=int, help="sample-efficiency study: train on N images per class")
     parser.add_argument("--params", required=True)
     parser.add_argument("--prepared", help="the prepare stage's output folder (not with --train-per-class)")
@@ -269,8 +270,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.train_per_class is not None and args.train_per_class < 1:
         raise ConfigError("--train-per-class", f"{args.train_per_class} is not allowed; it must be at least 1")
-    if args.train_per_class is not None and args.depth is not None:
-        raise ConfigError("--train-per-class", "cannot be combined with --depth; run one study at a time")
+    if args.train_per_class is not None and args.variant is None:
+        raise ConfigError("--train-per-class", "needs --variant (a main strategy); run one study at a time")
     if args.train_per_class is None and args.prepared is None:
         raise ConfigError("--prepared", "is required: the prepare stage's output folder (data/prepared)")
     return args
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             per_seed[seed], result = training.run_seed(seed, tmp / "seeds" / str(seed))
             if result.best_val_accuracy > best_val and not args.no_model:
                 best_val = result.best_val_accuracy
-                _save_model(result.model, tmp / "model.keras")
+                _save_model(result.model, training.config(seed).model_spec, tmp / "model.keras")
         results.write_strategy(tmp, variant, per_seed)
     accuracies = [m["test_accuracy"] for m in per_seed.values()]
     seconds = sum(m["timing"]["train_seconds"] for m in per_seed.values())

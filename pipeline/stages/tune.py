@@ -19,7 +19,8 @@ Writes into `--out` (results/tune/<variant>):
 MLflow: a parent run `tune/<variant>` and one nested run per trial.
 
 `--depth K` tunes the depth sweep's strategy `top<K>` (the top K conv layers train) instead
-of a named one. `--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
+of a named one, `--parameter-efficient NAME` a strategy of studies.parameter_efficient.
+`--worker --n-trials K --parent-run-id ID` joins the study from another process or machine and
 runs K trials; `tune.n_workers: N` starts N local workers itself.
 """
 
@@ -42,11 +43,10 @@ from pipeline.core.data import load_split, load_summary
 from pipeline.core.fit import NonFiniteLossError, RunConfig, Splits, fit_variant
 from pipeline.core.frozen_features import FeatureCache
 from pipeline.core.params import Params, load_params
-from pipeline.core.vgg16 import FULL_BASE
 from pipeline.core.weights import load_base_weights
 from pipeline.runtime import code_deps
 from pipeline.runtime.atomic import ensure_writable
-from pipeline.runtime.cli import run_stage
+from pipeline.runtime.cli import add_strategy_arguments, run_stage, strategy_argv
 from pipeline.runtime.errors import PipelineError
 from pipeline.runtime.progress import ProgressLine
 from pipeline.stack import metric_names, optuna_study, tracking
@@ -269,7 +269,7 @@ def finish_study(study, params: Params, variant: str, context: dict, parent_run_
 
 def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
     """Start one `--worker` process per quota and wait; Ctrl-C/SIGTERM stops them all."""
-    which = ["--depth", str(args.depth), "--cut", args.cut] if args.depth is not None else ["--variant", args.variant]
+    which = strategy_argv(args)
     inputs = ["--params", args.params, "--prepared", str(args.prepared), "--out", str(args.out)]
     command = [sys.executable, "-m", "pipeline.stages.tune", *which, *inputs, "--feature-cache", args.feature_cache]
     command += ["--worker", "--parent-run-id", parent_run_id]
@@ -288,14 +288,7 @@ def _spawn_workers(args, quotas: list[int], parent_run_id: str) -> None:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--variant", help="a key of params.yaml `variants`")
-    which.add_argument("--depth", type=int, help="the depth sweep's strategy top<K>: train the top K conv layers")
-    parser.add_argument(
-        "--cut",
-        default=FULL_BASE,
-        help="with --depth: the base ends after this block (studies.depth.cut_after; default: %(default)s, no cut)",
-    )
+    add_strategy_arguments(parser)
     parser.add_argument("--params", required=True)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -313,10 +306,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
-    params = load_params(args.params)
-    if args.depth is not None:
-        params, args.variant = params.with_depth(args.depth, args.cut)
-    params.variant(args.variant)
+    params, args.variant = load_params(args.params).select(args.variant, args.depth, args.cut, args.parameter_efficient)
     ensure_writable(args.out, "--out")
     if params.train.cache_features:
         ensure_writable(args.feature_cache, "--feature-cache")

@@ -1,7 +1,8 @@
-"""Print the freezing strategies of params.yaml with their parameter counts, as a Markdown table.
+"""Print the strategies of params.yaml with their parameter counts, as Markdown tables: the main
+comparison's (`variants`) and the parameter-efficient study's (`studies.parameter_efficient`).
 
 `python -m pipeline.tools.describe [--params params.yaml]`. Reads only params (no data, no weights:
-counts do not depend on weight values); the README's variant table is this command's output.
+counts do not depend on weight values); the README's strategy tables are this command's output.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pipeline.core.vgg16 import BLOCKS, FULL_BASE, kept_layers
 from pipeline.runtime.cli import run_stage
 
 
-def variant_rows(params: Params, num_classes: int) -> list[dict]:
-    """One row per variant: name, weights, trainable conv layers and parameter counts."""
+def variant_rows(params: Params, num_classes: int, strategies: dict | None = None) -> list[dict]:
+    """One row per strategy of `strategies` (default: `params.variants`): name, weights, trainable
+    conv layers and parameters, and parameter counts."""
     from pipeline.core.model import ModelSpec, build_model, count_parameters  # deferred: imports TensorFlow
 
     rows = []
-    for name, variant in params.variants.items():
+    for name, variant in (params.variants if strategies is None else strategies).items():
         trainable_layers = variant.layers
         spec = ModelSpec(
             image_size=params.data.image_size,
@@ -29,18 +31,28 @@ def variant_rows(params: Params, num_classes: int) -> list[dict]:
             head_units=params.model.head_units,
             dropout=params.model.dropout,
             head_norm=params.model.head_norm,
+            parameters=variant.parameters,
+            lora_rank=variant.lora_rank,
         )
         model = build_model(spec, None)
         rows.append(
             {
                 "variant": name,
-                "weights": params.variant_weights(name),
+                "weights": variant.weights or params.model.weights,
                 "cut_after": variant.cut_after,
-                "trains": _describe(trainable_layers, variant.cut_after),
+                "trains": _describe(trainable_layers, variant.cut_after) + _KINDS[variant.parameters](variant),
                 **count_parameters(model),
             }
         )
     return rows
+
+
+_KINDS = {
+    "all": lambda variant: "",
+    "bias": lambda variant: " (conv biases only)",
+    "lora": lambda variant: f" (LoRA, rank {variant.lora_rank}, on the conv kernels)",
+    "scale_shift": lambda variant: " (a scale and shift per conv channel)",
+}
 
 
 def _describe(trainable_layers: frozenset[str], cut_after: str = FULL_BASE) -> str:
@@ -63,14 +75,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    rows = variant_rows(params, args.num_classes)
     size = params.data.image_size
     print(
         f"Parameter counts at {size}x{size}, {args.num_classes} classes, head: {params.model.pooling}"
         f" -> {params.model.head_norm} -> Dense({params.model.head_units}) -> Dense({args.num_classes}) "
         "(the head's normalisation statistics count as non-trainable)\n"
     )
-    print("| variant | weights | base cut after | trains | trainable | non-trainable | total |")
+    _table(variant_rows(params, args.num_classes))
+    study = params.studies.parameter_efficient.strategies
+    if study:
+        print("\nThe parameter-efficient study's strategies (studies.parameter_efficient):\n")
+        _table(variant_rows(params, args.num_classes, study))
+
+
+def _table(rows: list[dict]) -> None:
+    print("| strategy | weights | base cut after | trains | trainable | non-trainable | total |")
     print("|---|---|---|---|---:|---:|---:|")
     for r in rows:
         counts = f"{r['trainable']:,} | {r['non_trainable']:,} | {r['total']:,}"

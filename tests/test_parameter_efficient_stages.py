@@ -1,0 +1,72 @@
+"""The parameter-efficient study's stages through their command lines, as dvc.yaml runs them:
+`tune --parameter-efficient NAME` then `train --parameter-efficient NAME` on tiny data, for a
+strategy that trains a LoRA update of block5 on cached block4 features. The study's runs follow
+the main comparison's rule and seeds, turn the robustness test on for themselves only, and are
+named as the study's in MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from tests.conftest import cli, make_tiny_project, run_stage, stage_env
+
+STUDY = {
+    "studies": {
+        "parameter_efficient": {
+            "run": ["lora_block5"],
+            "strategies": {"lora_block5": {"trainable": ["block5"], "parameters": "lora", "lora_rank": 2}},
+        }
+    },
+    "train": {"max_epochs": 2, "patience": 1, "seeds": [1, 2], "batch_size": 8},
+    "tune": {"n_trials": 2, "startup_trials": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parameter_efficient")
+    params_path, prepared = make_tiny_project(root, {"frozen": {"trainable": "none"}}, STUDY)
+    folder = root / "results/studies/parameter_efficient"
+    common = dict(params=params_path, prepared=prepared, feature_cache=root / "cache")
+    tune = run_stage(
+        "tune", *cli(parameter_efficient="lora_block5", out=folder / "tune/lora_block5", **common), env=stage_env(root)
+    )
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    best = folder / "tune/lora_block5/best_params.json"
+    options = cli(parameter_efficient="lora_block5", best_params=best, out=folder / "train/lora_block5", **common)
+    train = run_stage("train", *options, "--no-model", env=stage_env(root))
+    assert train.returncode == 0, train.stderr[-3000:]
+    return root, folder
+
+
+def test_the_study_strategy_tunes_and_trains_over_the_main_seeds_with_its_parameter_count(study_run):
+    _, folder = study_run
+    trials = (folder / "tune/lora_block5/trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 2  # tune.n_trials, the main comparison's budget
+    best = json.loads((folder / "tune/lora_block5/best_params.json").read_text())
+    train = folder / "train/lora_block5"
+    assert sorted(p.name for p in (train / "seeds").iterdir()) == ["1", "2"]  # train.seeds
+    for seed in (1, 2):
+        metrics = json.loads((train / "seeds" / str(seed) / "metrics.json").read_text())
+        per_block = metrics["parameters"]["per_block"]
+        assert per_block["block5"]["trainable"] == 3 * 2 * (9 * 512 + 512)  # r x (9 C_in + C_out) per layer
+        assert all(per_block[b]["trainable"] == 0 for b in ("block1", "block2", "block3", "block4"))
+        assert metrics["training_path"] == "cached-features (cut after block4_pool)"
+        assert metrics["frozen_weights_unchanged"] is True
+        assert metrics["head_units"] == best["head_units"]
+        assert set(metrics["robustness"]["accuracy"]) == {"gaussian_noise", "blur", "contrast"}  # on for the study
+    assert not (train / "model.keras").exists()
+
+
+def test_the_study_runs_are_named_and_tagged_as_the_studys_in_mlflow(study_run):
+    root, _ = study_run
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["vgg16-freezing"], output_format="list")
+    by_name = {r.info.run_name: r for r in runs}
+    seed = by_name["parameter_efficient/lora_block5/seed-1"]
+    assert seed.data.tags["study"] == "parameter_efficient"
+    assert seed.data.params["parameters"] == "lora" and seed.data.params["lora_rank"] == "2"
+    assert "tune/lora_block5" in by_name
