@@ -70,3 +70,61 @@ def test_the_study_runs_are_named_and_tagged_as_the_studys_in_mlflow(study_run):
     assert seed.data.tags["study"] == "parameter_efficient"
     assert seed.data.params["parameters"] == "lora" and seed.data.params["lora_rank"] == "2"
     assert "tune/lora_block5" in by_name
+
+
+@pytest.fixture(scope="module")
+def study_report(tmp_path_factory):
+    """The main comparison (frozen, partial = block5) and the study (LoRA on block5, block5 alone)
+    trained through their stages, the baselines, then the report over all of it."""
+    root = tmp_path_factory.mktemp("parameter_efficient_report")
+    strategies = {
+        "lora_block5": {"trainable": ["block5"], "parameters": "lora", "lora_rank": 2},
+        "surgical_block5": {"trainable": ["block5"]},
+    }
+    override = {**STUDY, "studies": {"parameter_efficient": {"run": list(strategies), "strategies": strategies}}}
+    variants = {"frozen": {"trainable": "none"}, "partial": {"trainable": ["block5"]}}
+    params_path, prepared = make_tiny_project(root, variants, override)
+    common = dict(params=params_path, prepared=prepared, feature_cache=root / "cache")
+    env = stage_env(root)
+    studies = root / "results/studies"
+    commands = [("train", cli(variant=v, out=root / "results/train" / v, **common)) for v in variants]
+    for name in strategies:
+        best = studies / "parameter_efficient/tune" / name / "best_params.json"
+        commands += [
+            ("tune", cli(parameter_efficient=name, out=best.parent, **common)),
+            ("train", cli(parameter_efficient=name, best_params=best, out=studies / "parameter_efficient/train" / name,
+                          no_model=True, **common)),
+        ]  # fmt: skip
+    commands.append(("baselines", cli(out=root / "results/baselines", **common)))
+    for module, args in commands:
+        result = run_stage(module, *args, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    report = run_stage(
+        "report",
+        *cli(params=params_path, prepared=prepared, train_dir=root / "results/train", tune_dir=root / "no-tune",
+             baselines_dir=root / "results/baselines", studies_dir=studies, out=root / "reports"),
+        env=env,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    return root, report
+
+
+@pytest.mark.slow  # eight stage processes (~2 min)
+def test_the_report_reads_the_study_beside_the_main_strategies(study_report):
+    root, report = study_report
+    assert "studies: parameter_efficient" in report.stdout
+    text = (root / "reports/report.md").read_text()
+    section = text[text.index("## Study: beyond layer freezing") :]
+    assert "Best on validation among every strategy and baseline" in section
+    table = section[: section.index("### Surgical single blocks")]  # the study's strategies
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")}
+    assert list(rows) == ["`lora_block5`", "`surgical_block5`"]
+    assert "block5: LoRA rank 2 on the kernels" in rows["`lora_block5`"]
+    assert "cached on block4_pool" in rows["`lora_block5`"] and "| block5 |" in rows["`surgical_block5`"]
+    surgical = next(line for line in section.splitlines() if line.startswith("| block5 |"))
+    assert "`surgical_block5`" in surgical and "`partial`" in surgical  # matched on definitions
+    assert "### Under input-level shift" in section and "gaussian_noise" in section
+    figures = {p.name for p in (root / "reports/figures").glob("beyond_*.png")}
+    assert figures == {"beyond_pareto.png", "beyond_robustness.png"}
+    pareto = section[section.index("### Accuracy against cost, every strategy") :]
+    assert all(f"`{name}`" in pareto for name in ("frozen", "partial", "lora_block5", "surgical_block5"))

@@ -3,7 +3,8 @@
 Reads params.yaml, data/prepared/summary.json, results/tune/<variant>/{best_params.json,
 trials.csv}, results/train/<variant>/seeds/<seed>/{history.csv,metrics.json,
 confusion_matrix.csv,test_predictions.csv}, results/baselines/, the predict stage's
-results/predict/scores.json and the studies' results under results/studies/ where they exist; never
+results/predict/scores.json and the studies' results under results/studies/ where they exist (the
+parameter-efficient study's strategies read beside the main ones: `parameter_efficient.py`); never
 builds a network. Writes `--out` (reports/):
   report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
   figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
@@ -38,7 +39,7 @@ from pipeline.core.stats import accuracy_interval
 from pipeline.runtime.atomic import atomic_dir, atomic_path, ensure_writable, write_json, write_text
 from pipeline.runtime.cli import run_stage
 from pipeline.stack import tracking
-from pipeline.stages.report import cuts, diagnostics, figures, pareto, studies
+from pipeline.stages.report import cuts, diagnostics, figures, parameter_efficient, pareto, studies
 from pipeline.stages.report.answer import unconverged
 from pipeline.stages.report.document import build_document, to_html, to_markdown
 from pipeline.stages.report.predictions import read_predictions
@@ -128,10 +129,12 @@ def draw_figures(
     baselines: dict | None = None,
     recommended: str | None = None,
     probes: dict | None = None,
+    beyond: dict | None = None,
 ) -> dict[str, str]:
     """Write every figure as PNG into `folder` (the studies' ones where their results exist);
     returns {figure id: file name}. `confusion_best` shows the `recommended` strategy (default:
-    the highest mean test accuracy); `probes` are the baselines stage's probes per cut point."""
+    the highest mean test accuracy); `probes` are the baselines stage's probes per cut point;
+    `beyond` the parameter-efficient study's strategies (`parameter_efficient.read`)."""
     palette = figures.colours(list(results))
     references = {name: b["test_accuracy"] for name, b in (baselines or {}).items()}
     shown = recommended or max(results, key=lambda v: results[v]["interval"].mean)
@@ -157,6 +160,7 @@ def draw_figures(
         drawings["accuracy_vs_cut"] = lambda: cuts.accuracy_vs_cut(results, palette, references, probes)
     drawings.update(diagnostics.draw(results, palette))
     drawings.update(studies.draw(study_results or {}, palette))
+    drawings.update(parameter_efficient.draw(results, beyond or {}, references))
     for variant, result in results.items():
         drawings[f"confusion_{variant}"] = lambda v=variant, r=result: confusion_matrix_figure(
             r["confusion"], class_names, f"{v}: test set, all seeds"
@@ -221,9 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {v: read_results(args.train_dir, v, evidence[v]) for v in params.variants}
     tuning = {v: read_tuning(args.tune_dir, v) for v in params.variants}
     answer = choose(evidence, params.report.margin, baseline_evidence)
-    study_results = {}
+    study_results, beyond = {}, {}
     if args.studies_dir is not None:
         study_results = studies.read_studies(args.studies_dir, params, baselines, data_summary)
+        beyond = parameter_efficient.read(args.studies_dir, params, data_summary)
     tracking.open_store(params.mlflow, args.params)
 
     # reports/ may hold other files (a benchmark): replace only this stage's outputs
@@ -239,10 +244,21 @@ def main(argv: list[str] | None = None) -> None:
                 baselines,
                 answer["recommended_network"],
                 probes,
+                beyond,
             )
             predicted = read_predictions(args.predict_dir) if args.predict_dir else None
             document = build_document(
-                params, data_summary, results, tuning, files, study_results, baselines, answer, probes, predicted
+                params,
+                data_summary,
+                results,
+                tuning,
+                files,
+                study_results,
+                baselines,
+                answer,
+                probes,
+                predicted,
+                beyond,
             )
             html = to_html(document, figure_dir)
         write_text(args.out / "report.md", to_markdown(document, "figures"))
@@ -255,9 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         written = ("report.md", "report.html", "summary.json", "metrics.json")
         tracking.log_artifacts([args.out / name for name in written])
         tracking.log_artifacts(sorted((args.out / "figures").glob("*.png")), folder="figures")
+    ran = studies.ran(study_results) + (["parameter_efficient"] if beyond else [])
     print(
         f"report: {args.out / 'report.html'} ({len(files)} figures, {len(results)} strategies"
-        + (f", studies: {', '.join(studies.ran(study_results))}" if study_results else "")
+        + (f", studies: {', '.join(ran)}" if ran else "")
         + ")"
     )
 

@@ -18,7 +18,7 @@ from pipeline.core.images import KINDS
 from pipeline.core.params import Params
 from pipeline.core.results import PIXELS
 from pipeline.core.stats import difference_interval
-from pipeline.stages.report import cuts, diagnostics, pareto, predictions
+from pipeline.stages.report import cuts, diagnostics, parameter_efficient, pareto, predictions
 from pipeline.stages.report.answer import answer_blocks, baseline_rows, unconverged, versus_pixels
 from pipeline.stages.report.studies import study_blocks
 
@@ -213,8 +213,10 @@ def build_document(
     answer: dict | None = None,
     probes: dict | None = None,
     predicted: dict | None = None,
+    beyond: dict | None = None,
 ) -> list[tuple]:
-    """The report as blocks (heading, paragraph, table, figure, ...), in the order of its text."""
+    """The report as blocks (heading, paragraph, table, figure, ...), in the order of its text;
+    `beyond`: the parameter-efficient study's strategies, when it ran."""
     baselines, studies = baselines or {}, studies or {}
     doc = _introduction(params, tuning)
     if answer is not None:
@@ -228,6 +230,7 @@ def build_document(
     doc += _tuning_blocks(tuning, files)
     doc += diagnostics.blocks(params, results, files)
     doc += study_blocks(params, studies, files)
+    doc += parameter_efficient.blocks(params, results, beyond or {}, baselines, files, data)
     shown = answer["recommended_network"] if answer else max(results, key=lambda v: results[v]["interval"].mean)
     return doc + _closing_blocks(params, data, results, files, shown, bool(answer))
 
