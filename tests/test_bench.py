@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from pipeline.core.fit import Splits
 from pipeline.core.model import ModelSpec, build_model
@@ -134,3 +135,26 @@ def test_tuning_noise_spread_is_the_learning_rate_ratio_and_paired_test_differen
     assert out["learning_rate_ratio"] == pytest.approx(4.0) and out["head_units"] == [0, 64]
     assert out["test_accuracy_range"] == pytest.approx(0.02)
     assert out["paired_difference"]["mean"] == pytest.approx(0.02)
+
+
+def test_bench_times_the_parameter_efficient_studys_strategies_like_the_main_ones(tmp_path):
+    strategies = {
+        "bias_only": {"trainable": "all", "parameters": "bias"},
+        "lora_block5": {"trainable": ["block5"], "parameters": "lora", "lora_rank": 2},
+    }
+    params, prepared = make_tiny_project(tmp_path, {"frozen": {"trainable": "none"}})
+    raw = yaml.safe_load(params.read_text())
+    raw["studies"]["parameter_efficient"]["strategies"] = strategies  # these two only, not the committed ones
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "reports"
+    options = ["--params", str(params), "--prepared", str(prepared), "--out", str(out), "--parameter-efficient"]
+    proc = run_stage("tools.bench", *options, env=stage_env(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "benchmark_parameter_efficient.json").read_text())["strategies"]
+    assert {row["variant"]: row["path"] for row in rows} == {
+        "bias_only": "end-to-end",  # block1's biases train: nothing below them to cache
+        "lora_block5": "cached-features (cut after block4_pool)",
+    }
+    document = (out / "benchmark.md").read_text()
+    assert "## Beyond layer freezing: the study's strategies, timed the same way" in document
+    assert "| bias_only | end-to-end |" in document

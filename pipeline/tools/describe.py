@@ -40,31 +40,35 @@ def variant_rows(params: Params, num_classes: int, strategies: dict | None = Non
                 "variant": name,
                 "weights": variant.weights or params.model.weights,
                 "cut_after": variant.cut_after,
-                "trains": _describe(trainable_layers, variant.cut_after) + _KINDS[variant.parameters](variant),
+                "trains": _describe(trainable_layers, variant.cut_after, _KINDS[variant.parameters](variant)),
                 **count_parameters(model),
             }
         )
     return rows
 
 
-_KINDS = {
+_KINDS = {  # what of the trainable layers trains, by `parameters`
     "all": lambda variant: "",
-    "bias": lambda variant: " (conv biases only)",
-    "lora": lambda variant: f" (LoRA, rank {variant.lora_rank}, on the conv kernels)",
-    "scale_shift": lambda variant: " (a scale and shift per conv channel)",
+    "bias": lambda variant: "biases only",
+    "lora": lambda variant: f"LoRA rank {variant.lora_rank} on the kernels",
+    "scale_shift": lambda variant: "a scale and shift per channel",
 }
 
 
-def _describe(trainable_layers: frozenset[str], cut_after: str = FULL_BASE) -> str:
+def _describe(trainable_layers: frozenset[str], cut_after: str = FULL_BASE, kind: str = "") -> str:
     if not trainable_layers:
         return "head only"
     if trainable_layers == frozenset(kept_layers(cut_after)):
-        return "everything" if cut_after == FULL_BASE else "every kept layer + head"
-    parts = []
-    for block, layers in BLOCKS.items():
-        chosen = [layer for layer in layers if layer in trainable_layers]
-        parts.append(block if len(chosen) == len(layers) else ", ".join(chosen))
-    return " + ".join(p for p in parts if p) + " + head"
+        if not kind:
+            return "everything" if cut_after == FULL_BASE else "every kept layer + head"
+        where = "every conv layer"
+    else:
+        parts = []
+        for block, layers in BLOCKS.items():
+            chosen = [layer for layer in layers if layer in trainable_layers]
+            parts.append(block if len(chosen) == len(layers) else ", ".join(chosen))
+        where = " + ".join(p for p in parts if p)
+    return f"{where}: {kind} + head" if kind else f"{where} + head"
 
 
 def main(argv: list[str] | None = None) -> None:

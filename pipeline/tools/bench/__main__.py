@@ -6,9 +6,11 @@
   python -m pipeline.tools.bench --numerics     # XLA and bfloat16 against float32 (about 5 min)
   python -m pipeline.tools.bench --tune         # tune trials/min per strategy under the training rule (~7 min)
   python -m pipeline.tools.bench --folders      # an image folder of camera-size JPEGs, old and new reading (~3 min)
+  python -m pipeline.tools.bench --parameter-efficient  # the strategies section for studies.parameter_efficient's
+                                          # strategies: bias-only, LoRA, scale-and-shift, surgical (~8 min)
 
-Writes reports/benchmark.json, benchmark_e2e.json, benchmark_numerics.json, benchmark_tune.json or
-benchmark_folders.json, then renders
+Writes reports/benchmark.json, benchmark_e2e.json, benchmark_numerics.json, benchmark_tune.json,
+benchmark_folders.json or benchmark_parameter_efficient.json, then renders
 reports/benchmark.md from whichever exist (each part says when and at which commit it ran). Every timed figure is a
 median with min and max over its repetitions (the count is in the table). Timings are never
 tests; this script is where they live.
@@ -51,6 +53,8 @@ def run_sections(args) -> dict:
     from pipeline.core.weights import load_base_weights
 
     params, splits, summary = _load(args)
+    if args.parameter_efficient:
+        params = _study_params(params)
     sections = set(args.sections.split(","))
     num_classes = len(summary["class_names"])
     weights = {v: load_base_weights(params.variant_weights(v)) for v in params.variants}
@@ -72,6 +76,17 @@ def run_sections(args) -> dict:
                 params, args.large_images, args.large_size, Path(work), args.synthetic_images
             )
     return out
+
+
+def _study_params(params):
+    """`params` with the parameter-efficient study's strategies (all it defines) as the strategies
+    to time, so they are measured exactly as the main ones are."""
+    import dataclasses
+
+    study = params.studies.parameter_efficient
+    report = dataclasses.replace(params.report, baseline=next(iter(study.strategies)))
+    studies = dataclasses.replace(params.studies, parameter_efficient=dataclasses.replace(study, run=()))
+    return dataclasses.replace(params, variants=dict(study.strategies), report=report, studies=studies)
 
 
 def _commit() -> str:
@@ -101,6 +116,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--numerics", action="store_true", help="only the XLA / mixed-precision section (~5 min)")
     parser.add_argument("--tune", action="store_true", help="only tune trials/min per strategy (~7 min)")
     parser.add_argument("--folders", action="store_true", help="only reading camera-size JPEG folders (~3 min)")
+    parser.add_argument(
+        "--parameter-efficient",
+        action="store_true",
+        help="only the strategies section, for studies.parameter_efficient's strategies (~8 min)",
+    )
     parser.add_argument("--keep", type=Path, help="with --end-to-end: move the finished copy here")
     parser.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # internal: one section's JSON
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)  # internal: shared feature cache
@@ -159,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as cache:
             rows = tune_rates(load_params(args.params), args.prepared, Path(cache), args.tune_trials)
         write_json(args.out / "benchmark_tune.json", {**header, "rows": rows})
+    elif args.parameter_efficient and not args.section_out:
+        args.sections = "strategies"
+        bench = {**header, **_sections_in_processes(args, [*(argv or sys.argv[1:]), "--sections", "strategies"])}
+        write_json(args.out / "benchmark_parameter_efficient.json", bench)
     elif args.folders:
         from pipeline.tools.bench.folders import measure as folder_rates
 
@@ -169,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
         bench = {**header, "machine": machine, **_sections_in_processes(args, argv)}
         write_json(args.out / "benchmark.json", {**bench, "seconds": time.perf_counter() - start})
-    parts = [args.out / f"benchmark{suffix}.json" for suffix in ("", "_e2e", "_numerics", "_tune", "_folders")]
+    suffixes = ("", "_e2e", "_numerics", "_tune", "_folders", "_parameter_efficient")
+    parts = [args.out / f"benchmark{suffix}.json" for suffix in suffixes]
     document = render(*(json.loads(path.read_text()) if path.is_file() else None for path in parts))
     write_text(args.out / "benchmark.md", document)
     print(f"[bench] wrote {args.out / 'benchmark.md'}")

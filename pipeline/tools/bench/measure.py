@@ -176,7 +176,7 @@ def naive_fit(config, weights, splits) -> tuple[float, list[float]]:
     seed_everything(config.seed)
     # the naive baseline as measured so far: the whole base, whatever the strategy's cut (see reports/benchmark.md)
     model = build_model(dataclasses.replace(config.model_spec, augmentation=False, cut_after=FULL_BASE), weights.arrays)
-    compile_model(model, config.learning_rate, config.trainable_layers)
+    compile_model(model, config.learning_rate, config.trainable_layers, parameters=config.parameters)
     (x_train, y_train), (x_val, y_val) = splits.train, splits.val
     model.fit(
         x_train.astype(np.float32),

@@ -20,8 +20,10 @@ def render(
     numerics: dict | None = None,
     tune: dict | None = None,
     folders: dict | None = None,
+    beyond: dict | None = None,
 ) -> str:
-    """The Markdown page from whichever parts exist, one section per measurement."""
+    """The Markdown page from whichever parts exist, one section per measurement (`beyond`: the
+    parameter-efficient study's strategies, timed like the main ones)."""
     lines = ["# Benchmark", ""]
     if bench:
         lines += _header(bench)
@@ -29,6 +31,9 @@ def render(
         lines += _compute(bench)
     if bench and "strategies" in bench:
         lines += _strategies(bench)
+    if beyond:
+        title = "Beyond layer freezing: the study's strategies, timed the same way"
+        lines += [*_strategies(beyond, title), "", f"Measured {beyond['date']} at commit {beyond['commit']}."]
     if tune:
         lines += _tuning(tune)
     if bench and bench.get("large_study"):
@@ -112,11 +117,11 @@ def _compute(bench: dict) -> list[str]:
     return lines
 
 
-def _strategies(bench: dict) -> list[str]:
+def _strategies(bench: dict, title: str = "Strategies: the pipeline vs a naive `model.fit`") -> list[str]:
     lines: list[str] = []
     lines += [
         "",
-        "## Strategies: the pipeline vs a naive `model.fit`",
+        f"## {title}",
         "",
         "Naive: the whole Keras model with the strategy's layers frozen, `model.fit` on NumPy arrays, then "
         "predicting the test set (the way the tutorials do it). Pipeline: `fit.fit_variant` (cached "
