@@ -289,6 +289,7 @@ def test_each_study_runs_with_its_one_documented_command(project):
             "studies.sample_efficiency.seeds=[1,2]",
         ],
         "depth": ["-S", "studies.depth.k=[0,13]", "-S", "studies.depth.seeds=[1]"],
+        "parameter_efficient": ["-S", "studies.parameter_efficient.run=[bias_only,surgical_block5]"],
     }
     for settings in commands.values():
         run = subprocess.run(
@@ -311,7 +312,16 @@ def test_each_study_runs_with_its_one_documented_command(project):
     for n in (1, 3):
         references = json.loads((studies / "sample_efficiency" / "baselines" / f"n{n}" / "metrics.json").read_text())
         assert sorted(references["pixels_logistic_regression"]["seeds"]) == ["1", "2"]
+    beyond = studies / "parameter_efficient" / "train"
+    bias = json.loads((beyond / "bias_only/seeds/1/metrics.json").read_text())
+    per_block = bias["parameters"]["per_block"]
+    assert [per_block[b]["trainable"] for b in conv] == [128, 256, 768, 1536, 1536]  # the conv biases, 4,224
+    assert bias["training_path"] == "end-to-end" and bias["frozen_weights_unchanged"] is True
+    assert "robustness" in bias  # the study's own switch
+    surgical = json.loads((beyond / "surgical_block5/seeds/1/metrics.json").read_text())
+    assert surgical["training_path"] == "cached-features (cut after block4_pool)"
     text = (repo / "reports" / "report.md").read_text()
+    assert "## Study: beyond layer freezing" in text
     assert "## Study: sample efficiency" in text and "## Study: freezing depth" in text
     assert "### Against the pixel baseline" in text
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)

@@ -152,10 +152,10 @@ class Training:
         return metrics
 
     def robustness_on(self) -> bool:
-        """studies.robustness.enabled, or for the parameter-efficient study's runs its own switch."""
-        if self.study == "parameter_efficient" and self.params.studies.parameter_efficient.robustness:
-            return True
-        return self.params.studies.robustness.enabled
+        """studies.robustness.enabled, or for the parameter-efficient study's runs its own switch
+        (both read: the params a stage declares are the ones it reads)."""
+        study_switch = self.study == "parameter_efficient" and self.params.studies.parameter_efficient.robustness
+        return self.params.studies.robustness.enabled or study_switch
 
     def run_seed(self, seed: int, folder: Path):
         """Train, evaluate and log one seed, its files written into `folder`; returns (metrics, fit result)."""
