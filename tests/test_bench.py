@@ -137,6 +137,7 @@ def test_tuning_noise_spread_is_the_learning_rate_ratio_and_paired_test_differen
     assert out["paired_difference"]["mean"] == pytest.approx(0.02)
 
 
+@pytest.mark.slow  # a benchmark process (~25 s), like the one above
 def test_bench_times_the_parameter_efficient_studys_strategies_like_the_main_ones(tmp_path):
     strategies = {
         "bias_only": {"trainable": "all", "parameters": "bias"},

@@ -1,6 +1,7 @@
 """The report's reading of the parameter-efficient study, on the committed params and made-up
-results: surgical blocks are paired with the top-down strategies by their definitions, and the
-shift check names the block with the best corrupted accuracy and tests the others against it."""
+results: surgical blocks are paired with the top-down strategies by their definitions, and block 1
+(Lee et al.'s claim, prespecified) is tested against every other single block, clean and
+corrupted, without choosing the comparison from the results."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import numpy as np
 
 from pipeline.core.params import load_params
 from pipeline.core.stats import accuracy_interval
-from pipeline.stages.report.parameter_efficient import shift_lines, surgical_pairs, surgical_table
+from pipeline.stages.report.parameter_efficient import block_one_lines, surgical_pairs, surgical_table
 
 
 def test_every_block_is_paired_with_the_strategy_that_trains_it_and_everything_above():
     params = load_params()
-    names = [*params.variants, *params.studies.parameter_efficient.strategies]
-    assert surgical_pairs(params, names) == {
+    main, study = list(params.variants), list(params.studies.parameter_efficient.strategies)
+    assert surgical_pairs(params, main, study) == {
         "block1": ("surgical_block1", "full"),
         "block2": ("surgical_block2", "from_block2"),
         "block3": ("surgical_block3", "from_block3"),
@@ -22,13 +23,16 @@ def test_every_block_is_paired_with_the_strategy_that_trains_it_and_everything_a
         "block5": ("surgical_block5", "partial"),  # the same layers: the study's alone, the main one above
     }
     # cut, bias-only and LoRA strategies train other things: never paired
-    assert surgical_pairs(params, ["cut3_partial", "bias_only", "lora_r4", "last_layers"]) == {}
-    assert surgical_pairs(params, ["partial"]) == {"block5": ("partial", None)}
+    assert surgical_pairs(params, ["cut3_partial", "last_layers"], ["bias_only", "lora_r4"]) == {}
+    # the main strategies alone make no surgical section: it is the study's
+    assert surgical_pairs(params, main, ["bias_only"]) == {}
+    assert surgical_pairs(params, ["full"], ["surgical_block1"]) == {"block1": ("surgical_block1", "full")}
+    assert surgical_pairs(params, [], ["surgical_block5"]) == {"block5": ("surgical_block5", None)}
 
 
-def _result(correct: np.ndarray, corrupted: list[float] | None = None) -> dict:
+def _result(correct: np.ndarray, corrupted: list[float] | None = None, val: float = 0.5) -> dict:
     result = {
-        "evidence": {"correct": correct},
+        "evidence": {"correct": correct, "val_accuracy": val},
         "interval": accuracy_interval(correct),
         "parameters": {"trainable": 100},
     }
@@ -37,26 +41,40 @@ def _result(correct: np.ndarray, corrupted: list[float] | None = None) -> dict:
     return result
 
 
-def test_the_shift_check_names_the_best_block_under_corruption_and_tests_the_others_against_it():
+def test_block_one_is_tested_against_every_other_block_clean_and_corrupted():
     rng = np.random.default_rng(0)
-    correct = rng.integers(0, 2, (3, 200))
+    correct = rng.integers(0, 2, (3, 400))
+    better = correct.copy()
+    better[:, :100] = 1  # block1 right on 100 more images... where `correct` was wrong
     everything = {
-        "s1": _result(correct, [0.70, 0.72, 0.71]),
-        "s2": _result(correct, [0.60, 0.61, 0.62]),
-        "s3": _result(correct, [0.69, 0.73, 0.70]),
+        "s1": _result(better, [0.70, 0.72, 0.71], val=0.6),
+        "s2": _result(correct, [0.60, 0.61, 0.62], val=0.7),
+        "s3": _result(better, [0.69, 0.73, 0.70], val=0.5),
     }
     pairs = {"block1": ("s1", None), "block2": ("s2", None), "block3": ("s3", None)}
-    lines = shift_lines(pairs, everything)
-    assert lines[0].startswith(
-        "On the corrupted test set (mean over the corruptions) the most accurate single block is block1 (0.710)"
-    )
-    by_block = {line.split(" ")[2]: line for line in lines[1:]}
-    # s1 - s2 per seed: 0.10, 0.11, 0.09 -> mean 0.10, a t-interval far above 0
-    assert "block1 − block2 under corruption: +0.100 [" in by_block["block2"] and by_block["block2"].endswith(
-        "supported."
-    )
-    assert "not significant" in by_block["block3"]  # 0.01, -0.01, 0.01: the interval spans 0
-    assert shift_lines({"block1": ("s1", None)}, everything) == []  # one block: nothing to compare
+    first, block2, block3 = block_one_lines(pairs, everything)
+    assert first.startswith("The best single block on validation accuracy is block2")  # chosen on validation
+    assert block2.startswith("block1 − block2: +0.")
+    assert "(clean test: block1 better, supported)" in block2
+    # corrupted, paired over seeds: 0.10, 0.11, 0.09 -> +0.100 with a t-interval far above 0
+    assert "; +0.100 [" in block2 and block2.endswith("(corrupted test, over seeds: block1 better, supported).")
+    assert block3.startswith("block1 − block3: +0.000 [+0.000, +0.000] (clean test: not significant")
+    assert "(corrupted test, over seeds: not significant" in block3  # 0.01, -0.01, 0.01: spans 0
+    assert block_one_lines({"block2": ("s2", None), "block3": ("s3", None)}, everything) == []  # no block1
+
+
+def test_block_one_with_one_common_seed_or_none_says_only_what_it_can():
+    correct = np.ones((1, 50), dtype=int)
+    pairs = {"block1": ("s1", None), "block2": ("s2", None)}
+    s1, s2 = _result(correct, [0.7]), _result(correct, [0.6])
+    (_, line) = block_one_lines(pairs, {"s1": s1, "s2": s2})
+    clean = "+0.000 [+0.000, +0.000] (clean test: not significant, which is not a claim that they are equal)"
+    assert line == f"block1 − block2: {clean}; +0.100 (corrupted test, over seeds: one seed, no interval)."
+    s2["robustness"] = {2: s2["robustness"][1]}  # another seed than block1's: nothing to pair
+    (_, line) = block_one_lines(pairs, {"s1": s1, "s2": s2})
+    assert line == f"block1 − block2: {clean}."
+    del s2["robustness"]  # no robustness test: the clean comparison only
+    assert block_one_lines(pairs, {"s1": s1, "s2": s2})[1] == line
 
 
 def test_the_surgical_table_prints_a_paired_difference_only_where_both_ran():

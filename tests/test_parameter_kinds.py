@@ -132,10 +132,21 @@ def test_training_moves_only_the_kinds_parameters(hed, trained, name):
             assert not np.array_equal(np.asarray(layer.scale), np.ones_like(bias)), layer_name
 
 
-@pytest.mark.parametrize("name", ["bias", "lora", "scale_shift"])
-def test_weight_drift_measures_the_effective_kernels(trained, name):
-    _, result, _ = trained[name]
-    assert all(result.weight_drift[block] > 0 for block in ("block1", "block5"))
+def test_weight_drift_measures_what_the_layers_compute_with(hed, trained):
+    """LoRA's pretrained kernel and bias never move, yet the block drifts: by its merged kernel
+    (kernel + A @ B), measured against the pretrained weights, not against A's random start."""
+    _, result, _ = trained["lora"]
+    moved = size = 0.0
+    for name in ("block5_conv1", "block5_conv2", "block5_conv3"):
+        layer = result.model.get_layer(name)
+        a = np.asarray(layer.lora_kernel_a, np.float64)  # (3, 3, C_in, r)
+        delta = a.reshape(-1, layer.lora_rank) @ np.asarray(layer.lora_kernel_b, np.float64)
+        merged = np.asarray(layer._kernel, np.float64) + delta.reshape((*a.shape[:3], -1))
+        kernel, bias = hed.arrays[name]
+        moved += float(np.sum((merged - kernel) ** 2))
+        size += float(np.sum(np.float64(kernel) ** 2) + np.sum(np.float64(bias) ** 2))
+    assert result.weight_drift["block5"] == pytest.approx(np.sqrt(moved / size), rel=1e-4)
+    assert result.weight_drift["block5"] > 0
 
 
 # the largest |p_plain - p_trained| over the test images a merge may give: LoRA and bias-only are
@@ -173,6 +184,17 @@ def test_bias_only_and_scale_shift_cost_no_kernel_gradient_and_lora_a_full_one()
     assert cost.step_flops(layers, None, every, "lora")[0] == full
     for kind in ("bias", "scale_shift"):
         assert cost.step_flops(layers, None, every, kind)[0] == pytest.approx(forward + head + forward - conv[0])
+
+
+def test_a_strategys_parameter_kind_reaches_its_flop_account():
+    """The cost of a run (every tune trial and seed) follows the kind: bias-only costs less than
+    the same layers with every parameter, LoRA the same."""
+    layout = cost.Layout(image_size=32, pooling="flatten", num_classes=10, val_images=20, test_images=20)
+    run = {"head_units": 0, "epochs_run": 3, "train_images": 30, "training_path": "end-to-end", "cut_after": None}
+    trials = [{"head_units": 0, "epochs_run": 2}]
+    every = frozenset(CONV_LAYERS)
+    total = {kind: cost.strategy_flops([run], trials, every, layout, kind)["total"] for kind in ("all", "bias", "lora")}
+    assert total["bias"] < total["all"] == total["lora"]
 
 
 def test_the_study_strategy_is_selected_as_the_only_strategy():

@@ -101,7 +101,12 @@ def sample_answers(params, sample_dir: Path, sample: dict, baselines: dict, data
     answers = {}
     for n in sorted({n for by_size in sample.values() for n in by_size}):
         evidence = {
-            v: with_flops(read_evidence(sample_dir / v, None, f"n{n}"), params.variant(v).layers, layout)
+            v: with_flops(
+                read_evidence(sample_dir / v, None, f"n{n}"),
+                params.variant(v).layers,
+                layout,
+                params.variant(v).parameters,
+            )
             for v, by_size in sample.items()
             if n in by_size
         }

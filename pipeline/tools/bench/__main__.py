@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ from pathlib import Path
 from pipeline.core.params import load_params
 from pipeline.runtime.atomic import ensure_writable, write_json, write_text
 from pipeline.runtime.cli import run_stage
+from pipeline.runtime.errors import ConfigError
 from pipeline.tools.bench.measure import (
     flop_bound,
     forward_throughput,
@@ -81,9 +83,9 @@ def run_sections(args) -> dict:
 def _study_params(params):
     """`params` with the parameter-efficient study's strategies (all it defines) as the strategies
     to time, so they are measured exactly as the main ones are."""
-    import dataclasses
-
     study = params.studies.parameter_efficient
+    if not study.strategies:
+        raise ConfigError("studies.parameter_efficient.strategies", "is empty: there is nothing to time")
     report = dataclasses.replace(params.report, baseline=next(iter(study.strategies)))
     studies = dataclasses.replace(params.studies, parameter_efficient=dataclasses.replace(study, run=()))
     return dataclasses.replace(params, variants=dict(study.strategies), report=report, studies=studies)
@@ -179,9 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="vgg16-bench-") as cache:
             rows = tune_rates(load_params(args.params), args.prepared, Path(cache), args.tune_trials)
         write_json(args.out / "benchmark_tune.json", {**header, "rows": rows})
-    elif args.parameter_efficient and not args.section_out:
+    elif args.parameter_efficient:
         args.sections = "strategies"
-        bench = {**header, **_sections_in_processes(args, [*(argv or sys.argv[1:]), "--sections", "strategies"])}
+        bench = {**header, **_sections_in_processes(args, argv)}
         write_json(args.out / "benchmark_parameter_efficient.json", bench)
     elif args.folders:
         from pipeline.tools.bench.folders import measure as folder_rates
