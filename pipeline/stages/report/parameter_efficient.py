@@ -42,6 +42,7 @@ def read(studies_dir: Path, params, data_summary: dict) -> dict:
     exist: `results.read_strategy` plus its `evidence` with FLOPs (the main comparison's account),
     its test accuracy `interval`, its `tuning` record and its `definition` (VariantParams)."""
     study = params.studies.parameter_efficient
+    definitions = {name: strategy for name, strategy in study.strategies.items() if name in study.run}
     train_dir = Path(studies_dir) / "parameter_efficient" / "train"
     tune_dir = Path(studies_dir) / "parameter_efficient" / "tune"
     layout = cost.layout_of(data_summary, params.model.pooling)
@@ -49,7 +50,7 @@ def read(studies_dir: Path, params, data_summary: dict) -> dict:
     for name in study.run:
         if not (train_dir / name / "seeds").is_dir():
             continue
-        strategy = study.strategies[name]
+        strategy = definitions[name]
         result = read_strategy(train_dir, name)
         evidence = read_evidence(train_dir, tune_dir, name)
         result["evidence"] = with_flops(evidence, strategy.layers, layout, strategy.parameters)
