@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.analysis.recommendation import choose
 from pipeline.core.params import load_params
 from pipeline.core.stats import accuracy_interval
+from pipeline.stages.report.answer import rule_lines
 from pipeline.stages.report.parameter_efficient import block_one_lines, surgical_pairs, surgical_table
 
 
@@ -83,3 +85,30 @@ def test_the_surgical_table_prints_a_paired_difference_only_where_both_ran():
     _, rows = surgical_table({"block2": ("a", "b"), "block3": ("a", None)}, everything)
     assert rows[0][0] == "block2" and rows[0][-1] == "+0.000 [+0.000, +0.000]"
     assert rows[1][4:] == ["—", "", "", "—"]
+
+
+def test_the_answer_in_words_follows_the_rule_of_the_main_answer():
+    """`rule_lines` (one function for the depth study and this one) on a real `choose`: the best,
+    what is non-inferior with its bound, the cheaper one with the FLOP ratio, the rest in words."""
+    rng = np.random.default_rng(0)
+    truth = rng.random(400) < 0.8
+    same = np.tile(truth, (3, 1)).astype(int)  # identical predictions: non-inferior at any margin
+    worse = same.copy()
+    worse[:, :120] = 0  # 30% of the images lost: significantly worse
+    evidence = {
+        "big": {"correct": same, "flops": 4e12, "val_accuracy": 0.9, "params_trainable": 10},
+        "small": {"correct": same, "flops": 1e12, "val_accuracy": 0.8, "params_trainable": 5},
+        "bad": {"correct": worse, "flops": 5e11, "val_accuracy": 0.7, "params_trainable": 1},
+    }
+    answer = choose(evidence, 0.02)
+    lines = rule_lines(answer, among=" among every strategy and baseline")
+    assert lines[0] == "Best on validation among every strategy and baseline: `big`."
+    assert lines[1].startswith("Non-inferior to it within 0.02") and "`small` (+0.000)" in lines[1]
+    assert "`small`, 4.0× cheaper than `big` (1 TFLOP vs 4 TFLOP)" in lines[2]
+    prefix = "Not shown non-inferior: `bad` significantly worse (by at least "
+    assert lines[3].startswith(prefix) and lines[3].endswith(").")
+    loss = truth[:120].mean() * 120 / 400  # the true loss; the bound is below it
+    assert 0.1 < float(lines[3][len(prefix) : -2]) < loss
+    # only the best a candidate: nothing cheaper, no rest line when every other one is a candidate
+    alone = rule_lines(choose({"big": evidence["big"], "bad": evidence["bad"]}, 0.02), name=str.upper)
+    assert alone[1].endswith("none.") and alone[2] == "Nothing cheaper is shown non-inferior to BIG (4 TFLOP)."

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeline.analysis.recommendation import describe
 from pipeline.core.results import PIXELS, PROBE
 from pipeline.core.stats import difference_interval
@@ -67,6 +69,40 @@ def tflop(flops: float) -> str:
 
 def _name(name: str) -> str:
     return BASELINE_NAMES.get(name, f"`{name}`")
+
+
+def rule_lines(answer: dict, name: Callable[[str], str] = _name, among: str = "") -> list[str]:
+    """The main answer's rule applied to the candidates of `answer` (`recommendation.choose`,
+    FLOPs added), in words: the best on validation (`among`: what it was chosen from), what is
+    shown non-inferior to it within the margin, the cheapest of those in training FLOPs, and how
+    every other candidate compares. `name` writes a candidate's name."""
+    best, recommended, margin = answer["best_on_validation"], answer["recommended"], answer["margin"]
+    flops, comparisons = answer["flops"], answer["comparisons"]
+    others = sorted((v for v in answer["candidates"] if v != best), key=lambda v: flops[v])
+    lines = [
+        f"Best on validation{among}: {name(best)}.",
+        f"Non-inferior to it within {margin:g} (one-sided 95% lower bound above −margin): "
+        + (", ".join(f"{name(v)} ({comparisons[v]['lower_bound']:+.3f})" for v in others) or "none")
+        + ".",
+    ]
+    if recommended != best:
+        lines.append(
+            f"Cheapest of those in training FLOPs (tuning + one training run + feature extraction): "
+            f"{name(recommended)}, {answer['cheaper_than_best']:.1f}× cheaper than {name(best)} "
+            f"({tflop(flops[recommended])} vs {tflop(flops[best])})."
+        )
+    else:
+        lines.append(f"Nothing cheaper is shown non-inferior to {name(best)} ({tflop(flops[best])}).")
+    rest = [v for v in comparisons if v not in answer["candidates"]]
+    if rest:
+        lines.append(
+            "Not shown non-inferior: "
+            + "; ".join(
+                f"{name(v)} {describe(v, comparisons[v], margin)}" for v in sorted(rest, key=lambda v: flops[v])
+            )
+            + "."
+        )
+    return lines
 
 
 def answer_lines(answer: dict, val: dict, test_mean: dict, seeds: dict) -> list[str]:

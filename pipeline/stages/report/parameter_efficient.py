@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.analysis import cost
-from pipeline.analysis.recommendation import baseline_evidence, choose, describe, with_flops
+from pipeline.analysis.recommendation import baseline_evidence, choose, with_flops
 from pipeline.core.results import read_evidence, read_strategy, read_tuning
 from pipeline.core.stats import accuracy_interval, difference_interval, paired_t_test
 from pipeline.core.vgg16 import BLOCKS, FULL_BASE
 from pipeline.stages.report import diagnostics, figures, pareto
-from pipeline.stages.report.answer import BASELINE_NAMES, PIXELS, signed_interval, tflop, unconverged
+from pipeline.stages.report.answer import PIXELS, rule_lines, signed_interval, tflop, unconverged
 
 KIND_WORDS = {
     "all": "",
@@ -232,27 +232,6 @@ def draw(main: dict, study: dict, references: dict[str, float]) -> dict:
     return drawings
 
 
-def answer_lines(answer: dict) -> list[str]:
-    """The combined answer in the main answer's words (`recommendation.describe`)."""
-    best, recommended, margin = answer["best_on_validation"], answer["recommended"], answer["margin"]
-    flops, comparisons = answer["flops"], answer["comparisons"]
-
-    def name(v: str) -> str:
-        return BASELINE_NAMES.get(v, f"`{v}`")
-
-    shown = sorted((v for v in answer["candidates"] if v != best), key=lambda v: flops[v])
-    lines = [
-        f"Best on validation among every strategy and baseline: {name(best)}.",
-        f"Shown non-inferior to it within {margin:g}: "
-        + (", ".join(f"{name(v)} ({comparisons[v]['lower_bound']:+.3f})" for v in shown) or "none")
-        + ".",
-        f"Recommended (the cheapest of those in training FLOPs): {name(recommended)}, {tflop(flops[recommended])}.",
-    ]
-    rest = sorted((v for v in comparisons if v not in answer["candidates"]), key=lambda v: flops[v])
-    lines += [f"{name(v)}: {describe(v, comparisons[v], margin)}." for v in rest]
-    return lines
-
-
 def blocks(params, main: dict, study: dict, baselines: dict, files: dict, data_summary: dict) -> list[tuple]:
     """The section, when the study ran."""
     if not study:
@@ -274,7 +253,7 @@ def blocks(params, main: dict, study: dict, baselines: dict, files: dict, data_s
             "below it." + (f" Named in `run` but without results yet: {', '.join(missing)}." if missing else ""),
         ),
         ("h3", "The answer over every strategy that ran"),
-        ("list", answer_lines(answer)),
+        ("list", rule_lines(answer, among=" among every strategy and baseline")),
         ("table", *strategy_table(study, everything, answer, baselines)),
     ]
     if pairs:

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.analysis import cost
-from pipeline.analysis.recommendation import baseline_evidence, choose, describe, with_flops
+from pipeline.analysis.recommendation import baseline_evidence, choose, with_flops
 from pipeline.core.plotting import plt
 from pipeline.core.results import read_evidence, read_sample_baselines, read_strategy, read_test_correct
 from pipeline.core.stats import Interval, accuracy_interval, difference_interval
 from pipeline.core.vgg16 import BLOCKS, CONV_LAYERS, FULL_BASE, kept_layers
 from pipeline.runtime.errors import DataError
-from pipeline.stages.report.answer import BASELINE_NAMES, PIXELS, PROBE, signed_interval, tflop, unconverged
+from pipeline.stages.report.answer import BASELINE_NAMES, PIXELS, PROBE, rule_lines, signed_interval, unconverged
 from pipeline.stages.report.diagnostics import drift_heatmap, drift_text, mean_drift
 
 BASELINE_STYLE = {PIXELS: ("black", "--", "pixels LR"), PROBE: ("dimgrey", ":", "linear probe")}
@@ -399,40 +399,6 @@ def depth_name(variant: str) -> str:
     return BASELINE_NAMES.get(variant, variant)
 
 
-def depth_answer_lines(answer: dict) -> list[str]:
-    """The main comparison's rule applied to the depths (and the baselines): best k on validation,
-    what is shown non-inferior to it within the margin, the cheapest of those in training FLOPs."""
-    best, recommended, margin = answer["best_on_validation"], answer["recommended"], answer["margin"]
-    flops = answer["flops"]
-    name = depth_name
-    comparisons = answer["comparisons"]
-    others = sorted((v for v in answer["candidates"] if v != best), key=lambda v: flops[v])
-    lines = [
-        f"Best on validation: {name(best)}.",
-        f"Non-inferior to it within {margin:g} (one-sided 95% lower bound above −margin): "
-        + (", ".join(f"{name(v)} ({comparisons[v]['lower_bound']:+.3f})" for v in others) or "none")
-        + ".",
-    ]
-    if recommended != best:
-        lines.append(
-            f"Cheapest of those in training FLOPs (tuning + one training run + feature extraction): "
-            f"{name(recommended)}, {answer['cheaper_than_best']:.1f}× cheaper than {name(best)} "
-            f"({tflop(flops[recommended])} vs {tflop(flops[best])})."
-        )
-    else:
-        lines.append(f"Nothing cheaper is shown non-inferior to {name(best)} ({tflop(flops[best])}).")
-    rest = [v for v in comparisons if v not in answer["candidates"]]
-    if rest:
-        lines.append(
-            "Not shown non-inferior: "
-            + "; ".join(
-                f"{name(v)} {describe(v, comparisons[v], margin)}" for v in sorted(rest, key=lambda v: flops[v])
-            )
-            + "."
-        )
-    return lines
-
-
 # --- figures and document blocks ----------------------------------------------------------------
 
 
@@ -559,7 +525,7 @@ def _depth_blocks(params, studies: dict, files: dict) -> list[tuple]:
     if "depth_answer" in studies:
         doc += [
             ("p", "The main answer's rule applied to the depths:"),
-            ("list", depth_answer_lines(studies["depth_answer"])),
+            ("list", rule_lines(studies["depth_answer"], depth_name)),
         ]
     doc += [("figure", files["depth"], "Test accuracy and trainable parameters vs k.")]
     if "cut_depth" in files:
