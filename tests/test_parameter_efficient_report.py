@@ -9,7 +9,9 @@ import numpy as np
 
 from pipeline.analysis.recommendation import choose
 from pipeline.core.params import load_params
+from pipeline.core.results import PIXELS
 from pipeline.core.stats import accuracy_interval
+from pipeline.stages.report.__main__ import compared_metrics
 from pipeline.stages.report.answer import rule_lines
 from pipeline.stages.report.parameter_efficient import block_one_lines, surgical_pairs, surgical_table
 
@@ -112,3 +114,17 @@ def test_the_answer_in_words_follows_the_rule_of_the_main_answer():
     # only the best a candidate: nothing cheaper, no rest line when every other one is a candidate
     alone = rule_lines(choose({"big": evidence["big"], "bad": evidence["bad"]}, 0.02), name=str.upper)
     assert alone[1].endswith("none.") and alone[2] == "Nothing cheaper is shown non-inferior to BIG (4 TFLOP)."
+
+
+def test_the_dvc_metric_holds_the_study_strategies_only_when_it_ran():
+    summary = {
+        "frozen": {"test_accuracy_mean": 0.7, "test_accuracy_ci95_low": 0.68, "test_accuracy_ci95_high": 0.72},
+        "baselines": {PIXELS: {"test_accuracy": 0.75}},
+    }
+    assert set(compared_metrics(summary)) == set(compared_metrics(summary, {})) == {"frozen", "pixels_lr"}
+    beyond = {"bias_only": {"interval": accuracy_interval(np.tile(np.arange(40) % 3 == 0, (2, 1)).astype(int))}}
+    metrics = compared_metrics(summary, beyond)
+    assert metrics["frozen"] == {"test_acc": 0.7, "ci_low": 0.68, "ci_high": 0.72}
+    interval = beyond["bias_only"]["interval"]
+    assert metrics["bias_only"] == {"test_acc": interval.mean, "ci_low": interval.low, "ci_high": interval.high}
+    assert metrics["bias_only"]["test_acc"] == 14 / 40

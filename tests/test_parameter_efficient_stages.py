@@ -129,3 +129,10 @@ def test_the_report_reads_the_study_beside_the_main_strategies(study_report):
     assert figures == {"beyond_pareto.png", "beyond_robustness.png"}
     pareto = section[section.index("### Accuracy against cost, every strategy") :]
     assert all(f"`{name}`" in pareto for name in ("frozen", "partial", "lora_block5", "surgical_block5"))
+    # the DVC metric holds the study's strategies beside the main ones (a row of `dvc exp show`)
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    summary = json.loads((root / "reports/summary.json").read_text())
+    assert {"lora_block5", "surgical_block5"} <= set(metrics) and "lora_block5" not in summary
+    low, mean, high = (metrics["surgical_block5"][k] for k in ("ci_low", "test_acc", "ci_high"))
+    assert 0 < low < mean < high < 1
+    assert f"{mean:.3f} [{low:.3f}, {high:.3f}]" in rows["`surgical_block5`"]

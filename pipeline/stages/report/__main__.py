@@ -9,7 +9,8 @@ builds a network. Writes `--out` (reports/):
   report.md, report.html   tables, figures, caveats (HTML: images embedded, no scripts)
   figures/*.png            convergence, train vs val, test accuracy, parameters, tuning, ...
   summary.json             per strategy test accuracy with its interval, `baselines`, `answer`, `data_conversions`
-  metrics.json             the DVC metric: per strategy test accuracy and interval, the baselines (numbers only)
+  metrics.json             the DVC metric: per strategy test accuracy and interval, the baselines (numbers only);
+                           the parameter-efficient study's strategies too when it ran
 and logs them as the artifacts of one MLflow run `report`.
 """
 
@@ -103,9 +104,11 @@ def _tuning_summary(best: dict) -> dict:
     }
 
 
-def compared_metrics(summary: dict) -> dict:
+def compared_metrics(summary: dict, beyond: dict | None = None) -> dict:
     """reports/metrics.json, the one DVC metrics file: per strategy the test accuracy and its 95%
-    interval, and the two baselines' test accuracy; numbers only, one row in `dvc exp show`."""
+    interval, the two baselines' test accuracy, and, when the parameter-efficient study ran, each
+    of its strategies like a main one (`beyond`, `parameter_efficient.read`; their names never
+    clash with the main strategies', params validation); numbers only, one row in `dvc exp show`."""
     out = {
         variant: {
             "test_acc": s["test_accuracy_mean"],
@@ -117,6 +120,9 @@ def compared_metrics(summary: dict) -> dict:
     }
     short = {PIXELS: "pixels_lr", PROBE: "linear_probe"}
     out.update({short.get(name, name): b["test_accuracy"] for name, b in summary["baselines"].items()})
+    for name, result in (beyond or {}).items():
+        interval = result["interval"]
+        out[name] = {"test_acc": interval.mean, "ci_low": interval.low, "ci_high": interval.high}
     return out
 
 
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         write_text(args.out / "report.html", html)
         summary = summary_metrics(results, tuning, baselines, answer, data_summary)
         write_json(args.out / "summary.json", summary)
-        write_json(args.out / "metrics.json", compared_metrics(summary))
+        write_json(args.out / "metrics.json", compared_metrics(summary, beyond))
         if args.thumbnail:
             _thumbnail(args.out / "figures" / files["convergence_epochs"], args.thumbnail)
         written = ("report.md", "report.html", "summary.json", "metrics.json")
