@@ -6,6 +6,8 @@ into a plain VGG16 for serving that predicts what the trained model predicts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from pipeline.core.model import (
     merge_for_serving,
     set_trainable,
 )
+from pipeline.core.parameter_kinds import effective_conv_weights
 from pipeline.core.params import load_params
 from pipeline.core.vgg16 import CONV_LAYERS
 from pipeline.runtime.errors import ConfigError
@@ -104,9 +107,18 @@ def trained(hed):
     splits = colour_splits(seed=1, train_per_class=6)
     runs = {}
     cases = [("bias", "bias", "all", 0), ("lora", "lora", "all", 4), ("scale_shift", "scale_shift", "all", 0),
-             ("lora_block5", "lora", ["block5"], 2)]  # fmt: skip
+             ("lora_block5", "lora", ["block5"], 2), ("scale_shift_norm", "scale_shift", ["block5"], 0)]  # fmt: skip
     for name, kind, spec, rank in cases:
-        config = run_config(spec, max_epochs=2, learning_rate=1e-3, parameters=kind, lora_rank=rank, warmup_epochs=1)
+        head_norm = "standardize" if name.endswith("_norm") else "none"  # statistics set from the training features
+        config = run_config(
+            spec,
+            max_epochs=2,
+            learning_rate=1e-3,
+            parameters=kind,
+            lora_rank=rank,
+            warmup_epochs=1,
+            head_norm=head_norm,
+        )
         runs[name] = (config, fit_variant(config, hed, splits, "data"), splits)
     return runs
 
@@ -156,7 +168,8 @@ def test_weight_drift_measures_what_the_layers_compute_with(hed, trained):
 # the largest |p_plain - p_trained| over the test images a merge may give: LoRA and bias-only are
 # exact (the merged kernel is the one the layer computed with); scale-and-shift folds two float32
 # products into one, a rounding difference
-MERGE_TOLERANCE = {"bias": 0.0, "lora": 0.0, "lora_block5": 0.0, "scale_shift": 1e-5}
+# (scale_shift_norm: the head standardises its features, statistics the merged model must compute with too)
+MERGE_TOLERANCE = {"bias": 0.0, "lora": 0.0, "lora_block5": 0.0, "scale_shift": 1e-5, "scale_shift_norm": 1e-5}
 
 
 @pytest.mark.parametrize("name", list(MERGE_TOLERANCE))
@@ -165,7 +178,9 @@ def test_the_model_merges_into_a_plain_vgg16_that_predicts_the_same(trained, tmp
     plain = merge_for_serving(result.model, config.model_spec)
     assert {type(plain.get_layer(n)) for n in CONV_LAYERS} == {keras.layers.Conv2D}
     assert not any(v.path.split("/")[1].startswith("lora") for v in plain.weights if "/" in v.path)
-    vgg16 = build_model(ModelSpec(image_size=32, num_classes=3, head_units=config.head_units), None)
+    vgg16 = build_model(
+        ModelSpec(image_size=32, num_classes=3, head_units=config.head_units, head_norm=config.head_norm), None
+    )
     assert count_parameters(plain)["total"] == count_parameters(vgg16)["total"]  # no adapter left
     images = splits.test[0]
     trained_p = result.model.predict(images, verbose=0)
@@ -173,6 +188,29 @@ def test_the_model_merges_into_a_plain_vgg16_that_predicts_the_same(trained, tmp
     plain.save(tmp_path / "model.keras")
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), trained_p, rtol=0, atol=MERGE_TOLERANCE[name])
+
+
+def test_the_lora_merge_is_float32_under_mixed_precision(hed):
+    """Under a bfloat16 compute policy Keras's merged `kernel` is cast to bfloat16; the merge for
+    serving and the drift use the float32 variables: kernel + (alpha / rank) A @ B, computed here in
+    float64."""
+    spec = dataclasses.replace(spec_of(STUDY["lora_r4"]), head_units=0)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_model(spec, hed.arrays)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    layer = model.get_layer("block3_conv2")
+    rng = np.random.default_rng(0)
+    layer.lora_kernel_b.assign(rng.normal(0, 0.01, layer.lora_kernel_b.shape).astype("float32"))
+    assert layer.kernel.dtype == "bfloat16"  # what the layer computes with, and what this test guards against
+    kernel, bias = effective_conv_weights(layer)
+    a = np.asarray(layer.lora_kernel_a, np.float64)
+    delta = (a.reshape(-1, 4) @ np.asarray(layer.lora_kernel_b, np.float64)).reshape((*a.shape[:3], -1))
+    assert kernel.dtype == np.float32 and bias.dtype == np.float32
+    np.testing.assert_allclose(kernel, hed.arrays["block3_conv2"][0] + delta, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(bias, hed.arrays["block3_conv2"][1])
 
 
 def test_bias_only_and_scale_shift_cost_no_kernel_gradient_and_lora_a_full_one():

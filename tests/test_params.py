@@ -106,8 +106,15 @@ def test_repository_params_load_into_frozen_dataclasses():
         (
             {"studies": {"sample_efficiency": {"train_per_class": [10, 10]}}},
             "studies.sample_efficiency.train_per_class",
-            "sizes must be unique",
+            "sizes must be unique (repeated: [10])",
         ),
+        (
+            {"studies": {"parameter_efficient": {"run": ["bias_only", "lora_r4", "bias_only"]}}},
+            "studies.parameter_efficient.run",
+            "names must be unique (repeated: ['bias_only'])",
+        ),
+        ({"studies": {"depth": {"k": [2, 4, 2]}}}, "studies.depth.k", "values must be unique (repeated: [2])"),
+        ({"tune": {"head_units": [64, 64]}}, "tune.head_units", "choices must be unique (repeated: [64])"),
         (
             {"studies": {"robustness": {"corruptions": ["fog"]}}},
             "studies.robustness.corruptions",

@@ -128,6 +128,8 @@ def merge_for_serving(model: keras.Model, spec: ModelSpec) -> keras.Model:
             layer.set_weights(effective_conv_weights(source))
         elif layer.weights:
             layer.set_weights(source.get_weights())
+            if isinstance(layer, keras.layers.Normalization):
+                layer.finalize_state()  # it computes with tensors made from its weights here, not the weights
     return plain
 
 

@@ -66,10 +66,15 @@ def set_layer_trainable(layer: keras.layers.Layer, trains: bool, parameters: str
 
 
 def effective_conv_weights(layer: keras.layers.Conv2D) -> list[np.ndarray]:
-    """[kernel, bias] that a plain Conv2D needs to compute what `layer` computes: for LoRA the
-    merged kernel (kernel + A @ B, Keras's `kernel` property), for scale-and-shift kernel x scale
-    and bias x scale + shift; the layer's own weights otherwise."""
-    kernel, bias = np.asarray(layer.kernel), np.asarray(layer.bias)
+    """[kernel, bias] that a plain Conv2D needs to compute what `layer` computes, in the float32
+    of its variables: for LoRA the merged kernel, kernel + (alpha / rank) A @ B (Keras's `kernel`
+    property computes the same but casts it to the compute dtype, bfloat16 under mixed precision),
+    for scale-and-shift kernel x scale and bias x scale + shift; the layer's own weights otherwise."""
+    kernel = layer._kernel  # the variable; `kernel` is the merged one, cast, on a LoRA layer
+    if layer.lora_enabled:
+        update = keras.ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+        kernel = keras.ops.add(kernel, (layer.lora_alpha / layer.lora_rank) * update)
+    kernel, bias = np.asarray(kernel), np.asarray(layer.bias)
     if isinstance(layer, ScaleShiftConv2D):
         scale, shift = np.asarray(layer.scale), np.asarray(layer.shift)
         return [kernel * scale, bias * scale + shift]

@@ -46,10 +46,15 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(key, f"{value!r} is not allowed; {allowed}")
 
 
+def _check_unique(key: str, values, what: str) -> None:
+    """ConfigError naming the repeated entries of `values` (a list), if any: "{what} must be unique"."""
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    _check(not repeated, key, list(values), f"{what} must be unique (repeated: {repeated})")
+
+
 def _check_seeds(key: str, seeds: tuple[int, ...]) -> None:
     _check(len(seeds) >= 1, key, list(seeds), "give at least one seed")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    _check(not repeated, key, list(seeds), f"seeds must be unique (repeated: {repeated})")
+    _check_unique(key, list(seeds), "seeds")
 
 
 def _check_weights(key: str, value: str) -> None:
@@ -249,7 +254,7 @@ class TuneParams:
         units = list(self.head_units)
         _check(len(units) >= 1, "head_units", units, "give at least one choice, e.g. [0, 64, 256]")
         _check(all(u >= 0 for u in units), "head_units", units, "choices must be >= 0 (0 = no hidden layer)")
-        _check(len(set(units)) == len(units), "head_units", units, "choices must be unique")
+        _check_unique("head_units", list(units), "choices")
         _check(
             self.head_only_reference_features >= 0,
             "head_only_reference_features",
@@ -319,7 +324,7 @@ class SampleEfficiencyParams:
     def __post_init__(self):
         sizes = list(self.train_per_class)
         _check(all(n >= 1 for n in sizes), "train_per_class", sizes, "sizes must be >= 1")
-        _check(len(set(sizes)) == len(sizes), "train_per_class", sizes, "sizes must be unique")
+        _check_unique("train_per_class", list(sizes), "sizes")
         _check_seeds("seeds", self.seeds)
 
 
@@ -336,13 +341,13 @@ class DepthParams:
     def __post_init__(self):
         ks = list(self.k)
         _check(all(0 <= k <= len(CONV_LAYERS) for k in ks), "k", ks, f"every k must be in 0..{len(CONV_LAYERS)}")
-        _check(len(set(ks)) == len(ks), "k", ks, "values must be unique")
+        _check_unique("k", list(ks), "values")
         _check_seeds("seeds", self.seeds)
         if self.weights is not None:
             _check_weights("weights", self.weights)
         cuts = list(self.cut_after)
         _check(len(cuts) >= 1, "cut_after", cuts, f"give at least one block, e.g. [{FULL_BASE}] (the whole base)")
-        _check(len(set(cuts)) == len(cuts), "cut_after", cuts, "values must be unique")
+        _check_unique("cut_after", list(cuts), "values")
         for cut in cuts:
             _check_cut("cut_after", cut)
             kept = len(kept_layers(cut))
@@ -390,7 +395,7 @@ class ParameterEfficientParams:
 
     def __post_init__(self):
         names = list(self.run)
-        _check(len(set(names)) == len(names), "run", names, "names must be unique")
+        _check_unique("run", list(names), "names")
         unknown = [name for name in names if name not in self.strategies]
         defined = ", ".join(self.strategies) or "none"
         _check(not unknown, "run", names, f"{unknown} are not in `strategies` (defined: {defined}); define them there")

@@ -36,6 +36,17 @@ TRAINED_VARIABLES: dict[str, tuple[str, ...]] = {
     "scale_shift": ("scale", "shift"),
 }
 PARAMETER_KINDS: tuple[str, ...] = tuple(TRAINED_VARIABLES)
+_KIND_WORDS = {
+    "all": "",
+    "bias": "biases only",
+    "lora": "LoRA rank {rank} on the kernels",
+    "scale_shift": "a scale and shift per channel",
+}
+
+
+def kind_words(parameters: str, lora_rank: int = 0) -> str:
+    """What of a trainable conv layer trains, in words ("" for `all`: everything), for tables."""
+    return _KIND_WORDS[parameters].format(rank=lora_rank)
 
 
 CUT_POINTS: tuple[str, ...] = tuple(BLOCKS)  # `cut_after`: the base ends after this block's pooling layer

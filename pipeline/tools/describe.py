@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.core.params import Params, load_params
-from pipeline.core.vgg16 import BLOCKS, FULL_BASE, kept_layers
+from pipeline.core.vgg16 import BLOCKS, FULL_BASE, kept_layers, kind_words
 from pipeline.runtime.cli import run_stage
 
 
@@ -40,19 +40,13 @@ def variant_rows(params: Params, num_classes: int, strategies: dict | None = Non
                 "variant": name,
                 "weights": variant.weights or params.model.weights,
                 "cut_after": variant.cut_after,
-                "trains": _describe(trainable_layers, variant.cut_after, _KINDS[variant.parameters](variant)),
+                "trains": _describe(
+                    trainable_layers, variant.cut_after, kind_words(variant.parameters, variant.lora_rank)
+                ),
                 **count_parameters(model),
             }
         )
     return rows
-
-
-_KINDS = {  # what of the trainable layers trains, by `parameters`
-    "all": lambda variant: "",
-    "bias": lambda variant: "biases only",
-    "lora": lambda variant: f"LoRA rank {variant.lora_rank} on the kernels",
-    "scale_shift": lambda variant: "a scale and shift per channel",
-}
 
 
 def _describe(trainable_layers: frozenset[str], cut_after: str = FULL_BASE, kind: str = "") -> str:

@@ -25,16 +25,9 @@ from pipeline.analysis import cost
 from pipeline.analysis.recommendation import baseline_evidence, choose, with_flops
 from pipeline.core.results import read_evidence, read_strategy, read_tuning
 from pipeline.core.stats import accuracy_interval, difference_interval, paired_t_test
-from pipeline.core.vgg16 import BLOCKS, FULL_BASE
+from pipeline.core.vgg16 import BLOCKS, FULL_BASE, kind_words
 from pipeline.stages.report import diagnostics, figures, pareto
 from pipeline.stages.report.answer import PIXELS, rule_lines, signed_interval, tflop, unconverged
-
-KIND_WORDS = {
-    "all": "",
-    "bias": "conv biases only",
-    "lora": "LoRA rank {rank} on the kernels",
-    "scale_shift": "a scale and shift per channel",
-}
 
 
 def read(studies_dir: Path, params, data_summary: dict) -> dict:
@@ -109,7 +102,7 @@ def _trains(result: dict) -> str:
         parts.append(block if len(chosen) == len(names) else ", ".join(chosen))
     where = " + ".join(p for p in parts if p) or "the head only"
     where = "every conv layer" if strategy.layers and len(strategy.layers) == sum(map(len, BLOCKS.values())) else where
-    kind = KIND_WORDS[strategy.parameters].format(rank=strategy.lora_rank)
+    kind = kind_words(strategy.parameters, strategy.lora_rank)
     return f"{where}: {kind}" if kind else where
 
 
